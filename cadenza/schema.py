@@ -1,0 +1,549 @@
+"""The one typed schema of a Cadenza config: validation, defaults and the configuration docs all come from here.
+
+Key names follow Ludwig's (model_type, input_features, output_features, combiner, trainer, preprocessing,
+adapter, quantization, prompt, generation, backend, ...). Unlike Ludwig, every section forbids unknown keys,
+so a typo or a misplaced key is an error that names its path instead of being dropped.
+Where Ludwig's default is poor for LLMs, ours differs; `Field(description=...)` says so ("Ludwig: ...").
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------- adapters
+class LoraConfig(Section):
+    type: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: Optional[float] = Field(None, description="LoRA scaling alpha; null means 2 * r (Ludwig's default).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Optional[Union[list[str], str]] = Field(
+        None, description="Module names (or a regex) to adapt; null lets PEFT pick the architecture's default."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    bias: Literal["none", "all", "lora_only"] = "none"
+    postprocessor: "AdapterPostprocessor" = Field(default_factory=lambda: AdapterPostprocessor())
+    pretrained_adapter_weights: Optional[str] = Field(
+        None, description="A saved adapter folder to continue training from."
+    )
+
+
+class AdapterPostprocessor(Section):
+    merge_adapter_into_base_model: bool = Field(
+        False, description="After training, merge the adapter and save a plain transformers model."
+    )
+    progressbar: bool = False
+
+
+class AdaloraConfig(LoraConfig):
+    type: Literal["adalora"] = "adalora"  # type: ignore[assignment]
+    target_r: int = Field(8, ge=1)
+    init_r: int = Field(12, ge=1)
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    total_step: Optional[int] = Field(None, description="Total training steps; null fills it from the trainer.")
+
+
+class IA3Config(Section):
+    type: Literal["ia3"] = "ia3"
+    target_modules: Optional[Union[list[str], str]] = None
+    feedforward_modules: Optional[Union[list[str], str]] = None
+    postprocessor: AdapterPostprocessor = Field(default_factory=AdapterPostprocessor)
+    pretrained_adapter_weights: Optional[str] = None
+
+
+class LohaConfig(Section):
+    type: Literal["loha"] = "loha"
+    r: int = Field(8, ge=1)
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    target_modules: Optional[Union[list[str], str]] = None
+    postprocessor: AdapterPostprocessor = Field(default_factory=AdapterPostprocessor)
+    pretrained_adapter_weights: Optional[str] = None
+
+
+class LokrConfig(LohaConfig):
+    type: Literal["lokr"] = "lokr"  # type: ignore[assignment]
+    decompose_both: bool = False
+    decompose_factor: int = -1
+
+
+class VeraConfig(Section):
+    type: Literal["vera"] = "vera"
+    r: int = Field(256, ge=1)
+    target_modules: Optional[Union[list[str], str]] = None
+    vera_dropout: float = 0.0
+    postprocessor: AdapterPostprocessor = Field(default_factory=AdapterPostprocessor)
+    pretrained_adapter_weights: Optional[str] = None
+
+
+class OftConfig(Section):
+    type: Literal["oft"] = "oft"
+    r: int = Field(0, ge=0, description="Number of OFT blocks (0: derived from oft_block_size).")
+    oft_block_size: int = Field(32, ge=0)
+    module_dropout: float = 0.0
+    target_modules: Optional[Union[list[str], str]] = None
+    postprocessor: AdapterPostprocessor = Field(default_factory=AdapterPostprocessor)
+    pretrained_adapter_weights: Optional[str] = None
+
+
+Adapter = Annotated[
+    Union[LoraConfig, AdaloraConfig, IA3Config, LohaConfig, LokrConfig, VeraConfig, OftConfig],
+    Field(discriminator="type"),
+]
+
+
+class QuantizationConfig(Section):
+    """bitsandbytes quantization (QLoRA); needs CUDA."""
+
+    backend: Literal["bitsandbytes"] = "bitsandbytes"
+    bits: Literal[4, 8] = 4
+    llm_int8_threshold: float = 6.0
+    llm_int8_has_fp16_weight: bool = False
+    bnb_4bit_compute_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "bfloat16", description="Ludwig: float16. bfloat16 does not overflow and is native on Ampere+."
+    )
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_quant_type: Literal["fp4", "nf4"] = "nf4"
+
+
+# --------------------------------------------------------------------------------------------- encoders
+Reduce = Literal["mean", "last", "cls", "max", "sum", "cls_pooled"]
+
+
+class AutoTransformerEncoder(Section):
+    """Any Hugging Face `AutoModel` as a text encoder (BERT-like or decoder-only LLM); no LM head is loaded."""
+
+    type: Literal["auto_transformer"] = "auto_transformer"
+    pretrained_model_name_or_path: str = Field(
+        ..., description="Hub id, local folder, .gguf file, or a packaged short name (`minilm`, `smollm2`)."
+    )
+    trainable: bool = Field(False, description="Train the encoder's weights (full fine-tuning).")
+    reduce_output: Reduce = Field(
+        "mean",
+        description="Pooling: mean over non-pad tokens, last non-pad token, cls (first token), max, sum. "
+        "`cls_pooled` means cls here. Ludwig: sum, which scales with length and hurts linear probes.",
+    )
+    max_sequence_length: Optional[int] = Field(
+        None, ge=1, description="Caps preprocessing.max_sequence_length when set."
+    )
+    use_pretrained: bool = Field(True, description="false builds the architecture with random weights.")
+    pretrained_kwargs: Optional[dict[str, Any]] = Field(None, description="Extra kwargs for from_pretrained.")
+    trust_remote_code: bool = False
+    adapter: Optional[Adapter] = Field(None, description="A PEFT adapter trained on the encoder.")
+    vocab_size: Optional[int] = Field(None, description="Accepted for Ludwig compatibility; taken from the model.")
+    saved_weights_in_checkpoint: bool = Field(
+        False, description="Accepted for Ludwig compatibility; Cadenza saves trained encoder weights always."
+    )
+
+
+class LLMEncoder(Section):
+    """Ludwig's `llm` encoder: a causal LM's last hidden state, pooled."""
+
+    type: Literal["llm"] = "llm"
+    base_model: str = Field(..., description="Hub id, local folder, .gguf file or packaged short name.")
+    trainable: bool = False
+    reduce_output: Reduce = "last"
+    max_sequence_length: Optional[int] = Field(None, ge=1)
+    adapter: Optional[Adapter] = None
+    pretrained_kwargs: Optional[dict[str, Any]] = None
+    trust_remote_code: bool = False
+
+
+class DenseEncoder(Section):
+    """Number/binary inputs go in as they are (after normalisation)."""
+
+    type: Literal["passthrough", "dense"] = "passthrough"
+
+
+class CategoryEncoder(Section):
+    type: Literal["dense", "onehot", "sparse"] = "dense"
+    embedding_size: int = Field(50, ge=1)
+    dropout: float = 0.0
+
+
+TextEncoder = Annotated[Union[AutoTransformerEncoder, LLMEncoder], Field(discriminator="type")]
+
+
+# ---------------------------------------------------------------------------------------- preprocessing
+MissingStrategy = Literal["fill_with_const", "fill_with_mode", "fill_with_mean", "fill_with_false", "bfill", "ffill", "drop_row"]
+
+
+class TextPreprocessing(Section):
+    max_sequence_length: int = Field(256, ge=1, description="Tokens kept per text (truncation).")
+    missing_value_strategy: MissingStrategy = "fill_with_const"
+    fill_value: str = ""
+    lowercase: bool = False
+    cache_encoder_embeddings: bool = Field(
+        True,
+        description="With a frozen encoder, embed each row once and train the head on the cached vectors. "
+        "Ludwig: false. Ignored (with a notice) when the encoder is trainable or adapted.",
+    )
+    tokenizer: Literal["hf_tokenizer"] = "hf_tokenizer"
+    pretrained_model_name_or_path: Optional[str] = Field(None, description="Tokenizer source; default: the encoder's.")
+
+
+class NumberPreprocessing(Section):
+    missing_value_strategy: MissingStrategy = "fill_with_const"
+    fill_value: float = 0.0
+    normalization: Optional[Literal["zscore", "minmax", "log1p", "iq"]] = Field(
+        None, description="Ludwig: zscore for inputs. Cadenza: zscore for inputs, none for outputs unless set."
+    )
+
+
+class CategoryPreprocessing(Section):
+    missing_value_strategy: MissingStrategy = "fill_with_const"
+    fill_value: str = "<UNK>"
+    lowercase: bool = False
+    most_common: int = Field(10000, ge=1)
+
+
+class BinaryPreprocessing(Section):
+    missing_value_strategy: MissingStrategy = "fill_with_false"
+    fill_value: Optional[Union[bool, str, int]] = None
+    fallback_true_label: Optional[str] = None
+
+
+class SetPreprocessing(Section):
+    missing_value_strategy: MissingStrategy = "fill_with_const"
+    fill_value: str = ""
+    tokenizer: Literal["space", "comma", "pipe", "space_punct"] = "space"
+    lowercase: bool = False
+    most_common: int = Field(10000, ge=1)
+
+
+# --------------------------------------------------------------------------------------------- features
+class FeatureBase(Section):
+    name: str = Field(..., description="Feature name; also the column unless `column` is set.")
+    column: Optional[str] = Field(None, description="Data column; default: the name.")
+    proc_column: Optional[str] = Field(None, description="Accepted for Ludwig compatibility; unused.")
+
+
+class TextInput(FeatureBase):
+    type: Literal["text"]
+    encoder: Optional[TextEncoder] = Field(
+        None, description="Required for ecd. For llm the input is placed in the prompt and has no encoder."
+    )
+    preprocessing: TextPreprocessing = Field(default_factory=TextPreprocessing)
+
+
+class NumberInput(FeatureBase):
+    type: Literal["number"]
+    encoder: DenseEncoder = Field(default_factory=DenseEncoder)
+    preprocessing: NumberPreprocessing = Field(default_factory=lambda: NumberPreprocessing(normalization="zscore"))
+
+
+class CategoryInput(FeatureBase):
+    type: Literal["category"]
+    encoder: CategoryEncoder = Field(default_factory=CategoryEncoder)
+    preprocessing: CategoryPreprocessing = Field(default_factory=CategoryPreprocessing)
+
+
+class BinaryInput(FeatureBase):
+    type: Literal["binary"]
+    encoder: DenseEncoder = Field(default_factory=DenseEncoder)
+    preprocessing: BinaryPreprocessing = Field(default_factory=BinaryPreprocessing)
+
+
+InputFeature = Annotated[Union[TextInput, NumberInput, CategoryInput, BinaryInput], Field(discriminator="type")]
+
+
+class Decoder(Section):
+    type: Literal["classifier", "regressor", "mlp_classifier", "projector"] = Field(
+        "classifier", description="The output layer; all are a linear projection here, after `fc_layers`."
+    )
+    num_fc_layers: int = Field(0, ge=0, description="Hidden layers between the combiner and the projection.")
+    fc_output_size: int = Field(256, ge=1)
+    fc_dropout: float = 0.0
+    fc_activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+
+
+class Loss(Section):
+    type: Optional[
+        Literal[
+            "softmax_cross_entropy",
+            "binary_weighted_cross_entropy",
+            "sigmoid_cross_entropy",
+            "mean_squared_error",
+            "mean_absolute_error",
+            "huber",
+            "next_token_softmax_cross_entropy",
+        ]
+    ] = Field(None, description="null: the feature type's natural loss.")
+    class_weights: Optional[Union[list[float], dict[str, float]]] = None
+    weight: float = Field(1.0, ge=0, description="This output's weight in the total loss.")
+    positive_class_weight: Optional[float] = None
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class OutputBase(FeatureBase):
+    decoder: Decoder = Field(default_factory=Decoder)
+    loss: Loss = Field(default_factory=Loss)
+    dependencies: list[str] = Field(default_factory=list, description="Not supported; must be empty.")
+
+
+class CategoryOutput(OutputBase):
+    type: Literal["category"]
+    top_k: int = Field(3, ge=1, description="Hits@k is reported for this k.")
+    preprocessing: CategoryPreprocessing = Field(
+        default_factory=lambda: CategoryPreprocessing(missing_value_strategy="drop_row")
+    )
+    match: Optional[dict[str, "MatchRule"]] = Field(
+        None, description="llm only: label -> rule that finds the label in generated text."
+    )
+    fallback_label: Optional[str] = Field(None, description="llm only: label when no rule matches.")
+
+
+class MatchRule(Section):
+    type: Literal["contains", "regex"] = "contains"
+    value: str
+
+
+class BinaryOutput(OutputBase):
+    type: Literal["binary"]
+    threshold: float = Field(0.5, gt=0, lt=1)
+    decoder: Decoder = Field(default_factory=lambda: Decoder(type="regressor"))
+    preprocessing: BinaryPreprocessing = Field(
+        default_factory=lambda: BinaryPreprocessing(missing_value_strategy="drop_row")
+    )
+
+
+class NumberOutput(OutputBase):
+    type: Literal["number"]
+    decoder: Decoder = Field(default_factory=lambda: Decoder(type="regressor"))
+    preprocessing: NumberPreprocessing = Field(
+        default_factory=lambda: NumberPreprocessing(missing_value_strategy="drop_row", normalization="zscore")
+    )
+
+
+class SetOutput(OutputBase):
+    type: Literal["set"]
+    threshold: float = Field(0.5, gt=0, lt=1)
+    preprocessing: SetPreprocessing = Field(
+        default_factory=lambda: SetPreprocessing(missing_value_strategy="drop_row")
+    )
+
+
+class TextOutput(OutputBase):
+    """llm only: the response the model learns to generate."""
+
+    type: Literal["text"]
+    preprocessing: TextPreprocessing = Field(
+        default_factory=lambda: TextPreprocessing(missing_value_strategy="drop_row", max_sequence_length=512)
+    )
+
+
+OutputFeature = Annotated[
+    Union[CategoryOutput, BinaryOutput, NumberOutput, SetOutput, TextOutput], Field(discriminator="type")
+]
+
+
+# --------------------------------------------------------------------------------------------- combiner
+class ConcatCombiner(Section):
+    type: Literal["concat"] = "concat"
+    num_fc_layers: int = Field(1, ge=0, description="Hidden MLP layers over the concatenated inputs.")
+    output_size: int = Field(256, ge=1, description="Width of each hidden layer.")
+    fc_layers: Optional[list[dict[str, Any]]] = Field(
+        None, description="Per-layer list ({output_size, dropout, activation}); overrides num_fc_layers."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1)
+    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    norm: Optional[Literal["batch", "layer"]] = None
+    flatten_inputs: bool = False
+    residual: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Optimizer(Section):
+    type: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Ludwig: adam. AdamW decouples weight decay.")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+
+
+class LRScheduler(Section):
+    decay: Optional[Literal["linear", "cosine", "exponential", "constant"]] = Field(
+        None, description="null: constant after warm-up."
+    )
+    warmup_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of all steps spent warming up.")
+    warmup_evaluations: float = Field(0, ge=0, description="Warm-up length in epochs (Ludwig name).")
+    decay_rate: float = Field(0.96, gt=0, description="exponential: factor per epoch.")
+    min_lr_fraction: float = Field(0.0, ge=0, le=1, description="cosine/linear floor as a fraction of the peak.")
+
+
+class GradientClipping(Section):
+    clipglobalnorm: Optional[float] = Field(0.5, description="Max global grad norm; null disables.")
+    clipnorm: Optional[float] = None
+    clipvalue: Optional[float] = None
+
+
+class TrainerConfig(Section):
+    type: Literal["finetune", "trainer", "none"] = Field(
+        "finetune", description="`none`: no training (zero/few-shot LLM use). Ludwig's llm default is none."
+    )
+    epochs: int = Field(10, ge=1, description="Ludwig: 100.")
+    train_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: Union[int, Literal["auto"]] = Field(
+        "auto", description="Rows per micro-batch; auto picks 64 for ecd and a memory-fitted size for llm."
+    )
+    eval_batch_size: Optional[Union[int, Literal["auto"]]] = Field(None, description="null: 2 * batch_size.")
+    max_batch_size: int = Field(1024, ge=1, description="Upper bound for batch_size: auto.")
+    gradient_accumulation_steps: Union[int, Literal["auto"]] = Field(
+        1, description="Micro-batches per optimizer step; the loss is weighted by rows (ecd) or tokens (llm)."
+    )
+    learning_rate: Optional[float] = Field(
+        None, gt=0, description="null: 1e-3 for ecd, 2e-4 for llm with an adapter, 2e-5 for full llm fine-tuning."
+    )
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    learning_rate_scheduler: LRScheduler = Field(default_factory=LRScheduler)
+    regularization_lambda: float = Field(0.0, ge=0, description="Added to optimizer weight decay.")
+    gradient_clipping: GradientClipping = Field(default_factory=GradientClipping)
+    early_stop: int = Field(5, description="Epochs without improvement before stopping; -1 disables.")
+    validation_field: Optional[str] = Field(None, description="Output feature to watch; null: the first.")
+    validation_metric: Optional[str] = Field(None, description="null: loss.")
+    evaluate_training_set: bool = Field(False, description="Ludwig: true; costs a full extra pass per epoch.")
+    should_shuffle: bool = True
+    checkpoints_per_epoch: int = Field(1, ge=0, description="Resume points written per epoch.")
+    steps_per_checkpoint: int = Field(0, ge=0)
+    use_mixed_precision: Optional[bool] = Field(
+        None, description="bf16 autocast; null: on where the hardware runs bf16 fast (CUDA Ampere+, CPUs with AMX)."
+    )
+    compile: bool = False
+    enable_gradient_checkpointing: bool = False
+    layers_to_freeze_regex: Optional[str] = Field(None, description="Parameters whose names match are frozen.")
+    skip_all_evaluation: bool = False
+    # llm-only
+    packing: bool = Field(True, description="llm: pack rows padding-free into one sequence per micro-batch.")
+    train_on_inputs: bool = Field(False, description="llm: also compute the loss on prompt tokens.")
+    max_tokens_per_batch: Optional[int] = Field(
+        None, ge=1, description="llm with packing: token budget per micro-batch (null: chosen by batch_size)."
+    )
+    learning_rate_scaling: Optional[str] = Field(None, description="Accepted for Ludwig compatibility; unused.")
+
+
+# -------------------------------------------------------------------------------------------- top level
+class SplitConfig(Section):
+    type: Literal["random", "fixed", "stratify"] = "random"
+    probabilities: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    column: Optional[str] = Field(
+        None, description="fixed: the split column (0/1/2 or train/validation/test); stratify: the label column."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if abs(sum(self.probabilities) - 1.0) > 1e-6:
+            raise ValueError(f"split probabilities must sum to 1, got {sum(self.probabilities):g}")
+        if self.type in ("fixed", "stratify") and not self.column:
+            raise ValueError(f"split type {self.type!r} needs `column`")
+        return self
+
+
+class GlobalPreprocessing(Section):
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    sample_ratio: float = Field(1.0, gt=0, le=1)
+    sample_size: Optional[int] = Field(None, ge=1)
+    global_max_sequence_length: Optional[int] = Field(
+        None, ge=1, description="llm: prompt + response tokens kept per row (truncated rows are counted)."
+    )
+    oversample_minority: Optional[float] = Field(None, description="Not supported; must be null.")
+    undersample_majority: Optional[float] = Field(None, description="Not supported; must be null.")
+    cache_dir: Optional[str] = Field(None, description="Where embedding/token caches go (default ~/.cache/cadenza).")
+
+
+class PromptRetrieval(Section):
+    type: Optional[Literal["random", "semantic"]] = None
+    k: int = Field(0, ge=0, description="Examples inserted into the prompt (forced to >= 1 when type is set).")
+    model_name: Optional[str] = Field(None, description="semantic: a sentence-embedding model (default: minilm).")
+    index_name: Optional[str] = None
+
+
+class PromptConfig(Section):
+    template: Optional[str] = Field(
+        None, description="Prompt with {column} placeholders, plus {__task__}, {__sample__}, {__context__}."
+    )
+    task: Optional[str] = Field(None, description="Task description; with no template a default one is used.")
+    use_chat_template: Optional[bool] = Field(
+        None, description="Wrap the prompt in the tokenizer's chat template; null: yes when the model has one."
+    )
+    system_prompt: Optional[str] = None
+    retrieval: PromptRetrieval = Field(default_factory=PromptRetrieval)
+
+
+class GenerationConfig(Section):
+    """Mirrors transformers.GenerationConfig. Ludwig samples at temperature 0.1 by default; we decode greedily."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    min_new_tokens: Optional[int] = None
+    do_sample: bool = False
+    temperature: Optional[float] = Field(None, gt=0)
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    num_beams: int = Field(1, ge=1)
+    repetition_penalty: Optional[float] = None
+    no_repeat_ngram_size: Optional[int] = None
+    length_penalty: Optional[float] = None
+    early_stopping: Optional[bool] = None
+    num_return_sequences: int = 1
+    pad_token_id: Optional[int] = None
+    eos_token_id: Optional[Union[int, list[int]]] = None
+    bos_token_id: Optional[int] = None
+
+
+class ModelParameters(Section):
+    rope_scaling: Optional[dict[str, Any]] = None
+    neftune_noise_alpha: float = Field(0.0, ge=0)
+
+
+class BackendConfig(Section):
+    type: Literal["local"] = Field("local", description="Only local; multi-GPU/multi-node via `accelerate launch`.")
+    cache_dir: Optional[str] = None
+    cache_credentials: Optional[dict[str, Any]] = None
+    trainer: Optional[dict[str, Any]] = Field(None, description="Accepted for Ludwig compatibility (strategy hints).")
+
+
+class Defaults(Section):
+    """Per-type defaults merged into every feature of that type (Ludwig's `defaults`)."""
+
+    text: Optional[dict[str, Any]] = None
+    number: Optional[dict[str, Any]] = None
+    category: Optional[dict[str, Any]] = None
+    binary: Optional[dict[str, Any]] = None
+    set: Optional[dict[str, Any]] = None
+
+
+class CadenzaConfig(Section):
+    model_type: Literal["ecd", "llm"] = Field("ecd", description="ecd: predictive heads; llm: generative.")
+    base_model: Optional[str] = Field(
+        None, description="llm: hub id, local folder, .gguf file or packaged short name (`smollm2`)."
+    )
+    input_features: list[InputFeature] = Field(..., min_length=1)
+    output_features: list[OutputFeature] = Field(..., min_length=1)
+    combiner: ConcatCombiner = Field(default_factory=ConcatCombiner)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    preprocessing: GlobalPreprocessing = Field(default_factory=GlobalPreprocessing)
+    defaults: Optional[Defaults] = None
+    adapter: Optional[Adapter] = Field(None, description="llm: PEFT adapter; null means full fine-tuning.")
+    quantization: Optional[QuantizationConfig] = Field(None, description="llm: 4/8-bit QLoRA (CUDA only).")
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    model_parameters: Optional[ModelParameters] = None
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    trust_remote_code: bool = Field(False, description="llm: run the model repo's own code (only when you trust it).")
+    ludwig_version: Optional[str] = Field(None, description="Written by Ludwig into saved configs; ignored.")
+    cadenza_version: Optional[str] = Field(None, description="Written into saved configs; informational.")
+
+
+LoraConfig.model_rebuild()
+CategoryOutput.model_rebuild()

@@ -1,0 +1,347 @@
+"""The training loop shared by ecd and llm: plain Python under 🤗 Accelerate.
+
+The model type supplies four things: `batches(epoch)` (deterministic micro-batches for that epoch), `weight(batch)`
+(rows or target tokens in it), `loss_sum(model, batch)` (the summed, not averaged, loss) and `evaluate(model)`.
+Each optimizer step divides every micro-batch's summed loss by the total weight of the whole effective batch,
+so gradient accumulation gives exactly the big-batch mean ((x1+x2)/(n1+n2), not x1/n1 + x2/n2).
+Multi-GPU / multi-node: run the same command under `accelerate launch`; micro-batches are sharded by rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .artifacts import atomic_dir, write_json
+from .schema import TrainerConfig
+
+HIGHER_IS_BETTER = {"accuracy", "macro_f1", "roc_auc", "r2", "jaccard", "hits_at_k", "token_accuracy",
+                    "exact_match", "rouge_l", "average_precision"}
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainTask:
+    """What a model type hands to `fit`."""
+
+    batches: Callable[[int], Iterable[Any]]
+    num_batches: int
+    weight: Callable[[Any], float]
+    loss_sum: Callable[[torch.nn.Module, Any], torch.Tensor]
+    evaluate: Optional[Callable[[torch.nn.Module], dict]] = None
+    unit: str = "rows"  # what `weight` counts, for throughput lines
+    flops_per_unit: Optional[float] = None  # for MFU (llm: ~6N or 4N per trained token)
+    tokens: Optional[Callable[[Any], int]] = None  # all tokens processed in a batch (throughput)
+
+
+@dataclass
+class TrainResult:
+    statistics: dict = field(default_factory=lambda: {"training": [], "validation": []})
+    best_epoch: int = 0
+    best_value: Optional[float] = None
+    steps: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+    throughput: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def bf16_is_fast() -> bool:
+    """bf16 autocast pays off on CUDA GPUs with bf16 units and on CPUs with AMX tiles."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def freeze_by_regex(model: torch.nn.Module, pattern: Optional[str]) -> int:
+    if not pattern:
+        return 0
+    rx, n = re.compile(pattern), 0
+    for name, p in model.named_parameters():
+        if rx.search(name):
+            p.requires_grad_(False)
+            n += 1
+    return n
+
+
+def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir: Optional[Path] = None,
+        resume: bool = False, seed: int = 42, mixed_precision: bool = False, log: Callable = print) -> TrainResult:
+    seed_everything(seed)
+    accelerator = Accelerator(mixed_precision="bf16" if mixed_precision else "no",
+                              cpu=not torch.cuda.is_available())
+    model = model.to(accelerator.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise RuntimeError("nothing to train: every parameter is frozen")
+    optimizer = _optimizer(trainable, cfg)
+    accum = 1 if cfg.gradient_accumulation_steps == "auto" else cfg.gradient_accumulation_steps
+    world = accelerator.num_processes
+    steps_per_epoch = max(1, math.ceil(task.num_batches / world / accum))
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.train_steps or 10**12)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps, steps_per_epoch))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    result = TrainResult()
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "since_best": 0}
+    ckpt_dir = Path(run_dir) / CHECKPOINT if run_dir else None
+    if resume and ckpt_dir and (ckpt_dir / "state.json").exists():
+        state, result = _load_checkpoint(ckpt_dir, accelerator.unwrap_model(model), optimizer, scheduler, result)
+        log(f"resuming from {ckpt_dir}: epoch {state['epoch'] + 1}, step {state['global_step']}")
+    best_weights = _trainable_state(accelerator.unwrap_model(model)) if result.best_value is None else None
+    if result.best_value is not None and ckpt_dir and (ckpt_dir / "best.safetensors").exists():
+        best_weights = load_file(str(ckpt_dir / "best.safetensors"))
+
+    peak = peak_flops(mixed_precision) if task.flops_per_unit else None
+    started = time.perf_counter()
+    units_done = tokens_done = 0
+    train_seconds = 0.0
+    try:
+        while state["epoch"] < cfg.epochs and state["global_step"] < total_steps:
+            epoch = state["epoch"]
+            model.train()
+            groups = _groups(task.batches(epoch), accum, accelerator.process_index, world)
+            bar = tqdm(total=steps_per_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
+            epoch_loss = epoch_weight = 0.0
+            t0 = time.perf_counter()
+            for i, group in enumerate(groups):
+                if i < state["step_in_epoch"]:
+                    continue  # resumed mid-epoch: these steps were already taken
+                total = torch.tensor(float(sum(task.weight(b) for b in group)), device=accelerator.device)
+                total = accelerator.reduce(total, "sum") if world > 1 else total
+                for j, batch in enumerate(group):
+                    sync = contextlib.nullcontext() if j == len(group) - 1 else accelerator.no_sync(model)
+                    with sync, accelerator.autocast():
+                        loss = task.loss_sum(model, batch)
+                    accelerator.backward(loss * world / total.clamp_min(1.0))
+                    epoch_loss += float(loss.detach())
+                    tokens_done += task.tokens(batch) if task.tokens else 0
+                _clip(accelerator, model, cfg)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                epoch_weight += float(total)
+                units_done += float(total)
+                state["global_step"] += 1
+                state["step_in_epoch"] = i + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{epoch_loss / max(epoch_weight, 1):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if cfg.steps_per_checkpoint and state["global_step"] % cfg.steps_per_checkpoint == 0 and ckpt_dir:
+                    _save_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, state, result, best_weights)
+                if state["global_step"] >= total_steps:
+                    break
+            bar.close()
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            train_stats = {"loss": epoch_loss / max(epoch_weight, 1.0), "seconds": seconds,
+                           f"{task.unit}_per_second": epoch_weight / max(seconds, 1e-9)}
+            if task.flops_per_unit and peak:
+                train_stats["mfu"] = task.flops_per_unit * epoch_weight / max(seconds, 1e-9) / peak
+            result.statistics["training"].append(train_stats)
+            line = f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f}, " \
+                   f"{train_stats[f'{task.unit}_per_second']:.1f} {task.unit}/s"
+            if "mfu" in train_stats:
+                line += f", MFU {100 * train_stats['mfu']:.1f}% of {peak / 1e12:.2f} TFLOPS"
+
+            improved = True
+            if task.evaluate and not cfg.skip_all_evaluation:
+                model.eval()
+                with torch.no_grad(), accelerator.autocast():
+                    metrics = task.evaluate(accelerator.unwrap_model(model))
+                model.train()
+                if metrics:
+                    result.statistics["validation"].append(metrics)
+                    value, field_name, metric = _watched(metrics, cfg)
+                    line += f", validation {field_name}.{metric} {value:.4f}"
+                    improved = result.best_value is None or _better(value, result.best_value, metric)
+                    if improved:
+                        result.best_value, result.best_epoch = value, epoch + 1
+            if improved:
+                best_weights = _trainable_state(accelerator.unwrap_model(model))
+                state["since_best"] = 0
+                if result.best_value is None:
+                    result.best_epoch = epoch + 1
+            else:
+                state["since_best"] += 1
+            log(line + ("" if improved else f" (best: epoch {result.best_epoch})"))
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            if ckpt_dir and cfg.checkpoints_per_epoch:
+                _save_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, state, result, best_weights)
+            if 0 <= cfg.early_stop <= state["since_best"] and cfg.early_stop > 0:
+                log(f"early stop: no improvement for {cfg.early_stop} epochs")
+                result.stopped_early = True
+                break
+    except KeyboardInterrupt:
+        if ckpt_dir:
+            _save_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, state, result, best_weights)
+            log(f"interrupted: state saved in {ckpt_dir}; rerun with --resume to continue")
+        raise
+
+    unwrapped = accelerator.unwrap_model(model)
+    if best_weights is not None:
+        unwrapped.load_state_dict({k: v.to(accelerator.device) for k, v in best_weights.items()}, strict=False)
+    result.steps = state["global_step"]
+    result.seconds = time.perf_counter() - started
+    if train_seconds > 0:
+        result.throughput = {f"{task.unit}_per_second": units_done / train_seconds}
+        if tokens_done:
+            result.throughput["tokens_per_second"] = tokens_done / train_seconds
+        if task.flops_per_unit and peak:
+            result.throughput["mfu"] = task.flops_per_unit * units_done / train_seconds / peak
+            result.throughput["peak_tflops"] = peak / 1e12
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def _groups(batches: Iterable, accum: int, rank: int, world: int):
+    group = []
+    for k, batch in enumerate(batches):
+        if k % world != rank:
+            continue
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _optimizer(params, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    decay = o.weight_decay + cfg.regularization_lambda
+    if o.type == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=o.momentum, weight_decay=decay)
+    cls = torch.optim.AdamW if o.type == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.learning_rate, betas=o.betas, eps=o.eps, weight_decay=decay)
+
+
+def _lr_lambda(cfg: TrainerConfig, total_steps: int, steps_per_epoch: int):
+    s = cfg.learning_rate_scheduler
+    warmup = int(s.warmup_fraction * total_steps) or int(s.warmup_evaluations * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if s.decay == "linear":
+            return s.min_lr_fraction + (1 - s.min_lr_fraction) * max(0.0, 1 - progress)
+        if s.decay == "cosine":
+            return s.min_lr_fraction + (1 - s.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if s.decay == "exponential":
+            return s.decay_rate ** ((step - warmup) / steps_per_epoch)
+        return 1.0
+
+    return factor
+
+
+def _clip(accelerator: Accelerator, model, cfg: TrainerConfig) -> None:
+    c = cfg.gradient_clipping
+    if c.clipvalue:
+        accelerator.clip_grad_value_(model.parameters(), c.clipvalue)
+    norm = c.clipglobalnorm or c.clipnorm
+    if norm:
+        accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], norm)
+
+
+def _watched(metrics: dict, cfg: TrainerConfig) -> tuple[float, str, str]:
+    field_name = cfg.validation_field or "combined"
+    metric = cfg.validation_metric or "loss"
+    values = metrics.get(field_name, {})
+    if metric not in values:
+        raise KeyError(f"trainer.validation_metric {metric!r} is not computed for {field_name!r}; "
+                       f"available: {sorted(values)}")
+    return float(values[metric]), field_name, metric
+
+
+def _better(value: float, best: float, metric: str) -> bool:
+    return value > best if metric in HIGHER_IS_BETTER else value < best
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trained parameters and buffers (frozen pretrained weights are left out: they never change)."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items() if k not in frozen}
+
+
+def _save_checkpoint(ckpt_dir: Path, accelerator, model, optimizer, scheduler, state, result, best_weights) -> None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    with atomic_dir(ckpt_dir) as tmp:
+        save_file(_shared_safe(_trainable_state(unwrapped)), str(tmp / "weights.safetensors"))
+        if best_weights is not None:
+            save_file(_shared_safe(best_weights), str(tmp / "best.safetensors"))
+        # optimizer/scheduler states are tensors and plain containers: loaded back with weights_only=True
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1],
+                            "python": random.getstate()[1]}}, tmp / "optimizer.pt")
+        write_json(tmp / "state.json", {"state": state, "statistics": result.statistics,
+                                         "best_epoch": result.best_epoch, "best_value": result.best_value})
+
+
+def _shared_safe(tensors: dict) -> dict:
+    """safetensors refuses tensors that share storage (tied weights): store independent copies."""
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def _load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, result: TrainResult):
+    saved = json.loads((ckpt_dir / "state.json").read_text())
+    weights = load_file(str(ckpt_dir / "weights.safetensors"))
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)
+    extra = torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location=device)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng"]["torch"].cpu())
+    result.statistics = saved["statistics"]
+    result.best_epoch, result.best_value = saved["best_epoch"], saved["best_value"]
+    return saved["state"], result
+
+
+_PEAK: dict[bool, float] = {}
+
+
+def peak_flops(bf16: bool) -> float:
+    """Peak FLOP/s for MFU: CADENZA_PEAK_TFLOPS if set, a table for known GPUs, else a quick matmul measurement."""
+    if os.environ.get("CADENZA_PEAK_TFLOPS"):
+        return float(os.environ["CADENZA_PEAK_TFLOPS"]) * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L4", 121), ("A10", 125), ("T4", 65)):
+            if key in name:
+                return tflops * 1e12 if bf16 else tflops * 1e12 / 2
+    if bf16 not in _PEAK:
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        a = torch.randn(2048, 2048, dtype=dtype)
+        a @ a  # warm-up
+        t0, reps = time.perf_counter(), 4
+        for _ in range(reps):
+            a @ a
+        _PEAK[bf16] = 2 * 2048**3 * reps / (time.perf_counter() - t0)
+    return _PEAK[bf16]
