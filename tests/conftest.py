@@ -1,0 +1,96 @@
+"""Shared test assets: tiny random models with real tokenizers, built locally (nothing is downloaded).
+
+Tokenizers come from the packaged models (MiniLM's WordPiece, SmolLM2's BPE from its GGUF). Converting the GGUF
+tokenizer takes ~10 s, so it is kept under ~/.cache/cadenza/test-assets and reused across test sessions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ASSET_CACHE = Path(os.environ.get("CADENZA_TEST_ASSETS", Path.home() / ".cache" / "cadenza" / "test-assets"))
+
+
+def _build_once(name: str, build) -> Path:
+    """Build an asset folder once, atomically (a crash never leaves a half-built folder)."""
+    final = ASSET_CACHE / name
+    if (final / ".complete").exists():
+        return final
+    tmp = ASSET_CACHE / f".{name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    (tmp / ".complete").write_text("ok")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _llama_tokenizer(folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from cadenza import assets
+
+    gguf = assets.smollm2_gguf()
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir() -> Path:
+    """SmolLM2's real tokenizer (49,152 tokens, ChatML chat template, EOS <|im_end|>) as a plain HF folder."""
+    return _build_once("smollm2-tokenizer-v1", _llama_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(llama_tokenizer_dir: Path) -> Path:
+    """A 2-layer random LlamaForCausalLM with SmolLM2's tokenizer (safetensors)."""
+
+    def build(folder: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(llama_tokenizer_dir)
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+        tok.save_pretrained(folder)
+
+    return _build_once("tiny-llama-v1", build)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir() -> Path:
+    """A 2-layer random BertModel (hidden 32) with MiniLM's real WordPiece tokenizer."""
+
+    def build(folder: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, BertConfig, BertModel
+
+        from cadenza import assets
+
+        tok = AutoTokenizer.from_pretrained(str(assets.minilm_dir()))
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=128)
+        BertModel(cfg).save_pretrained(folder)
+        tok.save_pretrained(folder)
+
+    return _build_once("tiny-bert-v1", build)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """An empty Cadenza cache (embeddings, tokenized data, converted GGUF models) for one test."""
+    path = tmp_path / "cadenza-cache"
+    monkeypatch.setenv("CADENZA_CACHE_DIR", str(path))
+    return path
