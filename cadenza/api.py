@@ -1,0 +1,191 @@
+"""The Python API: `Model(config).train(...)`, `.predict`, `.evaluate`, `.experiment`, `Model.load`, `.generate`,
+`Model.upload_to_hf_hub`, `Model.from_pretrained`. Everything common to ecd and llm lives here; the model type
+object (cadenza.ecd.EcdModel / cadenza.llm.LlmModel) does the rest (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import pandas as pd
+
+from . import __version__
+from .artifacts import (CONFIG_FILE, FORMAT_VERSION, MODEL_DIR, MODEL_INFO, atomic_dir, find_model_dir,
+                        new_run_dir, read_json, write_json)
+from .config import ConfigSource, load_config
+from .data import DatasetSource, check_not_empty, read_dataset, sample, split_dataset
+from .errors import CadenzaError, ModelFolderError
+from .trainer import CHECKPOINT
+
+
+@dataclass
+class TrainOutput:
+    statistics: dict
+    run_dir: Optional[Path]
+    model_dir: Optional[Path]
+    throughput: dict = field(default_factory=dict)
+    best_epoch: int = 0
+
+
+def _model_type_class(model_type: str):
+    if model_type == "llm":
+        from .llm import LlmModel
+
+        return LlmModel
+    from .ecd import EcdModel
+
+    return EcdModel
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+class Model:
+    """A Cadenza model: a config plus, once trained or loaded, its weights and preprocessing metadata."""
+
+    def __init__(self, config: ConfigSource, log: Callable[[str], None] = _say):
+        self.config = load_config(config)
+        self.log = log
+        self.model = _model_type_class(self.config.model_type)(self.config)
+        self.model_dir: Optional[Path] = None
+
+    # ---------------------------------------------------------------------------------------------- train
+    def train(self, dataset: Optional[DatasetSource] = None, *, training_set: Optional[DatasetSource] = None,
+              validation_set: Optional[DatasetSource] = None, test_set: Optional[DatasetSource] = None,
+              output_directory: Union[str, Path] = "results", experiment_name: str = "experiment",
+              model_name: str = "run", resume: Union[bool, str, Path] = False, random_seed: int = 42,
+              skip_save_model: bool = False) -> TrainOutput:
+        """Train on `dataset` (split by preprocessing.split) or on explicit training/validation/test sets.
+        resume: True continues the newest interrupted run of this experiment/model name; a path names the run."""
+        splits = self._splits(dataset, training_set, validation_set, test_set, random_seed)
+        self._splits_used = splits
+        run_dir = self._run_dir(output_directory, experiment_name, model_name, resume)
+        self.log(f"run folder: {run_dir}")
+        write_json(run_dir / "description.json", self._description(splits, random_seed))
+        started = time.perf_counter()
+        result = self.model.fit(splits, run_dir=run_dir, resume=bool(resume), seed=random_seed, log=self.log)
+        statistics = {**result.statistics, "best_epoch": result.best_epoch, "steps": result.steps,
+                      "throughput": result.throughput, "seconds": time.perf_counter() - started}
+        write_json(run_dir / "training_statistics.json", statistics)
+        model_dir = None
+        if not skip_save_model:
+            model_dir = self.save(run_dir / MODEL_DIR)
+        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # finished: nothing left to resume
+        return TrainOutput(statistics, run_dir, model_dir, result.throughput, result.best_epoch)
+
+    def _splits(self, dataset, training_set, validation_set, test_set, seed: int) -> dict[str, pd.DataFrame]:
+        pre = self.config.preprocessing
+        if dataset is not None:
+            if training_set is not None:
+                raise CadenzaError("give either dataset or training_set (with optional validation/test sets)")
+            df = sample(read_dataset(dataset), pre.sample_ratio, pre.sample_size, seed)
+            check_not_empty(df, f"data set {dataset if not isinstance(dataset, pd.DataFrame) else '(DataFrame)'}")
+            splits = split_dataset(df, pre.split, seed)
+        elif training_set is not None:
+            empty = pd.DataFrame()
+            splits = {"training": read_dataset(training_set),
+                      "validation": read_dataset(validation_set) if validation_set is not None else empty,
+                      "test": read_dataset(test_set) if test_set is not None else empty}
+        else:
+            raise CadenzaError("no data: pass dataset=... or training_set=...")
+        check_not_empty(splits["training"], "training split")
+        self.log("rows: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+        return splits
+
+    def _run_dir(self, output_directory, experiment_name, model_name, resume) -> Path:
+        if resume and not isinstance(resume, bool):
+            run_dir = Path(resume)
+            if not (run_dir / CHECKPOINT / "state.json").exists():
+                raise CadenzaError(f"--resume {run_dir}: no checkpoint to resume there")
+            return run_dir
+        if resume:
+            base = Path(output_directory)
+            candidates = sorted(base.glob(f"{experiment_name}_{model_name}*/{CHECKPOINT}/state.json"),
+                                key=lambda p: p.stat().st_mtime)
+            if not candidates:
+                raise CadenzaError(f"--resume: no interrupted run of {experiment_name}_{model_name} in {base}")
+            return candidates[-1].parent.parent
+        return new_run_dir(output_directory, experiment_name, model_name)
+
+    def _description(self, splits: dict, seed: int) -> dict:
+        import torch
+
+        return {"cadenza_version": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+                "platform": platform.platform(), "random_seed": seed,
+                "rows": {k: len(v) for k, v in splits.items()}, "config": self.config.model_dump(mode="json")}
+
+    # ------------------------------------------------------------------------------------- use the model
+    def predict(self, dataset: DatasetSource, batch_size: Optional[int] = None) -> pd.DataFrame:
+        """A DataFrame with `<output>_predictions` (and probabilities) per row of `dataset`."""
+        return self.model.predict(read_dataset(dataset), batch_size=batch_size)
+
+    def evaluate(self, dataset: DatasetSource, batch_size: Optional[int] = None) -> tuple[dict, pd.DataFrame]:
+        """(metrics per output feature and "combined", predictions)."""
+        return self.model.evaluate(read_dataset(dataset), batch_size=batch_size)
+
+    def experiment(self, dataset: Optional[DatasetSource] = None, **train_kwargs) -> tuple[TrainOutput, dict]:
+        """Train, then evaluate on the test split; writes test_statistics.json and predictions.csv."""
+        out = self.train(dataset, **train_kwargs)
+        test = self._splits_used.get("test")
+        test_stats: dict = {}
+        if test is not None and len(test):
+            test_stats, predictions = self.evaluate(test)
+            write_json(out.run_dir / "test_statistics.json", test_stats)
+            predictions.to_csv(out.run_dir / "predictions.csv", index=False)
+        else:
+            self.log("no test split: skipping evaluation")
+        return out, test_stats
+
+    def generate(self, prompts: Union[str, list[str]], **generation) -> list[str]:
+        """llm only: generate a completion for each prompt (the prompt template is not applied)."""
+        if self.config.model_type != "llm":
+            raise CadenzaError("generate() is for model_type: llm")
+        return self.model.generate([prompts] if isinstance(prompts, str) else list(prompts), **generation)
+
+    # ------------------------------------------------------------------------------------- save and load
+    def save(self, model_dir: Union[str, Path]) -> Path:
+        """Write the model folder atomically: a crash leaves the previous folder (or none), never half of one."""
+        model_dir = Path(model_dir)
+        with atomic_dir(model_dir) as tmp:
+            write_json(tmp / MODEL_INFO, {"model_type": self.config.model_type, "cadenza_version": __version__,
+                                          "format": FORMAT_VERSION})
+            config = self.config.model_dump(mode="json")
+            config["cadenza_version"] = __version__
+            write_json(tmp / CONFIG_FILE, config)
+            self.model.save(tmp)
+        self.model_dir = model_dir
+        self.log(f"model saved to {model_dir}")
+        return model_dir
+
+    @staticmethod
+    def load(model_path: Union[str, Path], log: Callable[[str], None] = _say) -> "Model":
+        """Load a run folder or its model/ folder; predictions equal the saved model's."""
+        model_dir = find_model_dir(model_path)
+        info = read_json(model_dir / MODEL_INFO)
+        if info.get("format", 0) > FORMAT_VERSION:
+            raise ModelFolderError(f"{model_dir} was written by a newer Cadenza ({info.get('cadenza_version')})")
+        config = load_config(read_json(model_dir / CONFIG_FILE))
+        self = Model.__new__(Model)
+        self.config, self.log, self.model_dir = config, log, model_dir
+        self.model = _model_type_class(config.model_type).load(model_dir, config)
+        return self
+
+    @staticmethod
+    def upload_to_hf_hub(repo_id: str, model_path: Union[str, Path], **kwargs) -> str:
+        """Publish a trained model (run or model folder) with a model card; see docs/upload.md."""
+        from .upload import upload_to_hf_hub
+
+        return upload_to_hf_hub(repo_id, model_path, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, *, revision: Optional[str] = None, token: Optional[str] = None) -> "Model":
+        """Download a Cadenza model from the Hub (or HF_ENDPOINT) and load it."""
+        from .upload import download_model
+
+        return cls.load(download_model(repo_id, revision=revision, token=token))

@@ -1,0 +1,158 @@
+"""The `cadenza` command: train, predict, evaluate, experiment, generate, render_config, upload."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _data_args(p: argparse.ArgumentParser, split_sets: bool = True) -> None:
+    p.add_argument("--dataset", help="csv/tsv/json/jsonl/parquet file, or a packaged data set "
+                   "(rotten_tomatoes, chatterbot)")
+    if split_sets:
+        p.add_argument("--training_set", help="explicit training set (instead of splitting --dataset)")
+        p.add_argument("--validation_set")
+        p.add_argument("--test_set")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    _data_args(p)
+    p.add_argument("-od", "--output_directory", default="results")
+    p.add_argument("--experiment_name", default="experiment")
+    p.add_argument("--model_name", default="run")
+    p.add_argument("--random_seed", type=int, default=42)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_FOLDER",
+                   help="continue an interrupted run: the newest one of this experiment/model name, or RUN_FOLDER")
+    p.add_argument("--skip_save_model", action="store_true")
+
+
+def _train_kwargs(a) -> dict:
+    return dict(dataset=a.dataset, training_set=a.training_set, validation_set=a.validation_set,
+                test_set=a.test_set, output_directory=a.output_directory, experiment_name=a.experiment_name,
+                model_name=a.model_name, resume=a.resume, random_seed=a.random_seed,
+                skip_save_model=a.skip_save_model)
+
+
+def cmd_train(a) -> None:
+    from .api import Model
+
+    out = Model(a.config).train(**_train_kwargs(a))
+    print(f"done: {out.run_dir}")
+
+
+def cmd_experiment(a) -> None:
+    from .api import Model
+
+    out, test_stats = Model(a.config).experiment(**_train_kwargs(a))
+    print(json.dumps(_summary(test_stats), indent=2))
+    print(f"done: {out.run_dir}")
+
+
+def _summary(stats: dict) -> dict:
+    return {feature: {k: round(v, 4) for k, v in values.items() if isinstance(v, float)}
+            for feature, values in stats.items()}
+
+
+def cmd_predict(a) -> None:
+    from .api import Model
+
+    predictions = Model.load(a.model_path).predict(a.dataset)
+    out = Path(a.output_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions.to_csv(out / "predictions.csv", index=False)
+    print(f"{len(predictions)} predictions written to {out / 'predictions.csv'}")
+
+
+def cmd_evaluate(a) -> None:
+    from .api import Model
+    from .artifacts import write_json
+
+    stats, predictions = Model.load(a.model_path).evaluate(a.dataset)
+    out = Path(a.output_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "test_statistics.json", stats)
+    predictions.to_csv(out / "predictions.csv", index=False)
+    print(json.dumps(_summary(stats), indent=2))
+
+
+def cmd_generate(a) -> None:
+    from .api import Model
+
+    model = Model.load(a.model_path) if a.model_path else Model(a.config)
+    for prompt, text in zip(a.prompt, model.generate(a.prompt, **({"max_new_tokens": a.max_new_tokens}
+                                                                  if a.max_new_tokens else {}))):
+        print(f"### {prompt}\n{text}\n")
+
+
+def cmd_render_config(a) -> None:
+    from .config import render_config, to_yaml
+
+    text = to_yaml(render_config(a.config))
+    if a.output:
+        Path(a.output).write_text(text)
+    else:
+        print(text, end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cadenza", description="Declarative fine-tuning of LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model")
+    _train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("experiment", help="train, then evaluate on the test split")
+    _train_args(p)
+    p.set_defaults(func=cmd_experiment)
+
+    for name, func, what in (("predict", cmd_predict, "predictions.csv"),
+                             ("evaluate", cmd_evaluate, "test_statistics.json and predictions.csv")):
+        p = sub.add_parser(name, help=f"{name} with a trained model; writes {what}")
+        p.add_argument("-m", "--model_path", required=True, help="run folder or its model/ folder")
+        p.add_argument("--dataset", required=True)
+        p.add_argument("-od", "--output_directory", default="results")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("generate", help="llm: generate completions for prompts")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("-m", "--model_path", help="a trained llm")
+    group.add_argument("-c", "--config", help="an llm config (zero-shot use of its base_model)")
+    p.add_argument("-p", "--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--max_new_tokens", type=int)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("render_config", help="print the config with every default filled")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_render_config)
+
+    try:
+        from .upload import register_cli
+    except ImportError:  # the upload module is optional at this point of the build
+        register_cli = None
+    if register_cli:
+        register_cli(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .errors import CadenzaError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CadenzaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""Predictive models (`model_type: ecd`): pretrained text encoders (frozen, adapted or trained) and tabular inputs,
+a concat combiner and one head per output. Implements the model-type contract in docs/architecture.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import metrics as M
+from ..artifacts import ECD_WEIGHTS, METADATA_FILE, read_json, write_json
+from ..data import check_not_empty, require_columns
+from ..errors import DataError, ModelFolderError
+from ..trainer import TrainResult, TrainTask, bf16_is_fast, fit, freeze_by_regex
+from . import features as FT
+from .embed_cache import EmbeddingCache, cached_embeddings, embed_texts
+from .network import CategoryEmbedding, EcdNet, output_loss
+from .text_encoder import TextEncoder, cache_root, fingerprint, load_tokenizer
+
+DEFAULT_BATCH_SIZE = 64
+
+
+class EcdModel:
+    def __init__(self, config):
+        self.config = config
+        self.metadata: Optional[dict] = None
+        self.net: Optional[EcdNet] = None
+        self._encoders: dict[str, tuple] = {}  # feature → (TextEncoder, tokenizer), loaded only when needed
+        self.log: Callable = print
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _text_inputs(self):
+        return [f for f in self.config.input_features if f.type == "text"]
+
+    def is_cached(self, feature) -> bool:
+        enc = feature.encoder
+        return feature.preprocessing.cache_encoder_embeddings and not enc.trainable and enc.adapter is None
+
+    def _max_length(self, feature) -> int:
+        cap = feature.encoder.max_sequence_length
+        return min(feature.preprocessing.max_sequence_length, cap) if cap else feature.preprocessing.max_sequence_length
+
+    def _encoder(self, feature):
+        if feature.name not in self._encoders:
+            tokenizer = load_tokenizer(feature.encoder)
+            self._encoders[feature.name] = (TextEncoder(feature.encoder), tokenizer)
+        return self._encoders[feature.name]
+
+    def _tokenizer(self, feature):
+        if feature.name in self._encoders:
+            return self._encoders[feature.name][1]
+        return load_tokenizer(feature.encoder)
+
+    def _cache_folder(self) -> Path:
+        root = self.config.preprocessing.cache_dir or self.config.backend.cache_dir
+        return Path(root) if root else cache_root()
+
+    @property
+    def batch_size(self) -> int:
+        bs = self.config.trainer.batch_size
+        return DEFAULT_BATCH_SIZE if bs == "auto" else bs
+
+    @property
+    def eval_batch_size(self) -> int:
+        ebs = self.config.trainer.eval_batch_size
+        return max(2 * self.batch_size, 256) if ebs in (None, "auto") else ebs
+
+    # -------------------------------------------------------------------------------------- preprocessing
+    def _fit_metadata(self, train: pd.DataFrame) -> dict:
+        meta = {}
+        for f in self.config.input_features:
+            meta[f.name] = FT.fit_feature(train, f, is_output=False) if f.type != "text" else \
+                {"type": "text", "column": FT.column(f), "fill_value": f.preprocessing.fill_value,
+                 "max_length": self._max_length(f), "cached": self.is_cached(f),
+                 "encoder_fingerprint": fingerprint(f.encoder, self._max_length(f)) if self.is_cached(f) else None}
+        for f in self.config.output_features:
+            meta[f.name] = FT.fit_feature(train, f, is_output=True)
+        return meta
+
+    def _clean(self, df: pd.DataFrame, with_targets: bool, where: str) -> pd.DataFrame:
+        features = [("input", f) for f in self.config.input_features]
+        features += [("output", f) for f in self.config.output_features] if with_targets else []
+        require_columns(df, {FT.column(f): f"{kind} feature {f.name!r}" for kind, f in features}, where)
+        for _, f in features:
+            df = FT.fill_missing(df, f, self.metadata[f.name])
+        return df
+
+    def _prepare(self, frames: dict[str, pd.DataFrame], with_targets: bool) -> dict[str, dict]:
+        """Arrays per feature for each frame; cached text features are embedded in one pass over all frames."""
+        frames = {k: self._clean(df, with_targets, k) for k, df in frames.items()}
+        prepared = {k: {"n": len(df), "inputs": {}, "targets": {}} for k, df in frames.items()}
+        for f in self.config.input_features:
+            for k, df in frames.items():
+                if f.type != "text":
+                    prepared[k]["inputs"][f.name] = FT.encode_input(df, f, self.metadata[f.name])
+            if f.type == "text":
+                texts = {k: self._texts(df, f) for k, df in frames.items()}
+                if self.metadata[f.name]["cached"]:
+                    vectors = self._embed(f, [t for k in frames for t in texts[k]])
+                    start = 0
+                    for k in frames:
+                        prepared[k]["inputs"][f.name] = vectors[start:start + len(texts[k])]
+                        start += len(texts[k])
+                else:
+                    tok = self._tokenizer(f)
+                    for k in frames:
+                        ids = tok(texts[k], truncation=True, max_length=self.metadata[f.name]["max_length"])["input_ids"]
+                        prepared[k]["inputs"][f.name] = ids
+        if with_targets:
+            for f in self.config.output_features:
+                for k, df in frames.items():
+                    prepared[k]["targets"][f.name] = FT.encode_target(df, f, self.metadata[f.name])
+        return prepared
+
+    def _texts(self, df: pd.DataFrame, feature) -> list[str]:
+        values = df[FT.column(feature)].astype(str)
+        return (values.str.lower() if feature.preprocessing.lowercase else values).tolist()
+
+    def _embed(self, feature, texts: list[str]) -> np.ndarray:
+        meta = self.metadata[feature.name]
+        cache = EmbeddingCache(self._cache_folder() / "embeddings" / meta["encoder_fingerprint"])
+
+        def compute(missing: list[str]) -> np.ndarray:
+            encoder, tokenizer = self._encoder(feature)
+            return embed_texts(missing, encoder, tokenizer, meta["max_length"])
+
+        vectors, self.cache_stats = cached_embeddings(texts, cache, compute, self.log)
+        return vectors
+
+    # ------------------------------------------------------------------------------------------- network
+    def _build_net(self) -> EcdNet:
+        inputs, sizes = {}, {}
+        for f in self.config.input_features:
+            meta = self.metadata[f.name]
+            if f.type == "text":
+                if meta["cached"]:
+                    inputs[f.name] = torch.nn.Identity()
+                    sizes[f.name] = meta.get("embedding_size") or self._embedding_size(f)
+                else:
+                    encoder, _ = self._encoder(f)
+                    inputs[f.name], sizes[f.name] = encoder, encoder.output_size
+            elif f.type == "category":
+                inputs[f.name] = CategoryEmbedding(len(meta["vocab"]), f.encoder.embedding_size, f.encoder.dropout)
+                sizes[f.name] = f.encoder.embedding_size
+            else:
+                inputs[f.name], sizes[f.name] = torch.nn.Identity(), 1
+        return EcdNet(inputs, sizes, self.config.combiner, self.config.output_features, self.metadata)
+
+    def _embedding_size(self, feature) -> int:
+        return self._encoder(feature)[0].output_size
+
+    def _batch(self, data: dict, index: np.ndarray, with_targets: bool) -> dict:
+        inputs = {}
+        for f in self.config.input_features:
+            value = data["inputs"][f.name]
+            if f.type == "text" and not self.metadata[f.name]["cached"]:
+                tok = self._tokenizer(f)
+                padded = tok.pad({"input_ids": [value[i] for i in index]}, return_tensors="pt")
+                inputs[f.name] = (padded["input_ids"], padded["attention_mask"])
+            else:
+                inputs[f.name] = torch.from_numpy(np.asarray(value[index]))
+        batch = {"inputs": inputs, "n": len(index)}
+        if with_targets:
+            batch["targets"] = {k: torch.from_numpy(v[index]) for k, v in data["targets"].items()}
+        return batch
+
+    def _batches(self, data: dict, batch_size: int, shuffle_seed: Optional[int], with_targets: bool):
+        order = np.arange(data["n"])
+        if shuffle_seed is not None:
+            order = np.random.default_rng(shuffle_seed).permutation(data["n"])
+        for start in range(0, data["n"], batch_size):
+            yield self._batch(data, order[start:start + batch_size], with_targets)
+
+    def _loss_sum(self, net, batch) -> torch.Tensor:
+        device = next(net.parameters()).device
+        logits = net(_to(batch["inputs"], device))
+        total = 0.0
+        for f in self.config.output_features:
+            target = batch["targets"][f.name].to(device)
+            total = total + f.loss.weight * output_loss(f, logits[f.name].float(), target, self.metadata[f.name])
+        return total
+
+    # ------------------------------------------------------------------------------------------ contract
+    def fit(self, splits: dict[str, pd.DataFrame], *, run_dir: Optional[Path], resume: bool, seed: int,
+            log: Callable = print) -> TrainResult:
+        self.log = log
+        train = splits["training"]
+        check_not_empty(train, "training data")
+        require_columns(train, {FT.column(f): f"feature {f.name!r}" for f in
+                                list(self.config.input_features) + list(self.config.output_features)}, "training data")
+        for f in self._text_inputs():
+            if f.preprocessing.cache_encoder_embeddings and not self.is_cached(f):
+                log(f"{f.name}: embeddings are not cached because the encoder is trained "
+                    f"({'adapter' if f.encoder.adapter else 'trainable: true'})")
+        self.metadata = self._fit_metadata(train)
+        frames = {k: df for k, df in splits.items() if len(df)}
+        data = self._prepare(frames, with_targets=True)
+        if data["training"]["n"] == 0:
+            raise DataError("training data: no rows left after dropping rows with missing values")
+        for f in self._text_inputs():
+            if self.metadata[f.name]["cached"]:
+                self.metadata[f.name]["embedding_size"] = int(data["training"]["inputs"][f.name].shape[1])
+        torch.manual_seed(seed)
+        self.net = self._build_net()
+        freeze_by_regex(self.net, self.config.trainer.layers_to_freeze_regex)
+        validation = data.get("validation")
+        train_data = data["training"]
+        cfg = self.config.trainer
+        task = TrainTask(
+            batches=lambda epoch: self._batches(train_data, self.batch_size,
+                                                seed + epoch if cfg.should_shuffle else None, True),
+            num_batches=-(-train_data["n"] // self.batch_size),
+            weight=lambda b: b["n"],
+            loss_sum=self._loss_sum,
+            evaluate=(lambda net: self._evaluate_prepared(validation)[0]) if validation else None,
+        )
+        mixed = cfg.use_mixed_precision
+        if mixed is None:  # the head alone is too small for bf16 to pay; a trained encoder is not
+            mixed = bf16_is_fast() and any(not self.metadata[f.name]["cached"] for f in self._text_inputs())
+        result = fit(self.net, task, cfg, run_dir=run_dir, resume=resume, seed=seed, mixed_precision=mixed, log=log)
+        self.net = self.net.cpu().eval()
+        return result
+
+    def _run(self, data: dict) -> dict[str, np.ndarray]:
+        self.net.eval()
+        device = next(self.net.parameters()).device
+        outs: dict[str, list] = {f.name: [] for f in self.config.output_features}
+        with torch.no_grad():
+            for batch in self._batches(data, self.eval_batch_size, None, False):
+                logits = self.net(_to(batch["inputs"], device))
+                for name, value in logits.items():
+                    outs[name].append(value.float().cpu())
+        return {k: (torch.cat(v) if v else torch.zeros(0)).numpy() for k, v in outs.items()}
+
+    def _evaluate_prepared(self, data: dict) -> tuple[dict, dict]:
+        raw = self._run(data)
+        results, combined = {}, 0.0
+        for f in self.config.output_features:
+            meta, logits, target = self.metadata[f.name], torch.from_numpy(raw[f.name]), data["targets"][f.name]
+            t = torch.from_numpy(target)
+            loss = float(output_loss(f, logits, t, meta)) / max(1, data["n"])
+            combined += f.loss.weight * loss
+            results[f.name] = {"loss": loss, **self._metrics(f, raw[f.name], target)}
+        results["combined"] = {"loss": combined}
+        return results, raw
+
+    def _metrics(self, f, logits: np.ndarray, target: np.ndarray) -> dict:
+        if f.type == "category":
+            probs = _softmax(logits)
+            return M.category_metrics(target, probs.argmax(1), probs, top_k=f.top_k)
+        if f.type == "binary":
+            return M.binary_metrics(target, _sigmoid(logits[:, 0]), f.threshold)
+        if f.type == "set":
+            return M.set_metrics(target, _sigmoid(logits) >= f.threshold)
+        meta = self.metadata[f.name]
+        return M.number_metrics(FT.denormalize(target, meta), FT.denormalize(logits[:, 0], meta))
+
+    def _require_fitted(self):
+        if self.net is None:
+            raise ModelFolderError("this model is not trained yet: call train() or load a saved model")
+
+    def predict(self, df: pd.DataFrame, batch_size: Optional[int] = None) -> pd.DataFrame:
+        self._require_fitted()
+        data = self._prepare({"predict": df}, with_targets=False)["predict"]
+        return self._predictions(self._run(data), index=None)
+
+    def evaluate(self, df: pd.DataFrame, batch_size: Optional[int] = None) -> tuple[dict, pd.DataFrame]:
+        self._require_fitted()
+        check_not_empty(df, "evaluation data")
+        data = self._prepare({"evaluate": df}, with_targets=True)["evaluate"]
+        results, raw = self._evaluate_prepared(data)
+        return results, self._predictions(raw, index=None)
+
+    def _predictions(self, raw: dict[str, np.ndarray], index) -> pd.DataFrame:
+        columns: dict[str, object] = {}
+        for f in self.config.output_features:
+            meta, logits = self.metadata[f.name], raw[f.name]
+            if f.type == "category":
+                probs = _softmax(logits)
+                vocab = meta["vocab"]
+                columns[f"{f.name}_predictions"] = [vocab[i] for i in probs.argmax(1)]
+                columns[f"{f.name}_probability"] = probs.max(1)
+                for j, label in enumerate(vocab):
+                    columns[f"{f.name}_probabilities_{label}"] = probs[:, j]
+            elif f.type == "binary":
+                p = _sigmoid(logits[:, 0])
+                labels = meta.get("labels") or []
+                hits = p >= f.threshold
+                columns[f"{f.name}_predictions"] = [labels[int(h)] for h in hits] if labels else hits
+                columns[f"{f.name}_probability"] = np.where(hits, p, 1 - p)
+                columns[f"{f.name}_probabilities_true"] = p
+            elif f.type == "set":
+                p = _sigmoid(logits)
+                vocab = meta["vocab"]
+                columns[f"{f.name}_predictions"] = [[vocab[j] for j in np.flatnonzero(row >= f.threshold)] for row in p]
+                for j, label in enumerate(vocab):
+                    columns[f"{f.name}_probabilities_{label}"] = p[:, j]
+            else:
+                columns[f"{f.name}_predictions"] = FT.denormalize(logits[:, 0], meta)
+        return pd.DataFrame(columns)
+
+    # ------------------------------------------------------------------------------------- save and load
+    def save(self, model_dir: Path) -> None:
+        self._require_fitted()
+        frozen = _frozen_pretrained(self.net)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items() if k not in frozen}
+        save_file(_unshare(state), str(Path(model_dir) / ECD_WEIGHTS))
+        write_json(Path(model_dir) / METADATA_FILE, self.metadata)
+        for f in self._text_inputs():
+            if f.encoder.adapter is not None and f.name in self._encoders:
+                # a plain PEFT folder too, so the adapted encoder can be used outside Cadenza
+                self._encoders[f.name][0].backbone.save_pretrained(Path(model_dir) / "encoders" / f.name)
+
+    @classmethod
+    def load(cls, model_dir: Path, config) -> "EcdModel":
+        model = cls(config)
+        model_dir = Path(model_dir)
+        if not (model_dir / ECD_WEIGHTS).is_file():
+            raise ModelFolderError(f"{model_dir}: missing {ECD_WEIGHTS}")
+        model.metadata = read_json(model_dir / METADATA_FILE)
+        model.net = model._build_net()
+        state = load_file(str(model_dir / ECD_WEIGHTS))
+        result = model.net.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ModelFolderError(f"{model_dir}: weights do not fit the config ({result.unexpected_keys[:3]} ...)")
+        frozen = _frozen_pretrained(model.net)
+        missing = [k for k in result.missing_keys if k not in frozen]
+        if missing:
+            raise ModelFolderError(f"{model_dir}: weights missing for {missing[:3]} ...")
+        model.net.eval()
+        return model
+
+
+def _frozen_pretrained(net) -> set[str]:
+    """Frozen pretrained encoder weights are not saved: they are reloaded from the encoder's source."""
+    return {n for n, p in net.named_parameters() if not p.requires_grad and ".backbone." in f".{n}"}
+
+
+def _unshare(state: dict) -> dict:
+    seen, out = set(), {}
+    for k, v in state.items():
+        out[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    return out
+
+
+def _to(inputs: dict, device) -> dict:
+    return {k: tuple(x.to(device) for x in v) if isinstance(v, tuple) else v.to(device) for k, v in inputs.items()}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))

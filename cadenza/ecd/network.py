@@ -1,0 +1,127 @@
+"""The ecd network: input modules → concat combiner (MLP) → one head per output. Built by small functions."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+def mlp(in_size: int, layers: list[dict], default_activation: str, default_dropout: float,
+        norm: Optional[str]) -> tuple[nn.Sequential, int]:
+    modules: list[nn.Module] = []
+    size = in_size
+    for layer in layers:
+        out = layer.get("output_size", 256)
+        modules.append(nn.Linear(size, out))
+        kind = layer.get("norm", norm)
+        if kind == "batch":
+            modules.append(nn.BatchNorm1d(out))
+        elif kind == "layer":
+            modules.append(nn.LayerNorm(out))
+        modules.append(ACTIVATIONS[layer.get("activation", default_activation)]())
+        dropout = layer.get("dropout", default_dropout)
+        if dropout:
+            modules.append(nn.Dropout(dropout))
+        size = out
+    return nn.Sequential(*modules), size
+
+
+def combiner_layers(combiner) -> list[dict]:
+    if combiner.fc_layers is not None:
+        allowed = {"output_size", "dropout", "activation", "norm"}
+        for i, layer in enumerate(combiner.fc_layers):
+            unknown = set(layer) - allowed
+            if unknown:
+                from ..errors import ConfigError
+
+                raise ConfigError([(f"combiner.fc_layers[{i}]", f"unknown key(s) {sorted(unknown)}; "
+                                    f"allowed: {sorted(allowed)}")])
+        return list(combiner.fc_layers)
+    return [{"output_size": combiner.output_size}] * combiner.num_fc_layers
+
+
+def output_size(feature, meta: dict) -> int:
+    if feature.type in ("category", "set"):
+        return len(meta["vocab"])
+    return 1
+
+
+class CategoryEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, size: int, dropout: float):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, size)
+        self.dropout = nn.Dropout(dropout)
+        self.output_size = size
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.embed(index))
+
+
+class EcdNet(nn.Module):
+    """`inputs`: name → module producing (batch, size); text inputs whose embeddings are cached use Identity."""
+
+    def __init__(self, inputs: dict[str, nn.Module], input_sizes: dict[str, int], combiner, outputs: list,
+                 metadata: dict):
+        super().__init__()
+        self.inputs = nn.ModuleDict(inputs)
+        self.input_order = list(inputs)
+        width = sum(input_sizes.values())
+        self.combiner, width = mlp(width, combiner_layers(combiner), combiner.activation, combiner.dropout,
+                                   combiner.norm)
+        self.heads = nn.ModuleDict()
+        for f in outputs:
+            d = f.decoder
+            hidden, size = mlp(width, [{"output_size": d.fc_output_size, "dropout": d.fc_dropout,
+                                        "activation": d.fc_activation}] * d.num_fc_layers, d.fc_activation, 0.0, None)
+            self.heads[f.name] = nn.Sequential(hidden, nn.Linear(size, output_size(f, metadata[f.name])))
+
+    def forward(self, inputs: dict) -> dict[str, torch.Tensor]:
+        parts = []
+        for name in self.input_order:
+            value = inputs[name]
+            module = self.inputs[name]
+            parts.append(module(*value) if isinstance(value, tuple) else module(value))
+        hidden = self.combiner(torch.cat([p.float() for p in parts], dim=-1))
+        return {name: head(hidden) for name, head in self.heads.items()}
+
+
+def output_loss(feature, logits: torch.Tensor, target: torch.Tensor, meta: dict) -> torch.Tensor:
+    """Summed over rows (the trainer divides by rows in the effective batch)."""
+    loss_cfg = feature.loss
+    if feature.type == "category":
+        weight = _class_weights(loss_cfg.class_weights, meta["vocab"], logits)
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=-1, reduction="sum",
+                               label_smoothing=loss_cfg.label_smoothing)
+    if feature.type == "binary":
+        pos = torch.tensor(loss_cfg.positive_class_weight, device=logits.device) \
+            if loss_cfg.positive_class_weight else None
+        return F.binary_cross_entropy_with_logits(logits.squeeze(-1), target, pos_weight=pos, reduction="sum")
+    if feature.type == "set":
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1).sum()
+    prediction = logits.squeeze(-1)
+    kind = loss_cfg.type or "mean_squared_error"
+    if kind == "mean_absolute_error":
+        return F.l1_loss(prediction, target, reduction="sum")
+    if kind == "huber":
+        return F.huber_loss(prediction, target, reduction="sum")
+    return F.mse_loss(prediction, target, reduction="sum")
+
+
+def _class_weights(weights, vocab: list[str], logits: torch.Tensor) -> Optional[torch.Tensor]:
+    if weights is None:
+        return None
+    if isinstance(weights, dict):
+        values = [float(weights.get(label, 1.0)) for label in vocab]
+    else:
+        if len(weights) != len(vocab):
+            from ..errors import ConfigError
+
+            raise ConfigError([("output_features.loss.class_weights",
+                                f"{len(weights)} weights for {len(vocab)} classes {vocab}")])
+        values = list(weights)
+    return torch.tensor(values, dtype=logits.dtype, device=logits.device)

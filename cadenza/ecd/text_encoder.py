@@ -1,0 +1,128 @@
+"""A pretrained Hugging Face model as a text encoder: AutoModel (never the LM head) + pooling, optionally adapted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..adapters import apply_adapter
+from ..assets import resolve_model_name
+
+
+def encoder_source(encoder_cfg) -> str:
+    name = getattr(encoder_cfg, "pretrained_model_name_or_path", None) or encoder_cfg.base_model
+    return resolve_model_name(name)
+
+
+def _load_kwargs(encoder_cfg, source: str) -> tuple[str, dict]:
+    kwargs = dict(encoder_cfg.pretrained_kwargs or {})
+    kwargs["trust_remote_code"] = encoder_cfg.trust_remote_code
+    if source.endswith(".gguf"):
+        return str(Path(source).parent), {**kwargs, "gguf_file": Path(source).name}
+    return source, kwargs
+
+
+def load_tokenizer(encoder_cfg):
+    from transformers import AutoTokenizer
+
+    path, kwargs = _load_kwargs(encoder_cfg, encoder_source(encoder_cfg))
+    kwargs.pop("dtype", None)
+    tok = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code", "revision")})
+    if tok.pad_token is None:
+        # decoder-only tokenizers often lack a pad token; padding is masked out, so any token serves
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_backbone(encoder_cfg) -> nn.Module:
+    """AutoModel gives the base transformer (LlamaModel, BertModel, ...) without any LM head."""
+    from transformers import AutoConfig, AutoModel
+
+    path, kwargs = _load_kwargs(encoder_cfg, encoder_source(encoder_cfg))
+    if getattr(encoder_cfg, "use_pretrained", True):
+        model = AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
+    else:
+        model = AutoModel.from_config(AutoConfig.from_pretrained(path, **kwargs))
+    return model
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """hidden (b, t, d), mask (b, t) of 0/1 → (b, d). Works for left and right padding."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    if how == "mean":
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if how == "sum":
+        return (hidden * m).sum(1)
+    if how == "max":
+        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).max(1).values
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    if how == "last":
+        index = (positions * mask).argmax(1)  # the last non-pad position
+    else:  # cls / cls_pooled: the first non-pad token
+        index = torch.where(mask.bool(), positions, mask.shape[1]).argmin(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+class TextEncoder(nn.Module):
+    """token ids → pooled vector. Frozen unless `trainable`; an adapter makes only its own weights trainable."""
+
+    def __init__(self, encoder_cfg, backbone: Optional[nn.Module] = None):
+        super().__init__()
+        self.cfg = encoder_cfg
+        self.backbone = backbone if backbone is not None else load_backbone(encoder_cfg)
+        if encoder_cfg.adapter is not None:
+            self.backbone = apply_adapter(self.backbone, encoder_cfg.adapter, "FEATURE_EXTRACTION")
+        elif not encoder_cfg.trainable:
+            self.backbone.requires_grad_(False)
+        self.output_size = self.backbone.config.hidden_size
+
+    @property
+    def frozen(self) -> bool:
+        return not self.cfg.trainable and self.cfg.adapter is None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        return pool(out.last_hidden_state, attention_mask, self.cfg.reduce_output).float()
+
+
+def fingerprint(encoder_cfg, max_length: int) -> str:
+    """Everything that changes an embedding except the text: weights/revision (file names, sizes, mtimes and the
+    model config), tokenizer files, max length, pooling, and pretrained kwargs."""
+    source = encoder_source(encoder_cfg)
+    h = hashlib.sha256()
+    h.update(json.dumps({"source": source, "max_length": max_length, "pool": encoder_cfg.reduce_output,
+                         "kwargs": encoder_cfg.pretrained_kwargs or {}, "use_pretrained": encoder_cfg.use_pretrained
+                         if hasattr(encoder_cfg, "use_pretrained") else True, "v": 1}, sort_keys=True).encode())
+    path = Path(source)
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(path.parent if path.is_file() else path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+            if f.name.endswith(".json") and st.st_size < 5_000_000:
+                h.update(f.read_bytes())
+    else:
+        # a hub id: the revision comes from the local HF cache (snapshot folder name = commit hash)
+        h.update(_hub_revision(source).encode())
+    return h.hexdigest()[:32]
+
+
+def _hub_revision(repo_id: str) -> str:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+        return str(Path(found).parent.name) if isinstance(found, str) else "unknown"
+    except Exception:  # an odd id is not fatal here: loading the model reports it properly
+        return "unknown"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CADENZA_CACHE_DIR", Path.home() / ".cache" / "cadenza"))

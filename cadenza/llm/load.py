@@ -1,0 +1,133 @@
+"""Find and load a base model: hub id, local folder, .gguf file or a packaged short name (`smollm2`).
+
+A GGUF file is dequantized once through transformers' GGUF support and the plain safetensors copy is cached
+under `$CADENZA_CACHE_DIR/models/` (default ~/.cache/cadenza), keyed by the file's path, size and mtime, so the
+next load reads safetensors in about a second instead of dequantizing again (~25 s for SmolLM2-135M).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import assets
+from ..trainer import bf16_is_fast
+
+CONVERTED_MARKER = ".cadenza-complete"
+
+
+def cache_root(configured: Optional[str] = None) -> Path:
+    """The cache folder: $CADENZA_CACHE_DIR wins (tests point it at a temp folder), then the config's, then ~."""
+    env = os.environ.get("CADENZA_CACHE_DIR")
+    return Path(env or configured or Path.home() / ".cache" / "cadenza")
+
+
+def resolve_source(base_model: str) -> tuple[str, Optional[Path]]:
+    """(what from_pretrained takes, the .gguf file or None). Short names become their packaged paths."""
+    name = assets.resolve_model_name(base_model)
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"base_model: GGUF file {str(path)!r} does not exist")
+        return str(path), path
+    return (str(path) if path.exists() else name), None
+
+
+def gguf_cache_dir(gguf: Path, cache: Optional[str] = None) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:16]
+    return cache_root(cache) / "models" / f"{gguf.stem}-{key}"
+
+
+def plain_model_dir(base_model: str, cache: Optional[str] = None, log=print) -> str:
+    """A folder or hub id that `from_pretrained` loads without GGUF handling (converting a GGUF file once)."""
+    source, gguf = resolve_source(base_model)
+    if gguf is None:
+        return source
+    folder = gguf_cache_dir(gguf, cache)
+    if not (folder / CONVERTED_MARKER).exists():
+        log(f"converting {gguf.name} to safetensors once (cached in {folder})")
+        _convert_gguf(gguf, folder)
+    return str(folder)
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses a model whose config carries the GGUF quantization entry: the weights are
+        # already dequantized, so rebuild a plain model from the config without it
+        config_dict = loaded.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config = type(loaded.config).from_dict(config_dict)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        plain.generation_config = loaded.generation_config
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CONVERTED_MARKER).write_text(str(gguf))
+        if folder.exists():  # a concurrent conversion finished first; keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 where matmuls run natively in it; fp32 elsewhere (emulated bf16 is hundreds of times slower)."""
+    return torch.bfloat16 if bf16_is_fast() else torch.float32
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    fix_special_tokens(tokenizer)
+    return tokenizer
+
+
+def fix_special_tokens(tokenizer) -> None:
+    """Every causal LM we train needs an EOS (generation stops on it) and a pad id. When the tokenizer has no
+    pad token we reuse UNK or, failing that, EOS: padding is masked out of attention and labels either way,
+    and the EOS that ends each target is appended explicitly, so pad == EOS cannot hide it from the loss."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of this base model has no EOS token, so generation could not stop; "
+                         f"special tokens: {tokenizer.special_tokens_map}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token_id is not None else tokenizer.eos_token
+
+
+def load_causal_lm(source: str, *, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False,
+                   quantization=None, attn_implementation: Optional[str] = None):
+    """A causal LM from a plain folder or hub id (see `plain_model_dir`), optionally 4/8-bit via bitsandbytes."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype or default_dtype(), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = bnb_config(quantization)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def bnb_config(q):
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=q.llm_int8_threshold,
+                                  llm_int8_has_fp16_weight=q.llm_int8_has_fp16_weight)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=getattr(torch, q.bnb_4bit_compute_dtype),
+                              bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+                              bnb_4bit_quant_type=q.bnb_4bit_quant_type)
