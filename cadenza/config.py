@@ -34,7 +34,7 @@ def load_config(source: ConfigSource) -> CadenzaConfig:
     try:
         config = CadenzaConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError([_describe(err, raw) for err in e.errors()]) from None
+        raise ConfigError(_merge_union_alternatives([_describe(err, raw) for err in e.errors()])) from None
     problems = check_semantics(config)
     if problems:
         raise ConfigError(problems)
@@ -240,6 +240,16 @@ def _describe(err: dict, raw: dict) -> tuple[str, str]:
     return path, err["msg"]
 
 
+def _merge_union_alternatives(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A value that fits no member of a union yields one error per member: report them as one line."""
+    merged: dict[str, list[str]] = {}
+    for path, msg in problems:
+        merged.setdefault(path, [])
+        if msg not in merged[path]:
+            merged[path].append(msg)
+    return [(path, " — or — ".join(msgs)) for path, msgs in merged.items()]
+
+
 def _clean_path(loc: tuple, raw: Any) -> tuple[str, tuple]:
     """Drop pydantic's union-tag entries from a location by walking the raw data alongside it."""
     parts, kept, node = [], [], raw
@@ -254,6 +264,8 @@ def _clean_path(loc: tuple, raw: Any) -> tuple[str, tuple]:
             node = node[item]
         elif isinstance(node, dict) and isinstance(item, str) and node.get("type") == item:
             kept.append(("tag", item))  # discriminator tag: not part of the user's path
+        elif node is not None and not isinstance(node, (dict, list)):
+            continue  # a scalar value: what follows names union members (int, literal[...]), not keys
         elif isinstance(item, str):
             parts.append(("." if parts else "") + item)
             kept.append(item)

@@ -299,8 +299,8 @@ def _save_checkpoint(ckpt_dir: Path, accelerator, model, optimizer, scheduler, s
             save_file(_shared_safe(best_weights), str(tmp / "best.safetensors"))
         # optimizer/scheduler states are tensors and plain containers: loaded back with weights_only=True
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1],
-                            "python": random.getstate()[1]}}, tmp / "optimizer.pt")
+                    # batch order is derived from seed + epoch; torch's generator drives dropout
+                    "rng": {"torch": torch.get_rng_state()}}, tmp / "optimizer.pt")
         write_json(tmp / "state.json", {"state": state, "statistics": result.statistics,
                                          "best_epoch": result.best_epoch, "best_value": result.best_value})
 

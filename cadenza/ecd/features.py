@@ -26,7 +26,9 @@ def fill_missing(df: pd.DataFrame, feature, fitted: dict) -> pd.DataFrame:
     """Apply the feature's missing_value_strategy; `fitted` holds the training-split fill value."""
     col = column(feature)
     series = df[col]
-    missing = series.isna() | (series.astype(str).str.strip() == "") if feature.type != "text" else series.isna()
+    # an empty text or an empty set is a value; an empty cell of any other type is missing
+    blank = series.astype(str).str.strip() == ""
+    missing = series.isna() if feature.type in ("text", "set") else (series.isna() | blank)
     if not missing.any():
         return df
     strategy = feature.preprocessing.missing_value_strategy

@@ -1,0 +1,195 @@
+"""ecd end to end on a tiny random BERT (real WordPiece tokenizer): features, cache, save/load, resume, errors."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cadenza import Model
+from cadenza.errors import DataError
+
+WORDS = ["good", "great", "fine", "bad", "awful", "dull", "plot", "actor", "scene", "music"]
+
+
+def frame(n=160, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    text = [" ".join(rng.choice(WORDS, 6)) for _ in range(n)]
+    score = np.array([t.count("good") + t.count("great") - t.count("bad") - t.count("awful") for t in text])
+    x = rng.normal(size=n)
+    return pd.DataFrame({
+        "review": text, "x": x, "genre": rng.choice(["drama", "comedy", "horror"], n),
+        "flag": rng.choice([True, False], n),
+        "sentiment": np.where(score > 0, "pos", "neg"), "liked": score > 0, "rating": 2 * x + score,
+        "tags": [" ".join(sorted({w for w in t.split() if w in ("plot", "actor", "music")})) for t in text],
+    })
+
+
+def config(bert, **encoder):
+    return {
+        "input_features": [
+            {"name": "review", "type": "text", "encoder": {"type": "auto_transformer",
+                                                           "pretrained_model_name_or_path": str(bert), **encoder},
+             "preprocessing": {"max_sequence_length": 16}},
+            {"name": "x", "type": "number"}, {"name": "genre", "type": "category"}, {"name": "flag", "type": "binary"},
+        ],
+        "output_features": [{"name": "sentiment", "type": "category"}, {"name": "liked", "type": "binary"},
+                            {"name": "rating", "type": "number"}, {"name": "tags", "type": "set"}],
+        "trainer": {"epochs": 3, "batch_size": 32, "learning_rate": 0.01},
+    }
+
+
+def quiet(_):
+    pass
+
+
+def test_all_feature_types_train_predict_and_reload_identically(tiny_bert_dir, cache_dir, tmp_path):
+    df = frame()
+    model = Model(config(tiny_bert_dir), log=quiet)
+    out = model.train(df, output_directory=tmp_path)
+    stats = json.loads((out.run_dir / "training_statistics.json").read_text())
+    assert len(stats["training"]) == 3 and len(stats["validation"]) == 3
+    assert stats["training"][-1]["loss"] < stats["training"][0]["loss"]
+    for name in ("model_hyperparameters.json", "training_set_metadata.json", "model_weights.safetensors",
+                 "cadenza_model.json"):
+        assert (out.model_dir / name).is_file()
+    assert not (out.run_dir / "checkpoint").exists()
+
+    predictions = model.predict(df)
+    assert {"sentiment_predictions", "sentiment_probability", "sentiment_probabilities_pos",
+            "liked_predictions", "liked_probabilities_true", "rating_predictions", "tags_predictions"} <= set(predictions)
+    assert len(predictions) == len(df)
+    metrics, _ = model.evaluate(df)
+    assert {"accuracy", "macro_f1"} <= set(metrics["sentiment"]) and "roc_auc" in metrics["liked"]
+    assert {"mae", "rmse", "r2"} <= set(metrics["rating"]) and "jaccard" in metrics["tags"]
+    assert metrics["rating"]["r2"] > 0.2  # the number input alone explains much of the rating
+
+    reloaded = Model.load(out.run_dir, log=quiet)
+    pd.testing.assert_frame_equal(reloaded.predict(df), predictions)
+
+
+def test_embedding_cache_hits_for_a_new_head_and_misses_when_embeddings_change(tiny_bert_dir, cache_dir, tmp_path):
+    df = frame(80)
+    first = Model(config(tiny_bert_dir), log=quiet)
+    first.train(df, output_directory=tmp_path)
+    assert first.model.cache_stats.misses == len(set(df.review)) and first.model.cache_stats.hits == len(df) - len(set(df.review))
+
+    other_head = config(tiny_bert_dir)
+    other_head["combiner"] = {"num_fc_layers": 2, "output_size": 16}
+    warm = Model(other_head, log=quiet)
+    warm.train(df, output_directory=tmp_path)
+    assert warm.model.cache_stats.misses == 0 and warm.model.cache_stats.hits == len(df)
+    assert warm.model._encoders == {}  # a warm cache never loads the encoder
+
+    for change in ({"reduce_output": "max"}, {"max_sequence_length": 8}):
+        changed = Model(config(tiny_bert_dir, **change), log=quiet)
+        changed.train(df, output_directory=tmp_path)
+        assert changed.model.cache_stats.misses == len(set(df.review)), change
+
+
+def test_damaged_cache_shard_is_dropped_and_recomputed(tiny_bert_dir, cache_dir, tmp_path):
+    df = frame(40)
+    reference = Model(config(tiny_bert_dir), log=quiet)
+    reference.train(df, output_directory=tmp_path)
+    shards = list(cache_dir.rglob("shard-*.safetensors"))
+    assert len(shards) == 1
+    shards[0].write_bytes(b"\x00garbage")
+    (shards[0].parent / ".shard-interrupted.safetensors.tmp").write_bytes(b"partial")  # a crash mid-write
+    logs = []
+    again = Model(config(tiny_bert_dir), log=logs.append)
+    again.train(df, output_directory=tmp_path)
+    assert any("dropping unreadable shard" in line for line in logs)
+    assert again.model.cache_stats.misses == len(set(df.review))
+    pd.testing.assert_frame_equal(again.predict(df), reference.predict(df))
+
+
+def test_same_seed_same_result(tiny_bert_dir, cache_dir, tmp_path):
+    df = frame(80)
+    a = Model(config(tiny_bert_dir), log=quiet).train(df, output_directory=tmp_path, random_seed=7)
+    b = Model(config(tiny_bert_dir), log=quiet).train(df, output_directory=tmp_path, random_seed=7)
+    assert [e["loss"] for e in a.statistics["training"]] == [e["loss"] for e in b.statistics["training"]]
+
+
+def test_interrupted_training_resumes_to_the_same_model(tiny_bert_dir, cache_dir, tmp_path, monkeypatch):
+    from cadenza.ecd import EcdModel
+
+    df = frame(128)
+    cfg = config(tiny_bert_dir)
+    cfg["trainer"].update(epochs=4, early_stop=-1)
+    full = Model(cfg, log=quiet)
+    full.train(df, output_directory=tmp_path / "full")
+
+    calls = {"n": 0}
+    real_loss = EcdModel._loss_sum
+
+    def interrupting(self, net, batch):
+        calls["n"] += 1
+        if calls["n"] == 7:  # mid-way through epoch 3 (3 batches per epoch)
+            raise KeyboardInterrupt
+        return real_loss(self, net, batch)
+
+    monkeypatch.setattr(EcdModel, "_loss_sum", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        Model(cfg, log=quiet).train(df, output_directory=tmp_path / "cut")
+    run_dir = tmp_path / "cut" / "experiment_run"
+    assert (run_dir / "checkpoint" / "state.json").exists() and not (run_dir / "model").exists()
+    monkeypatch.setattr(EcdModel, "_loss_sum", real_loss)
+
+    resumed = Model(cfg, log=quiet)
+    out = resumed.train(df, output_directory=tmp_path / "cut", resume=True)
+    assert out.run_dir == run_dir and not (run_dir / "checkpoint").exists()
+    np.testing.assert_allclose(resumed.predict(df)["rating_predictions"], full.predict(df)["rating_predictions"],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoder", [
+    {"trainable": True},
+    {"adapter": {"type": "lora", "r": 4, "target_modules": ["query", "value"]}},
+])
+def test_trained_encoders_save_and_reload(tiny_bert_dir, cache_dir, tmp_path, encoder):
+    df = frame(64)
+    cfg = config(tiny_bert_dir, **encoder)
+    cfg["trainer"]["epochs"] = 1
+    model = Model(cfg, log=quiet)
+    out = model.train(df, output_directory=tmp_path)
+    assert not list(cache_dir.rglob("shard-*"))  # a trained encoder's embeddings change: never cached
+    from safetensors import safe_open
+
+    with safe_open(out.model_dir / "model_weights.safetensors", "pt") as f:
+        keys = list(f.keys())
+    if "adapter" in encoder:
+        assert any("lora_A" in k for k in keys) and not any(k.endswith("query.base_layer.weight") for k in keys)
+        assert (out.model_dir / "encoders" / "review" / "adapter_config.json").is_file()
+    else:
+        assert any("encoder.layer.0.attention" in k for k in keys)
+    reloaded = Model.load(out.model_dir, log=quiet)
+    pd.testing.assert_frame_equal(reloaded.predict(df), model.predict(df))
+
+
+def test_named_data_errors(tiny_bert_dir, cache_dir, tmp_path):
+    df = frame(40)
+    model = Model(config(tiny_bert_dir), log=quiet)
+    with pytest.raises(DataError, match="missing column 'genre'"):
+        model.train(df.drop(columns=["genre"]), output_directory=tmp_path)
+    with pytest.raises(DataError, match="no rows"):
+        model.train(df.iloc[:0], output_directory=tmp_path)
+    no_labels = df.assign(rating=np.nan)
+    with pytest.raises(DataError, match="output column 'rating' has no labels"):
+        model.train(no_labels, output_directory=tmp_path)
+    bad_number = df.assign(x=df.x.astype(object))
+    bad_number.loc[5, "x"] = "twelve"
+    with pytest.raises(DataError, match="column 'x', row 5: 'twelve' is not a number"):
+        model.train(training_set=bad_number, output_directory=tmp_path)
+
+
+def test_missing_values_follow_each_strategy(tiny_bert_dir, cache_dir, tmp_path):
+    df = frame(60)
+    df.loc[[1, 2], "x"] = np.nan
+    df.loc[3, "genre"] = None
+    df.loc[[4, 5], "sentiment"] = None  # outputs drop rows by default
+    cfg = config(tiny_bert_dir)
+    cfg["input_features"][1]["preprocessing"] = {"missing_value_strategy": "fill_with_mean"}
+    model = Model(cfg, log=quiet)
+    model.train(training_set=df, output_directory=tmp_path)
+    assert len(model.predict(df)) == len(df)
+    assert model.model.metadata["x"]["fill_value"] == pytest.approx(df.x.mean())
