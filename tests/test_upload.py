@@ -1,0 +1,316 @@
+"""Publishing models on the Hub and fetching them back, against a Hub-compatible server on loopback.
+
+Checks that need no network run in this process (it is offline, see conftest); everything that talks to the
+server runs in the client process of `hub_fixtures` with the real huggingface_hub, transformers and peft.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cadenza.errors import ModelFolderError
+from cadenza.upload import HubError, plan_upload, upload_to_hf_hub
+from hub_fixtures import ALICE_TOKEN, BOB_TOKEN, ORG, RemoteError, client, hub  # noqa: F401  (fixtures)
+
+UPLOAD = "cadenza.upload:upload_to_hf_hub"
+DOWNLOAD = "cadenza.upload:download_model"
+CADENZA_FILES = {"cadenza_model.json", "model_hyperparameters.json", "training_set_metadata.json"}
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+@pytest.fixture(scope="module")
+def built(client, tiny_llama_dir, tiny_bert_dir, tmp_path_factory) -> dict[str, Path]:
+    """Run folders in the documented layout, built in the client process (which has torch loaded anyway)."""
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        "adapter": Path(client.call("remote_build_llm", str(root / "adapter"), str(tiny_llama_dir), "adapter")),
+        "full": Path(client.call("remote_build_llm", str(root / "full"), str(tiny_llama_dir), "full")),
+        "ecd": Path(client.call("remote_build_ecd", str(root / "ecd"), str(tiny_bert_dir))),
+    }
+
+
+def copy_model(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+# ================================================================================= checks before the network
+@pytest.mark.parametrize("repo_id", ["no-namespace", "a/b/c", "org/", "/name", "org/-bad", "org/na..me",
+                                     "org/has space", "org/" + "x" * 97])
+def test_bad_repo_id_is_refused_before_any_request(repo_id, built, hub):
+    hub.clear_log()
+    with pytest.raises(HubError, match="repo id"):
+        upload_to_hf_hub(repo_id, built["adapter"], token=ALICE_TOKEN)
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: (m / "model_hyperparameters.json").unlink(), "model_hyperparameters.json is missing"),
+    (lambda m: (m / "training_set_metadata.json").write_text("{not json"), "not valid JSON"),
+    (lambda m: shutil.rmtree(m / "model_weights"), "model_weights/ is missing"),
+    (lambda m: (m / "model_weights" / "tokenizer_config.json").unlink(), "no tokenizer"),
+    (lambda m: _truncate(m / "model_weights" / "adapter_model.safetensors"), "truncated or damaged"),
+    (lambda m: (m / "model_weights" / "adapter_model.safetensors").rename(
+        m / "model_weights" / "adapter_model.bin"), "safetensors only"),
+])
+def test_incomplete_model_folder_is_named(damage, message, built, tmp_path):
+    model = copy_model(built["adapter"], tmp_path / "run") / "model"
+    damage(model)
+    with pytest.raises(ModelFolderError, match=message):
+        upload_to_hf_hub("alice/m", model, token=ALICE_TOKEN)
+
+
+def test_missing_folder_and_non_model_folder(tmp_path):
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        plan_upload("alice/m", tmp_path / "nope")
+    with pytest.raises(ModelFolderError, match="not a Cadenza model folder"):
+        plan_upload("alice/m", tmp_path)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+
+
+def test_ecd_weights_missing(built, tmp_path):
+    model = copy_model(built["ecd"], tmp_path / "run") / "model"
+    (model / "model_weights.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match="ecd weights model_weights.safetensors is missing"):
+        plan_upload("alice/m", model)
+
+
+def test_offline_mode_is_refused_before_any_request(built, hub):
+    from huggingface_hub import is_offline_mode
+
+    if not is_offline_mode():
+        pytest.skip("this test session runs online")
+    hub.clear_log()
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
+        upload_to_hf_hub("alice/m", built["adapter"], token=ALICE_TOKEN)
+    assert hub.requests == []
+
+
+def test_no_token_anywhere(client, built, hub):
+    hub.clear_log()
+    with pytest.raises(RemoteError) as err:
+        client.call(UPLOAD, f"{ORG}/no-token", str(built["adapter"]))
+    assert "HubError" in err.value.types and "hf auth login" in err.value.message
+    assert hub.requests == []
+
+
+def test_token_found_in_a_file_is_not_uploaded(client, built, hub, tmp_path):
+    run = copy_model(built["ecd"], tmp_path / "run")
+    meta = run / "model" / "training_set_metadata.json"
+    meta.write_text(json.dumps({"sentiment": {"idx2str": ["a", "b"]}, "oops": ALICE_TOKEN}))
+    hub.clear_log()
+    with pytest.raises(RemoteError) as err:
+        client.call(UPLOAD, f"{ORG}/leaky", str(run), token=ALICE_TOKEN)
+    assert "contains your Hugging Face token" in err.value.message and ALICE_TOKEN not in err.value.message
+    assert hub.requests == []
+
+
+# ==================================================================================== layout and model card
+def test_llm_adapter_layout_and_card(built):
+    plan = plan_upload(f"{ORG}/tiny-adapter", built["adapter"])
+    files = set(plan.operations_content())
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "tokenizer.json",
+            "generation_config.json", "README.md"} | CADENZA_FILES <= files
+    assert not any(f.startswith(("model_weights/", "checkpoint")) for f in files)
+    assert "training_statistics.json" not in files
+    meta = front_matter(plan.card)
+    assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "text-generation"
+    assert "cadenza" in meta["tags"] and "lora" in meta["tags"]
+    assert "base_model" not in meta  # a local folder is no Hub id
+    assert "PeftModel.from_pretrained(base" in plan.card and f'"{ORG}/tiny-adapter"' in plan.card
+    assert 'Model.from_pretrained("cadenza-test/tiny-adapter")' in plan.card
+    assert "Q: {question}" in plan.card  # the prompt template users need at inference
+    assert "| test | answer | accuracy | 0.6 |" in plan.card
+    assert "| validation (epoch 2) | answer | accuracy | 0.625 |" in plan.card
+    assert "training 70, validation 10, test 20" in plan.card
+    assert "not-for-the-card" not in plan.card
+
+
+def test_full_llm_and_ecd_cards(built):
+    full = plan_upload(f"{ORG}/tiny-full", built["full"])
+    assert front_matter(full.card)["library_name"] == "transformers"
+    assert {"config.json", "model.safetensors"} <= set(full.operations_content())
+    assert "AutoModelForCausalLM.from_pretrained(\"cadenza-test/tiny-full\")" in full.card
+    ecd = plan_upload(f"{ORG}/tiny-ecd", built["ecd"] / "model")
+    meta = front_matter(ecd.card)
+    assert meta["library_name"] == "cadenza" and meta["pipeline_tag"] == "text-classification"
+    assert {"model_weights.safetensors", "encoders/review/adapter_config.json",
+            "encoders/review/adapter_model.safetensors"} | CADENZA_FILES <= set(ecd.operations_content())
+    assert "`fresh`, `rotten`" in ecd.card
+
+
+def test_known_base_model_gets_hub_id_and_license(built, tmp_path):
+    run = copy_model(built["adapter"], tmp_path / "run")
+    config_path = run / "model" / "model_hyperparameters.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model": "smollm2"}))
+    meta = front_matter(plan_upload("alice/x", run).card)
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
+
+
+# ============================================================================================= round trips
+def test_llm_adapter_round_trip(client, hub, built, tiny_llama_dir):
+    repo = f"{ORG}/tiny-adapter"
+    before = folder_hashes(built["adapter"])
+    url = client.call(UPLOAD, repo, str(built["adapter"]), token=ALICE_TOKEN, commit_message="first")
+    assert url.startswith(hub.url) and "/commit/" in url
+    assert folder_hashes(built["adapter"]) == before
+    stored = hub.files(repo)
+    assert set(stored) >= {"adapter_config.json", "adapter_model.safetensors", "README.md"} | CADENZA_FILES
+    local = built["adapter"] / "model" / "model_weights"
+    assert stored["adapter_model.safetensors"] == (local / "adapter_model.safetensors").read_bytes()
+
+    # plain PEFT on the Hub repo id, through HF_ENDPOINT, gives the local adapter's logits
+    expected = client.call("remote_causal_lm_logits", str(local), base=str(tiny_llama_dir))
+    got = client.call("remote_causal_lm_logits", repo, base=str(tiny_llama_dir))
+    base_only = client.call("remote_causal_lm_logits", str(tiny_llama_dir))
+    assert got["ids"] == expected["ids"]
+    assert _max_diff(got["logits"], expected["logits"]) < 1e-5
+    assert _max_diff(base_only["logits"], expected["logits"]) > 1e-3  # the adapter matters
+
+    # and it comes back as the same Cadenza model folder
+    folder = Path(client.call(DOWNLOAD, repo))
+    assert folder_hashes(folder) == {k[len("model/"):]: v for k, v in before.items()
+                                     if k.startswith("model/") and not k.endswith("model_weights/README.md")}
+
+
+def test_full_llm_round_trip(client, hub, built):
+    repo = f"{ORG}/tiny-full"
+    client.call(UPLOAD, repo, str(built["full"] / "model"), token=ALICE_TOKEN)
+    local = built["full"] / "model" / "model_weights"
+    expected = client.call("remote_causal_lm_logits", str(local))
+    got = client.call("remote_causal_lm_logits", repo)
+    assert _max_diff(got["logits"], expected["logits"]) < 1e-5
+    folder = Path(client.call(DOWNLOAD, repo))
+    assert (folder / "model_weights" / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
+    assert (folder / "cadenza_model.json").is_file() and not (folder / "README.md").exists()
+
+
+def test_ecd_round_trip_restores_the_folder(client, hub, built):
+    repo = f"{ORG}/tiny-ecd"
+    client.call(UPLOAD, repo, str(built["ecd"]), token=ALICE_TOKEN)
+    folder = Path(client.call(DOWNLOAD, repo))
+    original = folder_hashes(built["ecd"] / "model")
+    assert folder_hashes(folder) == original
+
+
+def _max_diff(a, b) -> float:
+    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+# ================================================================================ idempotency and revisions
+def test_reupload_is_idempotent_and_replaces_stale_files(client, hub, built):
+    repo = f"{ORG}/again"
+    first = client.call(UPLOAD, repo, str(built["adapter"]), token=ALICE_TOKEN)
+    commits = len(hub.repo(repo).history("main"))
+    second = client.call(UPLOAD, repo, str(built["adapter"]), token=ALICE_TOKEN)
+    assert len(hub.repo(repo).history("main")) == commits  # nothing changed, so no new commit
+    assert second.rsplit("/", 1)[-1] == first.rsplit("/", 1)[-1]
+    adapter_files = set(hub.files(repo))
+
+    client.call(UPLOAD, repo, str(built["full"]), token=ALICE_TOKEN)
+    now = set(hub.files(repo))
+    assert "adapter_config.json" not in now and "adapter_model.safetensors" not in now
+    assert {"config.json", "model.safetensors", ".gitattributes"} <= now
+    assert adapter_files - now == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_branch_and_pull_request(client, hub, built):
+    repo = f"{ORG}/branches"
+    client.call(UPLOAD, repo, str(built["ecd"]), token=ALICE_TOKEN)
+    main_head = hub.repo(repo).refs["main"]
+    client.call(UPLOAD, repo, str(built["adapter"]), token=ALICE_TOKEN, revision="dev")
+    assert hub.repo(repo).refs["main"] == main_head
+    assert "adapter_config.json" in hub.files(repo, "dev")
+    dev = Path(client.call(DOWNLOAD, repo, revision="dev"))
+    assert json.loads((dev / "cadenza_model.json").read_text())["model_type"] == "llm"
+
+    pr_url = client.call(UPLOAD, repo, str(built["full"]), token=ALICE_TOKEN, create_pr=True)
+    assert pr_url.endswith("/discussions/1")
+    assert hub.repo(repo).refs["main"] == main_head
+    assert "model.safetensors" in hub.files(repo, "refs/pr/1")
+
+
+# ======================================================================================= tokens and failures
+def test_token_sources_and_private_repo(client, hub, built):
+    repo = f"{ORG}/private-one"
+    client.call(UPLOAD, repo, str(built["ecd"]), private=True, env={"HF_TOKEN": ALICE_TOKEN})
+    assert hub.repo(repo).private
+    with pytest.raises(RemoteError) as err:
+        client.call(DOWNLOAD, repo)  # anonymous: a private repo looks missing
+    assert "HubError" in err.value.types and "401" in err.value.message
+    client.call("remote_store_login", ALICE_TOKEN)
+    try:
+        assert Path(client.call(DOWNLOAD, repo)).is_dir()  # the stored login is used
+        client.call(UPLOAD, repo, str(built["ecd"]))
+    finally:
+        client.call("huggingface_hub:logout")
+
+
+def test_rejected_token_is_reported_plainly(client, hub, built):
+    before = folder_hashes(built["adapter"])
+    with pytest.raises(RemoteError) as err:
+        client.call(UPLOAD, f"{ORG}/wrong-token", str(built["adapter"]), token="hf_wrong" + ALICE_TOKEN[8:])
+    message = err.value.message
+    assert "HubError" in err.value.types and "HTTP 401" in message and f"{ORG}/wrong-token" in message
+    assert hub.url in message and "hf_wrong" not in message
+    with pytest.raises(RemoteError) as err:
+        client.call(UPLOAD, f"{ORG}/not-bobs", str(built["adapter"]), token=BOB_TOKEN)
+    assert "HTTP 403" in err.value.message and "write access" in err.value.message
+    assert folder_hashes(built["adapter"]) == before
+
+
+def test_hub_failure_mid_upload_leaves_local_folder_alone(client, hub, built):
+    repo = f"{ORG}/flaky"
+    before = folder_hashes(built["ecd"])
+    hub.fail_next("POST", rf"/api/models/{repo}/commit/", 500)
+    with pytest.raises(RemoteError) as err:
+        client.call(UPLOAD, repo, str(built["ecd"]), token=ALICE_TOKEN)
+    assert "HTTP 500" in err.value.message and "committing" in err.value.message and "try again" in err.value.message
+    assert folder_hashes(built["ecd"]) == before
+    assert set(hub.files(repo)) == {".gitattributes"}  # the repo was created, nothing half-committed
+    client.call(UPLOAD, repo, str(built["ecd"]), token=ALICE_TOKEN)  # and a retry succeeds
+    assert "model_weights.safetensors" in hub.files(repo)
+
+
+def test_unreachable_hub(client, built):
+    with pytest.raises(RemoteError) as err:
+        client.call(UPLOAD, f"{ORG}/nowhere", str(built["ecd"]), token=ALICE_TOKEN,
+                    env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert "could not reach http://127.0.0.1:9" in err.value.message
+
+
+def test_cli_upload(client, hub, built):
+    repo = f"{ORG}/from-cli"
+    code = client.call("remote_cli", ["upload", "hf_hub", "-r", repo, "-m", str(built["ecd"]), "-p",
+                                      "-c", "from the CLI", "-d", "a description"],
+                       env={"HF_TOKEN": ALICE_TOKEN})
+    assert code == 0
+    head = hub.repo(repo).history("main")[0]
+    assert hub.repo(repo).private and head.message == "from the CLI" and head.description == "a description"
+
+
+def test_the_token_never_leaves(client, hub):
+    """Runs last in this module: nothing uploaded or printed by any test above contains a token."""
+    for token in (ALICE_TOKEN, BOB_TOKEN):
+        assert not any(token.encode() in blob for blob in hub.all_blobs())
+        assert token not in client.output()
+    assert "uploaded:" in client.output()  # the log did capture the uploads
