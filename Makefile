@@ -1,0 +1,17 @@
+# The two commands of README.md: `make demo` (main job) and `make test` (test suite). Each sets up .venv first.
+.PHONY: setup demo test bench docs
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/cadenza experiment --config examples/sentiment.yaml --dataset rotten_tomatoes_sentiment
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+docs: setup
+	.venv/bin/python -m cadenza.docs_gen
+
+bench: setup
+	.venv/bin/python bench/bench_ecd.py
