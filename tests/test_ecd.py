@@ -193,3 +193,32 @@ def test_missing_values_follow_each_strategy(tiny_bert_dir, cache_dir, tmp_path)
     model.train(training_set=df, output_directory=tmp_path)
     assert len(model.predict(df)) == len(df)
     assert model.model.metadata["x"]["fill_value"] == pytest.approx(df.x.mean())
+
+
+def test_decoder_only_llm_as_encoder_with_last_token_pooling(tiny_llama_dir, cache_dir, tmp_path):
+    """A causal LM checkpoint loads through AutoModel as the bare transformer: no LM head is loaded or run."""
+    df = frame(48)
+    cfg = {"input_features": [{"name": "review", "type": "text", "encoder": {
+        "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_llama_dir), "reduce_output": "last"}}],
+        "output_features": [{"name": "sentiment", "type": "category"}], "trainer": {"epochs": 1}}
+    model = Model(cfg, log=quiet)
+    model.train(df, output_directory=tmp_path)
+    encoder = model.model._encoders["review"][0]
+    assert type(encoder.backbone).__name__ == "LlamaModel"
+    assert not any("lm_head" in n for n, _ in encoder.named_parameters())
+    assert len(model.predict(df)) == len(df)
+
+
+def test_pooling_handles_left_and_right_padding():
+    import torch
+
+    from cadenza.ecd.text_encoder import pool
+
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert pool(hidden, right, "last").flatten().tolist() == [1.0, 7.0]
+    assert pool(hidden, left, "last").flatten().tolist() == [3.0, 7.0]
+    assert pool(hidden, left, "cls").flatten().tolist() == [2.0, 4.0]
+    assert pool(hidden, right, "mean").flatten().tolist() == [0.5, 5.5]
+    assert pool(hidden, right, "max").flatten().tolist() == [1.0, 7.0]
