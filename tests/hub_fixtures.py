@@ -200,6 +200,41 @@ def _write_run_files(run: Path, config: dict) -> None:
                                           "platform": "not-for-the-card"})
 
 
+ECD_WORDS = ["good", "great", "fine", "bad", "awful", "dull", "plot", "actor"]
+
+
+def remote_ecd_frame(n: int = 48) -> list[dict]:
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(ECD_WORDS) for _ in range(5)]
+        score = sum(w in ("good", "great") for w in words) - sum(w in ("bad", "awful") for w in words)
+        rows.append({"review": " ".join(words), "x": rng.gauss(0, 1), "sentiment": "pos" if score > 0 else "neg"})
+    return rows
+
+
+def remote_train_ecd(output_directory: str, bert_dir: str) -> str:
+    """A real Cadenza ecd run (LoRA on the text encoder, a number input, a category output) via the API."""
+    import pandas as pd
+
+    from cadenza import Model
+
+    config = {
+        "input_features": [
+            {"name": "review", "type": "text", "preprocessing": {"max_sequence_length": 12},
+             "encoder": {"type": "auto_transformer", "pretrained_model_name_or_path": bert_dir,
+                         "adapter": {"type": "lora", "r": 2}}},
+            {"name": "x", "type": "number"}],
+        "output_features": [{"name": "sentiment", "type": "category"}],
+        "trainer": {"epochs": 2, "batch_size": 16, "learning_rate": 0.01},
+    }
+    out, _ = Model(config, log=lambda _: None).experiment(pd.DataFrame(remote_ecd_frame()),
+                                                           output_directory=output_directory)
+    return str(out.run_dir)
+
+
 def remote_causal_lm_logits(source: str, base: Optional[str] = None, text: str = "Q: What is Cadenza?\nA:") -> dict:
     """Logits of a causal LM loaded with plain transformers (and PEFT when `base` is given), from a local
     folder or a Hub repo id, plus its tokenizer's ids for `text` (the tokenizer comes from `source` too)."""

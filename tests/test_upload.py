@@ -314,3 +314,19 @@ def test_the_token_never_leaves(client, hub):
         assert not any(token.encode() in blob for blob in hub.all_blobs())
         assert token not in client.output()
     assert "uploaded:" in client.output()  # the log did capture the uploads
+
+
+# ===================================================================== trained with Cadenza, loaded from the Hub
+def test_trained_ecd_model_from_the_hub_predicts_the_same(client, hub, tiny_bert_dir, tmp_path):
+    run = Path(client.call("remote_train_ecd", str(tmp_path / "results"), str(tiny_bert_dir)))
+    repo = f"{ORG}/trained-ecd"
+    client.call(UPLOAD, repo, str(run), token=ALICE_TOKEN)
+    stored = hub.files(repo)
+    assert "encoders/review/adapter_model.safetensors" in stored and "checkpoint" not in "".join(stored)
+    card = stored["README.md"].decode()
+    assert "| test | sentiment | accuracy |" in card and front_matter(card)["library_name"] == "cadenza"
+
+    rows = client.call("remote_ecd_frame", 16)
+    local = client.call("remote_cadenza_predict", str(run), rows)
+    remote = client.call("remote_cadenza_predict", repo, rows, from_hub=True)
+    assert remote == local
