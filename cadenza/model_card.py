@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +25,8 @@ KNOWN_BASE_MODELS = {
     "all-minilm-l6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
 }
 TEXT_TYPES = {"text", "sequence"}
+ADAPTER_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "ia3": "IA³", "loha": "LoHa", "lokr": "LoKr", "vera": "VeRA",
+                 "oft": "OFT"}
 
 
 @dataclass
@@ -159,7 +162,7 @@ def _summary(inputs: CardInputs) -> str:
     shown = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{base}`" if base else None
     if inputs.model_type == "llm":
         adapter = config.get("adapter") or {}
-        what = (f"A {adapter.get('type', 'PEFT')} adapter" if inputs.llm_kind == "adapter"
+        what = (f"A {ADAPTER_NAMES.get(adapter.get('type'), 'PEFT')} adapter" if inputs.llm_kind == "adapter"
                 else "A fully fine-tuned (or adapter-merged) causal language model")
         text = f"{what} trained with Cadenza on top of {shown}."
     else:
@@ -257,15 +260,14 @@ def _usage(inputs: CardInputs) -> str:
     parts = ["## How to use", ""]
     if inputs.model_type == "llm":
         parts += _plain_llm_snippet(inputs)
-    parts += ["With Cadenza (`pip install cadenza`):", "", "```python", "from cadenza import Model", "",
-              f'model = Model.from_pretrained("{repo}")']
-    if inputs.model_type == "llm":
-        parts += ['print(model.generate("Hello!"))']
-    else:
-        names = [f["name"] for f in inputs.config.get("input_features", [])]
-        example = ", ".join(f'"{n}": [...]' for n in names)
-        parts += ["import pandas as pd", "", f"predictions = model.predict(pd.DataFrame({{{example}}}))"]
-    parts += ["```", ""]
+    parts += ["With Cadenza (`pip install cadenza`):", "", "```python", "import pandas as pd",
+              "from cadenza import Model", "", f'model = Model.from_pretrained("{repo}")']
+    names = [f["name"] for f in inputs.config.get("input_features", [])]
+    example = ", ".join(f'"{n}": [...]' for n in names)
+    outputs = [f["name"] for f in inputs.config.get("output_features", [])]
+    parts += [f"predictions = model.predict(pd.DataFrame({{{example}}}))  # prompt template applied"
+              if inputs.model_type == "llm" else f"predictions = model.predict(pd.DataFrame({{{example}}}))",
+              f'print(predictions["{outputs[0]}_predictions"])' if outputs else "", "```", ""]
     if inputs.model_type == "ecd":
         parts += ["The weights are plain safetensors (`model_weights.safetensors`, and a PEFT adapter per adapted "
                   "text encoder under `encoders/`); the preprocessing they need (vocabularies, normalisation) is in "
@@ -286,11 +288,46 @@ def _plain_llm_snippet(inputs: CardInputs) -> list[str]:
                   f'model = PeftModel.from_pretrained(base, "{repo}")']
     else:
         lines += ["", f'model = AutoModelForCausalLM.from_pretrained("{repo}")']
-    lines += [f'tokenizer = AutoTokenizer.from_pretrained("{repo}")', "",
-              'inputs = tokenizer("Hello!", return_tensors="pt")',
+    lines += [f'tokenizer = AutoTokenizer.from_pretrained("{repo}")', ""]
+    lines += _prompt_lines(inputs)
+    lines += ["inputs = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens=" + str(not _uses_chat(inputs)) + ")",
               "output = model.generate(**inputs, max_new_tokens=32)",
               "print(tokenizer.decode(output[0][inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
               "```", ""]
+    return lines
+
+
+def _prompt_settings(inputs: CardInputs) -> dict:
+    """The prompt as trained: the llm model type records it in the metadata; the config is the fallback."""
+    for value in inputs.metadata.values():
+        if isinstance(value, dict) and "use_chat_template" in value:
+            return value
+    prompt = inputs.config.get("prompt") or {}
+    return {"template": prompt.get("template"), "use_chat_template": prompt.get("use_chat_template"),
+            "system_prompt": prompt.get("system_prompt")}
+
+
+def _uses_chat(inputs: CardInputs) -> bool:
+    return bool(_prompt_settings(inputs).get("use_chat_template"))
+
+
+def _prompt_lines(inputs: CardInputs) -> list[str]:
+    """Build the prompt the way training did, so the snippet's output matches Cadenza's."""
+    settings = _prompt_settings(inputs)
+    template = settings.get("template")
+    names = [f["name"] for f in inputs.config.get("input_features", [])]
+    fields = [n for _, n, _, _ in string.Formatter().parse(template or "") if n]
+    if template and fields and all(f in names for f in fields):
+        args = ", ".join(f'{f}="..."' for f in dict.fromkeys(fields))
+        lines = [f"prompt = {template!r}.format({args})"]
+    else:
+        lines = ['prompt = "..."  # the input text' + (f" (template: {template!r})" if template else "")]
+    if settings.get("use_chat_template"):
+        system = settings.get("system_prompt")
+        messages = ([f'{{"role": "system", "content": {system!r}}}, '] if system else []) + \
+            ['{"role": "user", "content": prompt}']
+        lines.append(f"prompt = tokenizer.apply_chat_template([{''.join(messages)}], tokenize=False, "
+                     "add_generation_prompt=True)")
     return lines
 
 

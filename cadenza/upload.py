@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ UNSAFE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # not contain is stale model content and is deleted in the same commit
 KEPT_REMOTE_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp")
 REPO_TYPES = ("model", "dataset")
+SECRET_KEY = re.compile(r"(credentials?|password|secret|api_key|access_key|auth_token|hf_token|^token)$", re.I)
 DOWNLOAD_FORMAT = "v1"
 
 
@@ -138,8 +140,20 @@ def inspect_model_folder(model_path: Union[str, Path]) -> ModelFolder:
         folder.warnings += _check_encoder_adapters(model_dir, config)
     else:
         raise ModelFolderError(f"{model_dir / MODEL_INFO}: unknown model_type {model_type!r} (expected ecd or llm)")
+    _refuse_credentials(config, model_dir / CONFIG_FILE)
     folder.files, folder.skipped = _repo_files(model_dir, model_type)
     return folder
+
+
+def _refuse_credentials(config, path: Path, key_path: str = "") -> None:
+    """The config is published (as a file and in the card): credentials in it must not be."""
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else []
+    for key, value in items:
+        where = f"{key_path}.{key}" if key_path else str(key)
+        if isinstance(key, str) and SECRET_KEY.search(key) and value not in (None, "", {}, []):
+            raise ModelFolderError(f"{path}: {where} holds credentials, and the config is published with the model; "
+                                   "remove them (e.g. use environment variables) before uploading")
+        _refuse_credentials(value, path, where)
 
 
 def _run_dir(model_dir: Path) -> Optional[Path]:

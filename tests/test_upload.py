@@ -75,6 +75,16 @@ def test_incomplete_model_folder_is_named(damage, message, built, tmp_path):
         upload_to_hf_hub("alice/m", model, token=ALICE_TOKEN)
 
 
+def test_credentials_in_the_config_are_not_published(built, tmp_path):
+    model = copy_model(built["ecd"], tmp_path / "run") / "model"
+    path = model / "model_hyperparameters.json"
+    config = json.loads(path.read_text())
+    config["backend"]["cache_credentials"] = {"s3": {"aws_secret_access_key": "abc"}}
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match="backend.cache_credentials holds credentials"):
+        plan_upload("alice/m", model)
+
+
 def test_missing_folder_and_non_model_folder(tmp_path):
     with pytest.raises(ModelFolderError, match="does not exist"):
         plan_upload("alice/m", tmp_path / "nope")
