@@ -425,23 +425,37 @@ def _remote_files(api, repo_id: str, repo_type: str, revision: str) -> list[str]
 
 # ============================================================================================== download
 def download_model(repo_id: str, *, revision: Optional[str] = None, token: Optional[str] = None,
-                   cache_dir: Optional[Union[str, Path]] = None, log: Callable[[str], None] = _say) -> Path:
+                   cache_dir: Optional[Union[str, Path]] = None, trust_remote_code: bool = False,
+                   log: Callable[[str], None] = _say) -> Path:
     """Download a Cadenza repo and rebuild the model folder that `Model.load` takes; returns its path.
 
     The Hub snapshot goes into huggingface_hub's cache (or `cache_dir`); the model folder is built next to it
-    once per commit, from hard links when the file system allows (no second copy of the weights)."""
+    once per commit, from hard links when the file system allows (no second copy of the weights).
+    trust_remote_code: accept a config that asks to run model code from the Hub (only for repos you trust)."""
     check_repo_id(repo_id)
     snapshot = _snapshot(repo_id, revision, token, cache_dir)
     commit = snapshot.name
     root = Path(cache_dir) / "cadenza-models" if cache_dir else _cadenza_cache() / "hub-models"
     final = root / repo_id.replace("/", "--") / commit / MODEL_DIR
-    if (final / MODEL_INFO).is_file():
-        return final
-    with atomic_dir(final) as tmp:
-        _rebuild(snapshot, tmp, repo_id)
-        inspect_model_folder(tmp)  # a repo that is not a complete model never becomes a cached folder
-    log(f"{repo_id}@{revision or 'main'} ({commit[:10]}) is in {final}")
+    if not (final / MODEL_INFO).is_file():
+        with atomic_dir(final) as tmp:
+            _rebuild(snapshot, tmp, repo_id)
+            inspect_model_folder(tmp)  # a repo that is not a complete model never becomes a cached folder
+        log(f"{repo_id}@{revision or 'main'} ({commit[:10]}) is in {final}")
+    if not trust_remote_code:
+        _refuse_remote_code(_read_json(final / CONFIG_FILE), repo_id)
     return final
+
+
+def _refuse_remote_code(config, repo_id: str, key_path: str = "") -> None:
+    """A downloaded config is untrusted input: `trust_remote_code: true` in it would run code on load."""
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else []
+    for key, value in items:
+        where = f"{key_path}.{key}" if key_path else str(key)
+        if key == "trust_remote_code" and value is True:
+            raise HubError(f"{repo_id}: its config sets {where}: true, so loading it would run Python code from "
+                           "the Hub; pass trust_remote_code=True only if you trust that code")
+        _refuse_remote_code(value, repo_id, where)
 
 
 def _cadenza_cache() -> Path:

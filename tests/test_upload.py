@@ -243,6 +243,20 @@ def test_reupload_is_idempotent_and_replaces_stale_files(client, hub, built):
     assert adapter_files - now == {"adapter_config.json", "adapter_model.safetensors"}
 
 
+def test_config_asking_for_remote_code_is_refused_on_download(client, hub, built, tmp_path):
+    run = copy_model(built["ecd"], tmp_path / "run")
+    path = run / "model" / "model_hyperparameters.json"
+    config = json.loads(path.read_text())
+    config["input_features"][0]["encoder"]["trust_remote_code"] = True
+    path.write_text(json.dumps(config))
+    repo = f"{ORG}/remote-code"
+    client.call(UPLOAD, repo, str(run), token=ALICE_TOKEN)
+    with pytest.raises(RemoteError) as err:
+        client.call(DOWNLOAD, repo)
+    assert "input_features.0.encoder.trust_remote_code: true" in err.value.message
+    assert Path(client.call(DOWNLOAD, repo, trust_remote_code=True)).is_dir()
+
+
 def test_branch_and_pull_request(client, hub, built):
     repo = f"{ORG}/branches"
     client.call(UPLOAD, repo, str(built["ecd"]), token=ALICE_TOKEN)
