@@ -1,0 +1,117 @@
+"""Micro-batches of tokenized rows: padding-free packing, or length-grouped padded batches.
+
+Packed: the rows of a micro-batch are concatenated into ONE sequence of shape (1, total_tokens) with no padding
+at all; `position_ids` restart at 0 for every row and no attention mask is passed. transformers (>= 4.5x,
+`masking_utils.find_packed_sequence_indices`) reads the restarts as row boundaries and builds a block-diagonal
+causal mask for sdpa/eager, so no token attends across rows (the tests check packed loss == unpacked loss).
+This requires use_cache=False in the forward call: with a cache the packed detection is skipped.
+
+Each batch also carries `target_index` (flat positions whose hidden state predicts a target token) and
+`target_ids`, so the loss applies the LM head only to those rows of hidden states.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from .tokenize import TokenizedRows
+
+
+def target_span(n: int, prompt_len: int, train_on_inputs: bool) -> tuple[int, int]:
+    """Token positions [start, n) that are targets (each predicted from the position before it)."""
+    return (1 if train_on_inputs else max(1, int(prompt_len))), n
+
+
+def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_inputs: bool = False,
+               pad_id: int = 0) -> dict:
+    seqs = [rows.ids[i] for i in idx]
+    lens = [len(s) for s in seqs]
+    targets_index, targets = [], []
+    if packed:
+        input_ids = torch.from_numpy(np.concatenate(seqs)).view(1, -1)
+        position_ids = torch.cat([torch.arange(n) for n in lens]).view(1, -1)
+        offset = 0
+        for s, i, n in zip(seqs, idx, lens):
+            a, b = target_span(n, rows.prompt_lens[i], train_on_inputs)
+            targets_index.append(np.arange(offset + a - 1, offset + b - 1))
+            targets.append(s[a:b])
+            offset += n
+        attention_mask = None
+    else:
+        width = max(lens)
+        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, (s, i, n) in enumerate(zip(seqs, idx, lens)):
+            input_ids[r, :n] = torch.from_numpy(s)
+            attention_mask[r, :n] = 1
+            a, b = target_span(n, rows.prompt_lens[i], train_on_inputs)
+            targets_index.append(np.arange(r * width + a - 1, r * width + b - 1))
+            targets.append(s[a:b])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": attention_mask,
+        "target_index": torch.from_numpy(np.concatenate(targets_index)).long(),
+        "target_ids": torch.from_numpy(np.concatenate(targets)).long(),
+        "num_tokens": int(sum(lens)),
+        "rows": list(idx),
+    }
+
+
+def pack_indices(order: list[int], lengths: np.ndarray, *, rows_per_batch: int,
+                 max_tokens: Optional[int]) -> list[list[int]]:
+    """Consecutive groups of `order`: by token budget when max_tokens is set (a longer row goes alone), else
+    by row count."""
+    if not max_tokens:
+        return [order[i:i + rows_per_batch] for i in range(0, len(order), rows_per_batch)]
+    groups, current, used = [], [], 0
+    for i in order:
+        n = int(lengths[i])
+        if current and used + n > max_tokens:
+            groups.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def length_grouped(order: list[int], lengths: np.ndarray, rows_per_batch: int, rng: np.random.Generator,
+                   mega: int = 50) -> list[list[int]]:
+    """Padded batches of similar lengths: sort within shuffled mega-chunks, then shuffle the batches, so
+    padding stays small while every epoch still sees a different order."""
+    batches = []
+    step = rows_per_batch * mega
+    for start in range(0, len(order), step):
+        chunk = sorted(order[start:start + step], key=lambda i: -int(lengths[i]))
+        batches.extend(chunk[i:i + rows_per_batch] for i in range(0, len(chunk), rows_per_batch))
+    rng.shuffle(batches)
+    return batches
+
+
+def epoch_groups(rows: TokenizedRows, epoch: int, seed: int, *, packed: bool, rows_per_batch: int,
+                 max_tokens: Optional[int], shuffle: bool = True) -> list[list[int]]:
+    """Deterministic micro-batch row indices for one epoch (same seed + epoch -> same batches, for resume)."""
+    rng = np.random.default_rng(seed * 1000003 + epoch)
+    order = list(rng.permutation(len(rows))) if shuffle else list(range(len(rows)))
+    lengths = rows.lengths
+    if packed:
+        return pack_indices(order, lengths, rows_per_batch=rows_per_batch, max_tokens=max_tokens)
+    return length_grouped(order, lengths, rows_per_batch, rng) if shuffle else \
+        [order[i:i + rows_per_batch] for i in range(0, len(order), rows_per_batch)]
+
+
+def eval_groups(rows: TokenizedRows, rows_per_batch: int, max_tokens: Optional[int]) -> list[list[int]]:
+    """Evaluation batches: length-sorted (less padding, similar packs), order does not matter for sums."""
+    order = sorted(range(len(rows)), key=lambda i: int(rows.lengths[i]))
+    return pack_indices(order, rows.lengths, rows_per_batch=rows_per_batch, max_tokens=max_tokens)
+
+
+def iterate(rows: TokenizedRows, groups: list[list[int]], **kw) -> Iterator[dict]:
+    for g in groups:
+        yield make_batch(rows, g, **kw)

@@ -1,0 +1,67 @@
+"""Batched, left-padded generation (works on CPU); the `generation:` section mapped to transformers'."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..schema import GenerationConfig as GenerationSection
+
+_SAMPLING_ONLY = ("temperature", "top_p", "top_k")
+
+
+def hf_generation_config(section: GenerationSection, tokenizer, base=None, **overrides):
+    """transformers.GenerationConfig from our section (+ overrides). Stops at the tokenizer's EOS as well as
+    any EOS the model's own generation config names."""
+    from transformers import GenerationConfig
+
+    values = section.model_dump(exclude_none=True)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if not values.get("do_sample"):
+        for key in _SAMPLING_ONLY:  # greedy decoding ignores these; transformers warns when they are set
+            values.pop(key, None)
+    eos = values.get("eos_token_id")
+    if eos is None:
+        eos = []
+        model_eos = getattr(base, "eos_token_id", None) if base is not None else None
+        for e in ([model_eos] if isinstance(model_eos, int) else (model_eos or [])) + [tokenizer.eos_token_id]:
+            if e is not None and e not in eos:
+                eos.append(e)
+        values["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    values.setdefault("pad_token_id", tokenizer.pad_token_id)
+    if values.get("bos_token_id") is None and tokenizer.bos_token_id is not None:
+        values["bos_token_id"] = tokenizer.bos_token_id
+    return GenerationConfig(**values)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: list, generation_config, batch_size: int = 8,
+             log=None) -> list[str]:
+    """Generated continuations (special tokens dropped, whitespace stripped), one per prompt, in order.
+    prompt_ids: token id sequences already tokenized (and truncated) like the training prompts."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths: less padding
+    out: list[Optional[str]] = [None] * len(prompt_ids)
+    pad = tokenizer.pad_token_id
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(prompt_ids[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                seq = torch.as_tensor(prompt_ids[i], dtype=torch.long)
+                ids[r, width - len(seq):] = seq  # left padding: every row's last token is real
+                mask[r, width - len(seq):] = 1
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       generation_config=generation_config)
+            step = generation_config.num_return_sequences or 1
+            new = generated[::step, width:]
+            for r, i in enumerate(chunk):
+                out[i] = tokenizer.decode(new[r], skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,429 @@
+"""`LlmModel`: the generative model type (`model_type: llm`), following the contract in docs/architecture.md."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import trainer as trainer_mod
+from ..adapters import apply_adapter
+from ..artifacts import LLM_WEIGHTS, METADATA_FILE, read_json, write_json
+from ..data import require_columns
+from ..errors import DataError, ModelFolderError
+from ..schema import CadenzaConfig
+from . import batching
+from .generate import generate as generate_ids
+from .generate import hf_generation_config
+from .load import cache_root, default_dtype, load_causal_lm, load_tokenizer, plain_model_dir, fix_special_tokens
+from .loss import TargetLoss, causal_lm_of
+from .outputs import category_scores, extract_label, text_scores
+from .prompt import PromptBuilder
+from .retrieval import Retriever
+from .tokenize import TokenizedRows, tokenize_rows, tokenizer_fingerprint
+
+RETRIEVAL_FILE = "retrieval_examples.json"
+CPU_AUTO_BATCH = 8  # on CPU bigger micro-batches do not raise tokens/s; more optimizer steps help convergence
+
+
+class LlmModel:
+    def __init__(self, config: CadenzaConfig):
+        self.config = config
+        self.model = None        # the causal LM (PEFT-wrapped when an adapter is trained or loaded)
+        self.tokenizer = None
+        self.builder: Optional[PromptBuilder] = None
+        self.retriever: Optional[Retriever] = None
+        self.labels: list[str] = []  # category output: the label vocabulary
+        self.weights_kind = "base"   # what save() writes: base | adapter | merged | full
+        self.truncated_rows = 0
+        out = config.output_features[0]
+        self.output = out
+        self.output_column = out.column or out.name
+        self.inputs = [f.column or f.name for f in config.input_features]
+
+    # ------------------------------------------------------------------------------------------- loading
+    def _cache(self) -> Path:
+        return cache_root(self.config.preprocessing.cache_dir or self.config.backend.cache_dir)
+
+    def _dtype(self) -> torch.dtype:
+        # full fine-tuning keeps fp32 master weights (bf16 autocast does the fast part); frozen bases go bf16
+        training_full = self.config.trainer.type != "none" and self.config.adapter is None
+        return torch.float32 if training_full else default_dtype()
+
+    def _ensure_base(self, log=print) -> None:
+        if self.model is not None:
+            return
+        source = plain_model_dir(self.config.base_model, str(self._cache()), log=log)
+        self.tokenizer = load_tokenizer(source, self.config.trust_remote_code)
+        self.model = load_causal_lm(source, dtype=self._dtype(), trust_remote_code=self.config.trust_remote_code,
+                                    quantization=self.config.quantization)
+        if torch.cuda.is_available() and self.config.quantization is None:
+            self.model.to("cuda")
+        self._ensure_builder()
+
+    def _ensure_builder(self) -> None:
+        if self.builder is None:
+            self.builder = PromptBuilder(self.config, self.tokenizer)
+
+    # -------------------------------------------------------------------------------------------- prompts
+    def _records(self, df: pd.DataFrame, need_output: bool) -> list[dict]:
+        cols = {c: f"input_features ({c})" for c in self.inputs}
+        if need_output:
+            cols[self.output_column] = f"output_features ({self.output_column})"
+        require_columns(df, cols, "llm data")
+        return df.to_dict("records")
+
+    def _prompts(self, records: list[dict], self_index: bool = False) -> list[str]:
+        contexts = [""] * len(records)
+        if self.retriever is not None:
+            texts = [self.builder.user_text(r) for r in records]
+            chosen = self.retriever.select(texts, list(range(len(records))) if self_index else None)
+            contexts = [self.builder.context(rows) for rows in chosen]
+        return [self.builder.prompt(r, c) for r, c in zip(records, contexts)]
+
+    def _tokenize(self, records: list[dict], with_targets: bool, self_index: bool = False) -> TokenizedRows:
+        prompts = self._prompts(records, self_index)
+        targets = [self.builder.target(p, r.get(self.output_column)) for p, r in zip(prompts, records)] \
+            if with_targets else None
+        return tokenize_rows(self.tokenizer, prompts, targets,
+                             max_len=self.config.preprocessing.global_max_sequence_length,
+                             add_special_tokens=self.builder.add_special_tokens, cache_dir=self._cache() / "tokens")
+
+    def _build_retriever(self, train_records: list[dict], seed: int) -> None:
+        r = self.config.prompt.retrieval
+        if r.type is None or not train_records:
+            return
+        texts = [self.builder.user_text(x) for x in train_records]
+        keep = [{c: x.get(c) for c in self.inputs + [self.output_column]} for x in train_records]
+        self.retriever = Retriever(r.type, r.k, keep, texts, seed=seed, model_name=r.model_name)
+
+    def _build_labels(self, splits: dict) -> None:
+        if self.output.type != "category":
+            return
+        labels: list[str] = list((self.output.match or {}).keys())
+        train = splits.get("training")
+        if train is not None and self.output_column in getattr(train, "columns", []):
+            for value in train[self.output_column].dropna().astype(str).value_counts().index:
+                if value not in labels:
+                    labels.append(value)
+        if self.output.fallback_label and self.output.fallback_label not in labels:
+            labels.append(self.output.fallback_label)
+        self.labels = labels
+
+    # ------------------------------------------------------------------------------------------- training
+    def _batch_size(self, eval_: bool = False) -> int:
+        t = self.config.trainer
+        size = t.batch_size if isinstance(t.batch_size, int) else None
+        if size is None:
+            size = self._auto_batch_size()
+        if eval_:
+            e = t.eval_batch_size
+            return e if isinstance(e, int) else 2 * size
+        return size
+
+    def _auto_batch_size(self) -> int:
+        """CPU: a fixed 8 rows. CUDA: the largest power of two (<= max_batch_size, 64) whose forward/backward
+        on the longest training rows fits in memory."""
+        if not torch.cuda.is_available() or not getattr(self, "_train_rows", None):
+            return CPU_AUTO_BATCH
+        if getattr(self, "_auto_size", None):
+            return self._auto_size
+        rows = self._train_rows
+        longest = sorted(range(len(rows)), key=lambda i: -int(rows.lengths[i]))
+        size, best = 1, 1
+        cap = min(self.config.trainer.max_batch_size, 64, len(rows))
+        module = TargetLoss(self.model)
+        while size <= cap:
+            try:
+                batch = batching.make_batch(rows, [longest[i % len(longest)] for i in range(size)],
+                                            packed=self.config.trainer.packing, pad_id=self.tokenizer.pad_token_id)
+                module(batch).backward()
+                best, size = size, size * 2
+            except torch.cuda.OutOfMemoryError:
+                break
+            finally:
+                self.model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+        self._auto_size = best
+        return best
+
+    def _prepare_for_training(self, log) -> None:
+        cfg, t = self.config, self.config.trainer
+        model = self.model
+        if cfg.quantization is not None:
+            import peft
+
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.enable_gradient_checkpointing)
+        if t.enable_gradient_checkpointing:
+            causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.adapter is not None:
+            adapter = cfg.adapter
+            if adapter.pretrained_adapter_weights:
+                adapter = adapter.model_copy(update={"pretrained_adapter_weights":
+                                                     str(_adapter_folder(adapter.pretrained_adapter_weights))})
+                log(f"continuing training of the adapter in {adapter.pretrained_adapter_weights}")
+            model = apply_adapter(model, adapter, "CAUSAL_LM", total_steps=getattr(self, "_total_steps", None))
+            self.weights_kind = "adapter"
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            self.weights_kind = "full"
+        frozen = trainer_mod.freeze_by_regex(model, t.layers_to_freeze_regex)
+        if frozen:
+            log(f"froze {frozen} parameter tensors matching {t.layers_to_freeze_regex!r}")
+        self.model = model
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+
+    def fit(self, splits: dict[str, pd.DataFrame], *, run_dir: Optional[Path], resume: bool, seed: int,
+            log=print) -> trainer_mod.TrainResult:
+        t = self.config.trainer
+        trainer_mod.seed_everything(seed)
+        self._ensure_base(log)
+        if self.config.model_parameters and self.config.model_parameters.rope_scaling:
+            log("note: model_parameters.rope_scaling is not applied by Cadenza; the base model's RoPE is used")
+        self._build_labels(splits)
+        train_df = splits["training"]
+        train_records = self._records(train_df, need_output=t.type != "none")
+        self._build_retriever(train_records, seed)
+        if t.type == "none":
+            log("trainer.type: none: no training (zero/few-shot); the base model is used as is")
+            return trainer_mod.TrainResult()
+
+        rows = self._tokenize(train_records, with_targets=True, self_index=True)
+        self._train_rows = rows
+        if rows.truncated:
+            log(f"preprocessing.global_max_sequence_length={self.config.preprocessing.global_max_sequence_length}: "
+                f"{rows.truncated} of {len(rows)} training rows truncated")
+        self.truncated_rows = rows.truncated
+        val_df = splits.get("validation")
+        val_rows = None
+        if val_df is not None and len(val_df) and not t.skip_all_evaluation:
+            val_rows = self._tokenize(self._records(val_df, need_output=True), with_targets=True)
+
+        size = self._batch_size()
+        groups0 = self._train_groups(rows, 0, seed, size)
+        accum = 1 if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps
+        self._total_steps = min(t.epochs * max(1, math.ceil(len(groups0) / accum)), t.train_steps or 10**12)
+        self._prepare_for_training(log)
+        module = TargetLoss(self.model)
+        if torch.cuda.is_available() and t.batch_size == "auto":
+            size = self._auto_batch_size()
+            log(f"batch_size auto: {size} rows per micro-batch")
+        groups0 = self._train_groups(rows, 0, seed, size)
+
+        packed, pad = t.packing, self.tokenizer.pad_token_id
+        make = lambda idx: batching.make_batch(rows, idx, packed=packed, train_on_inputs=t.train_on_inputs,  # noqa
+                                               pad_id=pad)
+
+        def batches(epoch: int):
+            groups = groups0 if epoch == 0 else self._train_groups(rows, epoch, seed, size)
+            return (make(g) for g in groups)
+
+        total_tokens = int(rows.lengths.sum())
+        target_tokens = int(rows.target_tokens(t.train_on_inputs).sum())
+        n_params = sum(p.numel() for p in causal_lm_of(self.model).parameters())
+        per_token = (4 if self.config.adapter is not None else 6) * n_params
+        task = trainer_mod.TrainTask(
+            batches=batches, num_batches=len(groups0), weight=lambda b: float(b["target_ids"].numel()),
+            loss_sum=lambda m, b: m(b),
+            evaluate=(lambda m: self._loss_metrics(m, val_rows)) if val_rows is not None else None,
+            unit="target_tokens",
+            # FLOPs are spent on every token, the weight counts target tokens: scale so MFU stays honest
+            flops_per_unit=per_token * total_tokens / max(target_tokens, 1),
+            tokens=lambda b: b["num_tokens"])
+        mixed = t.use_mixed_precision if t.use_mixed_precision is not None else trainer_mod.bf16_is_fast()
+        log(f"training on {len(rows)} rows, {total_tokens:,} tokens ({target_tokens:,} target tokens), "
+            f"{'packed' if packed else 'padded'} micro-batches of {size} rows"
+            + (f" / {t.max_tokens_per_batch} tokens" if packed and t.max_tokens_per_batch else ""))
+        result = trainer_mod.fit(module, task, t, run_dir=run_dir, resume=resume, seed=seed,
+                                 mixed_precision=mixed, log=log)
+        self.model.eval()
+        if self._should_merge():
+            self._merge(log)
+        return result
+
+    def _train_groups(self, rows: TokenizedRows, epoch: int, seed: int, size: int) -> list[list[int]]:
+        t = self.config.trainer
+        return batching.epoch_groups(rows, epoch, seed, packed=t.packing, rows_per_batch=size,
+                                     max_tokens=t.max_tokens_per_batch if t.packing else None,
+                                     shuffle=t.should_shuffle)
+
+    def _loss_metrics(self, module: torch.nn.Module, rows: TokenizedRows) -> dict:
+        loss, n, correct = self._score(rows, module)
+        name = self.output.name
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(n, 1)}
+        return {name: metrics, "combined": {"loss": loss}}
+
+    def _score(self, rows: TokenizedRows, module: Optional[torch.nn.Module] = None) -> tuple[float, int, int]:
+        module = module if module is not None else TargetLoss(self.model)
+        was = module.training
+        module.eval()
+        total = count = correct = 0
+        t = self.config.trainer
+        try:
+            for g in batching.eval_groups(rows, self._batch_size(eval_=True),
+                                          t.max_tokens_per_batch if t.packing else None):
+                b = batching.make_batch(rows, g, packed=t.packing, train_on_inputs=False,
+                                        pad_id=self.tokenizer.pad_token_id)
+                s, n, c = module.score(b)
+                total, count, correct = total + s, count + n, correct + c
+        finally:
+            module.train(was)
+        return total / max(count, 1), count, correct
+
+    # ------------------------------------------------------------------------------------------- merging
+    def _should_merge(self) -> bool:
+        a = self.config.adapter
+        return a is not None and a.postprocessor.merge_adapter_into_base_model and self.weights_kind == "adapter"
+
+    @torch.no_grad()
+    def _merge(self, log=print) -> None:
+        """merge_and_unload, then check the merged model's logits equal the adapter model's on a probe."""
+        probe = self.tokenizer(["The quick brown fox jumps over the lazy dog.", "Hello"], return_tensors="pt",
+                               padding=True)
+        device = next(self.model.parameters()).device
+        probe = {k: v.to(device) for k, v in probe.items()}
+        self.model.eval()
+        before = self.model(**probe).logits.float()
+        merged = self.model.merge_and_unload()
+        merged.eval()
+        after = merged(**probe).logits.float()
+        mask = probe["attention_mask"].bool()
+        diff = (before - after).abs()[mask].max().item()
+        scale = before[mask].abs().max().item()
+        tol = 1e-3 if merged.dtype == torch.float32 else 3e-2
+        if not diff <= tol * max(1.0, scale):
+            raise RuntimeError(f"merged model's logits differ from the adapter model's by {diff:.3g} "
+                               f"(tolerance {tol * max(1.0, scale):.3g}); refusing to save a wrong merge")
+        log(f"adapter merged into the base model (max logit difference {diff:.2e})")
+        self.model = merged
+        self.weights_kind = "merged"
+
+    # ------------------------------------------------------------------------------------------ inference
+    def _generation_config(self, **overrides):
+        base = getattr(causal_lm_of(self.model), "generation_config", None)
+        return hf_generation_config(self.config.generation, self.tokenizer, base=base, **overrides)
+
+    def _generate_records(self, records: list[dict], batch_size: Optional[int]) -> list[str]:
+        rows = self._tokenize(records, with_targets=False)
+        return generate_ids(self.model, self.tokenizer, rows.ids, self._generation_config(),
+                            batch_size=batch_size or self._batch_size(eval_=True))
+
+    def generate(self, prompts: list[str], **generation_overrides) -> list[str]:
+        """Continue raw prompts (no prompt.template; the chat template is applied when the model uses one)."""
+        self._ensure_base()
+        batch_size = generation_overrides.pop("batch_size", None)
+        if self.builder.use_chat:
+            texts = [self.tokenizer.apply_chat_template(
+                ([{"role": "system", "content": self.config.prompt.system_prompt}] if self.config.prompt.system_prompt
+                 else []) + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts]
+        else:
+            texts = list(prompts)
+        ids = self.tokenizer(texts, add_special_tokens=self.builder.add_special_tokens)["input_ids"]
+        return generate_ids(self.model, self.tokenizer, ids, self._generation_config(**generation_overrides),
+                            batch_size=batch_size or self._batch_size(eval_=True))
+
+    def predict(self, df: pd.DataFrame, batch_size: Optional[int] = None) -> pd.DataFrame:
+        self._ensure_base()
+        records = self._records(df, need_output=False)
+        texts = self._generate_records(records, batch_size)
+        name = self.output.name
+        out = pd.DataFrame(index=df.index)
+        if self.output.type == "category":
+            labels = [extract_label(t, self.labels, self.output.match, self.output.fallback_label) for t in texts]
+            out[f"{name}_predictions"] = labels
+            out[f"{name}_response"] = texts
+        else:
+            out[f"{name}_predictions"] = texts
+        return out
+
+    def evaluate(self, df: pd.DataFrame, batch_size: Optional[int] = None) -> tuple[dict, pd.DataFrame]:
+        self._ensure_base()
+        records = self._records(df, need_output=True)
+        if not records:
+            raise DataError("evaluate: the data set has no rows")
+        predictions = self.predict(df, batch_size=batch_size)
+        name = self.output.name
+        rows = self._tokenize(records, with_targets=True)
+        loss, n, correct = self._score(rows)
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(n, 1)}
+        truth = [r.get(self.output_column) for r in records]
+        if self.output.type == "category":
+            labels = self.labels or sorted({str(x) for x in truth})
+            metrics.update(category_scores([str(x) for x in truth], list(predictions[f"{name}_predictions"]),
+                                           labels, top_k=self.output.top_k))
+        else:
+            metrics.update(text_scores(list(predictions[f"{name}_predictions"]), ["" if x is None else str(x)
+                                                                                   for x in truth]))
+        return {name: metrics, "combined": {"loss": loss}}, predictions
+
+    # ---------------------------------------------------------------------------------------- save/load
+    def save(self, model_dir: Path) -> None:
+        model_dir = Path(model_dir)
+        self._ensure_base()
+        weights = model_dir / LLM_WEIGHTS
+        weights.mkdir(parents=True, exist_ok=True)
+        if self.weights_kind in ("adapter", "merged", "full"):
+            self.model.save_pretrained(weights, safe_serialization=True)
+        self.tokenizer.save_pretrained(weights)
+        self._generation_config().save_pretrained(weights)
+        if self.retriever is not None:
+            write_json(model_dir / RETRIEVAL_FILE, self.retriever.examples)
+        write_json(model_dir / METADATA_FILE, {
+            "model_type": "llm", "base_model": self.config.base_model, "weights": self.weights_kind,
+            "prompt": self.builder.metadata(), "labels": self.labels, "truncated_rows": self.truncated_rows,
+            "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
+            "global_max_sequence_length": self.config.preprocessing.global_max_sequence_length,
+        })
+
+    @classmethod
+    def load(cls, model_dir: Path, config: CadenzaConfig) -> "LlmModel":
+        model_dir = Path(model_dir)
+        meta_path, weights = model_dir / METADATA_FILE, model_dir / LLM_WEIGHTS
+        if not meta_path.is_file() or not weights.is_dir():
+            raise ModelFolderError(f"{model_dir} is not an llm model folder (needs {METADATA_FILE} and {LLM_WEIGHTS}/)")
+        meta = read_json(meta_path)
+        self = cls(config)
+        self.labels, self.weights_kind = list(meta.get("labels") or []), meta.get("weights", "base")
+        self.truncated_rows = meta.get("truncated_rows", 0)
+        trust = config.trust_remote_code
+        if self.weights_kind in ("merged", "full"):
+            self.tokenizer = load_tokenizer(str(weights), trust)
+            self.model = load_causal_lm(str(weights), dtype=default_dtype(), trust_remote_code=trust)
+        else:
+            source = plain_model_dir(config.base_model, str(self._cache()))
+            self.tokenizer = load_tokenizer(str(weights), trust)
+            self.model = load_causal_lm(source, dtype=default_dtype(), trust_remote_code=trust,
+                                        quantization=config.quantization)
+            if self.weights_kind == "adapter":
+                import peft
+
+                self.model = peft.PeftModel.from_pretrained(self.model, str(weights), is_trainable=False)
+        fix_special_tokens(self.tokenizer)
+        if torch.cuda.is_available() and config.quantization is None:
+            self.model.to("cuda")
+        self.model.eval()
+        self._ensure_builder()
+        if (model_dir / RETRIEVAL_FILE).is_file() and config.prompt.retrieval.type:
+            examples = read_json(model_dir / RETRIEVAL_FILE)
+            r = config.prompt.retrieval
+            texts = [self.builder.user_text(x) for x in examples]
+            self.retriever = Retriever(r.type, r.k, examples, texts, model_name=r.model_name)
+        return self
+
+
+def _adapter_folder(path: str) -> Path:
+    """Accept an adapter folder, a Cadenza model folder or a run folder for adapter.pretrained_adapter_weights."""
+    p = Path(path)
+    for candidate in (p, p / LLM_WEIGHTS, p / "model" / LLM_WEIGHTS):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ModelFolderError(f"adapter.pretrained_adapter_weights: no adapter_config.json in {p}, {p / LLM_WEIGHTS} "
+                           f"or {p / 'model' / LLM_WEIGHTS}")
