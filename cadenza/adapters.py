@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import peft
 import torch
+
+if TYPE_CHECKING:
+    import peft
 
 from .schema import AdaloraConfig, IA3Config, LohaConfig, LokrConfig, LoraConfig, OftConfig, VeraConfig
 
 
-def peft_config(adapter, task_type: Optional[str], total_steps: Optional[int] = None) -> peft.PeftConfig:
+def peft_config(adapter, task_type: Optional[str], total_steps: Optional[int] = None) -> "peft.PeftConfig":
     """The PEFT config object for one of our adapter sections. task_type: "CAUSAL_LM" or None (a bare encoder)."""
+    import peft  # takes seconds to import: only when an adapter is used
+
     common = {"target_modules": adapter.target_modules, "task_type": task_type}
     if isinstance(adapter, AdaloraConfig):
         return peft.AdaLoraConfig(
@@ -40,8 +44,10 @@ def peft_config(adapter, task_type: Optional[str], total_steps: Optional[int] = 
 
 
 def apply_adapter(model: torch.nn.Module, adapter, task_type: Optional[str],
-                  total_steps: Optional[int] = None) -> peft.PeftModel:
+                  total_steps: Optional[int] = None) -> "peft.PeftModel":
     """Wrap `model` with a trainable adapter, or load `pretrained_adapter_weights` to continue training it."""
+    import peft
+
     if adapter.pretrained_adapter_weights:
         return peft.PeftModel.from_pretrained(model, adapter.pretrained_adapter_weights, is_trainable=True)
     return peft.get_peft_model(model, peft_config(adapter, task_type, total_steps))
