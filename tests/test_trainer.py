@@ -1,0 +1,61 @@
+"""The shared training loop on a small linear model: exact accumulation, early stopping, schedules."""
+
+import torch
+
+from cadenza.schema import TrainerConfig
+from cadenza.trainer import TrainTask, _lr_lambda, fit
+
+
+def data(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g), torch.randn(n, generator=g)
+
+
+def task_for(batches, evaluate=None):
+    def loss_sum(model, batch):
+        x, y = batch
+        return ((model(x).squeeze(-1) - y) ** 2).sum()
+
+    return TrainTask(batches=lambda epoch: iter(batches), num_batches=len(batches), weight=lambda b: len(b[1]),
+                     loss_sum=loss_sum, evaluate=evaluate)
+
+
+def fresh_model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 1)
+
+
+def test_accumulation_of_uneven_micro_batches_equals_one_big_batch():
+    x, y = data()
+    cfg = dict(epochs=1, learning_rate=0.1, optimizer={"type": "sgd"}, gradient_clipping={"clipglobalnorm": None},
+               early_stop=-1, checkpoints_per_epoch=0)
+    big = fresh_model()
+    fit(big, task_for([(x, y)]), TrainerConfig(**cfg), log=lambda _: None)
+    # 9 rows then 3 rows: a mean of per-batch means would weight the 3 rows three times as much
+    small = fresh_model()
+    fit(small, task_for([(x[:9], y[:9]), (x[9:], y[9:])]),
+        TrainerConfig(**cfg, gradient_accumulation_steps=2), log=lambda _: None)
+    torch.testing.assert_close(small.weight, big.weight)
+    torch.testing.assert_close(small.bias, big.bias)
+
+
+def test_early_stopping_keeps_the_best_weights():
+    x, y = data()
+    seen = []
+
+    def evaluate(model):
+        seen.append(model.weight.detach().clone())
+        return {"combined": {"loss": [1.0, 0.5, 0.7, 0.9, 0.95, 0.99][len(seen) - 1]}}
+
+    model = fresh_model()
+    result = fit(model, task_for([(x, y)], evaluate), TrainerConfig(epochs=6, early_stop=2, learning_rate=0.1,
+                                                                    checkpoints_per_epoch=0), log=lambda _: None)
+    assert result.stopped_early and len(seen) == 4 and result.best_epoch == 2
+    torch.testing.assert_close(model.weight, seen[1])
+
+
+def test_warmup_then_linear_and_cosine_decay():
+    linear = _lr_lambda(TrainerConfig(learning_rate_scheduler={"decay": "linear", "warmup_fraction": 0.1}), 100, 10)
+    assert linear(0) == 0.1 and linear(9) == 1.0 and abs(linear(55) - 0.5) < 1e-9 and linear(100) == 0.0
+    cosine = _lr_lambda(TrainerConfig(learning_rate_scheduler={"decay": "cosine", "min_lr_fraction": 0.1}), 100, 10)
+    assert cosine(0) == 1.0 and abs(cosine(50) - 0.55) < 1e-9 and abs(cosine(100) - 0.1) < 1e-9
