@@ -35,6 +35,9 @@ from .errors import CadenzaError, ModelFolderError
 
 CARD = "README.md"
 CADENZA_FILES = (MODEL_INFO, CONFIG_FILE, METADATA_FILE)
+# the files an llm model folder keeps beside model_weights/ (few-shot examples: cadenza.llm.model.RETRIEVAL_FILE);
+# on the Hub they share the root with the weights folder's files, so download sorts them back by name
+LLM_ROOT_FILES = (*CADENZA_FILES, "retrieval_examples.json")
 RUN_FILES = ("training_statistics.json", "test_statistics.json", "description.json")
 # pickled weights can run code when loaded; Cadenza writes and publishes safetensors only
 UNSAFE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -134,6 +137,9 @@ def inspect_model_folder(model_path: Union[str, Path]) -> ModelFolder:
     folder = ModelFolder(model_dir=model_dir, run_dir=_run_dir(model_dir), info=info, config=config,
                          metadata=metadata, model_type=model_type, llm_kind=None)
     if model_type == "llm":
+        if metadata.get("weights") == "base":
+            raise ModelFolderError(f"{model_dir} holds no trained weights (the llm was not fine-tuned, e.g. "
+                                   "trainer: none): there is nothing to publish beyond the base model and the config")
         folder.llm_kind = _check_llm_weights(model_dir / LLM_WEIGHTS)
     elif model_type == "ecd":
         _check_safetensors(model_dir / ECD_WEIGHTS, "ecd weights")
@@ -262,7 +268,7 @@ def _repo_files(model_dir: Path, model_type: str) -> tuple[dict[str, Path], list
                 if str(rel) == CARD:  # PEFT's boilerplate card; ours replaces it
                     skipped.append(f"{LLM_WEIGHTS}/{CARD}")
                     continue
-            elif str(rel) not in CADENZA_FILES:
+            elif str(rel) not in LLM_ROOT_FILES:
                 skipped.append(str(rel))
                 continue
         key = str(rel)
@@ -482,7 +488,7 @@ def _rebuild(snapshot: Path, target: Path, repo_id: str) -> None:
         rel = path.relative_to(snapshot)
         if rel.as_posix() in (CARD, ".gitattributes"):
             continue
-        if model_type == "llm" and rel.as_posix() not in CADENZA_FILES:
+        if model_type == "llm" and rel.as_posix() not in LLM_ROOT_FILES:
             rel = Path(LLM_WEIGHTS) / rel
         _link_or_copy(path, target / rel)
 

@@ -235,6 +235,27 @@ def remote_train_ecd(output_directory: str, bert_dir: str) -> str:
     return str(out.run_dir)
 
 
+LLM_ROWS = [{"question": f"what comes after {i}", "answer": str(i + 1)} for i in range(16)]
+
+
+def remote_train_llm(output_directory: str, base_dir: str, kind: str) -> str:
+    """A real Cadenza llm run on the tiny Llama: a LoRA adapter, the adapter merged, or full fine-tuning."""
+    import pandas as pd
+
+    from cadenza import Model
+
+    config = {"model_type": "llm", "base_model": base_dir,
+              "input_features": [{"name": "question", "type": "text"}],
+              "output_features": [{"name": "answer", "type": "text"}],
+              "prompt": {"template": "Q: {question}\nA:"}, "generation": {"max_new_tokens": 3},
+              "trainer": {"type": "finetune", "epochs": 1, "batch_size": 8, "learning_rate": 0.05}}
+    if kind != "full":
+        config["adapter"] = {"type": "lora", "r": 4,
+                             "postprocessor": {"merge_adapter_into_base_model": kind == "merged"}}
+    out = Model(config, log=lambda _: None).train(pd.DataFrame(LLM_ROWS), output_directory=output_directory)
+    return str(out.run_dir)
+
+
 def remote_causal_lm_logits(source: str, base: Optional[str] = None, text: str = "Q: What is Cadenza?\nA:") -> dict:
     """Logits of a causal LM loaded with plain transformers (and PEFT when `base` is given), from a local
     folder or a Hub repo id, plus its tokenizer's ids for `text` (the tokenizer comes from `source` too)."""

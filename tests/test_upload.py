@@ -354,3 +354,35 @@ def test_trained_ecd_model_from_the_hub_predicts_the_same(client, hub, tiny_bert
     local = client.call("remote_cadenza_predict", str(run), rows)
     remote = client.call("remote_cadenza_predict", repo, rows, from_hub=True)
     assert remote == local
+
+
+@pytest.mark.parametrize("kind", ["adapter", "merged", "full"])
+def test_trained_llm_from_the_hub_loads_with_transformers_and_cadenza(kind, client, hub, tiny_llama_dir, tmp_path):
+    run = Path(client.call("remote_train_llm", str(tmp_path / "results"), str(tiny_llama_dir), kind))
+    local = run / "model" / "model_weights"
+    repo = f"{ORG}/trained-llm-{kind}"
+    client.call(UPLOAD, repo, str(run), token=ALICE_TOKEN)
+    card = hub.files(repo)["README.md"].decode()
+    assert front_matter(card)["library_name"] == ("peft" if kind == "adapter" else "transformers")
+
+    base = str(tiny_llama_dir) if kind == "adapter" else None
+    expected = client.call("remote_causal_lm_logits", str(local), base=base)
+    got = client.call("remote_causal_lm_logits", repo, base=base)
+    assert got["ids"] == expected["ids"] and _max_diff(got["logits"], expected["logits"]) < 1e-5
+    if kind != "adapter":  # a merged or fully trained model is not the base model any more
+        base_only = client.call("remote_causal_lm_logits", str(tiny_llama_dir))
+        assert _max_diff(base_only["logits"], expected["logits"]) > 1e-4
+
+    rows = [{"question": "what comes after 3"}, {"question": "what comes after 7"}]
+    assert client.call("remote_cadenza_predict", repo, rows, from_hub=True) == \
+        client.call("remote_cadenza_predict", str(run), rows)
+    downloaded = Path(client.call(DOWNLOAD, repo))
+    assert folder_hashes(downloaded) == {k: v for k, v in folder_hashes(run / "model").items()
+                                         if k != "model_weights/README.md"}
+
+
+def test_untrained_llm_has_nothing_to_publish(built, tmp_path):
+    model = copy_model(built["full"], tmp_path / "run") / "model"
+    (model / "training_set_metadata.json").write_text(json.dumps({"weights": "base"}))
+    with pytest.raises(ModelFolderError, match="not fine-tuned"):
+        plan_upload("alice/m", model)
