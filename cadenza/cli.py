@@ -130,12 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_render_config)
 
-    try:
-        from .upload import register_cli
-    except ImportError:  # the upload module is optional at this point of the build
-        register_cli = None
-    if register_cli:
-        register_cli(sub)
+    from .upload import register_cli
+
+    register_cli(sub)
     return parser
 
 
