@@ -177,43 +177,6 @@ def test_known_base_model_gets_hub_id_and_license(built, tmp_path):
 
 
 # ============================================================================================= round trips
-def test_llm_adapter_round_trip(client, hub, built, tiny_llama_dir):
-    repo = f"{ORG}/tiny-adapter"
-    before = folder_hashes(built["adapter"])
-    url = client.call(UPLOAD, repo, str(built["adapter"]), token=ALICE_TOKEN, commit_message="first")
-    assert url.startswith(hub.url) and "/commit/" in url
-    assert folder_hashes(built["adapter"]) == before
-    stored = hub.files(repo)
-    assert set(stored) >= {"adapter_config.json", "adapter_model.safetensors", "README.md"} | CADENZA_FILES
-    local = built["adapter"] / "model" / "model_weights"
-    assert stored["adapter_model.safetensors"] == (local / "adapter_model.safetensors").read_bytes()
-
-    # plain PEFT on the Hub repo id, through HF_ENDPOINT, gives the local adapter's logits
-    expected = client.call("remote_causal_lm_logits", str(local), base=str(tiny_llama_dir))
-    got = client.call("remote_causal_lm_logits", repo, base=str(tiny_llama_dir))
-    base_only = client.call("remote_causal_lm_logits", str(tiny_llama_dir))
-    assert got["ids"] == expected["ids"]
-    assert _max_diff(got["logits"], expected["logits"]) < 1e-5
-    assert _max_diff(base_only["logits"], expected["logits"]) > 1e-3  # the adapter matters
-
-    # and it comes back as the same Cadenza model folder
-    folder = Path(client.call(DOWNLOAD, repo))
-    assert folder_hashes(folder) == {k[len("model/"):]: v for k, v in before.items()
-                                     if k.startswith("model/") and not k.endswith("model_weights/README.md")}
-
-
-def test_full_llm_round_trip(client, hub, built):
-    repo = f"{ORG}/tiny-full"
-    client.call(UPLOAD, repo, str(built["full"] / "model"), token=ALICE_TOKEN)
-    local = built["full"] / "model" / "model_weights"
-    expected = client.call("remote_causal_lm_logits", str(local))
-    got = client.call("remote_causal_lm_logits", repo)
-    assert _max_diff(got["logits"], expected["logits"]) < 1e-5
-    folder = Path(client.call(DOWNLOAD, repo))
-    assert (folder / "model_weights" / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
-    assert (folder / "cadenza_model.json").is_file() and not (folder / "README.md").exists()
-
-
 def test_ecd_round_trip_restores_the_folder(client, hub, built):
     repo = f"{ORG}/tiny-ecd"
     client.call(UPLOAD, repo, str(built["ecd"]), token=ALICE_TOKEN)
@@ -361,17 +324,23 @@ def test_trained_llm_from_the_hub_loads_with_transformers_and_cadenza(kind, clie
     run = Path(client.call("remote_train_llm", str(tmp_path / "results"), str(tiny_llama_dir), kind))
     local = run / "model" / "model_weights"
     repo = f"{ORG}/trained-llm-{kind}"
-    client.call(UPLOAD, repo, str(run), token=ALICE_TOKEN)
-    card = hub.files(repo)["README.md"].decode()
-    assert front_matter(card)["library_name"] == ("peft" if kind == "adapter" else "transformers")
+    before = folder_hashes(run)
+    url = client.call(UPLOAD, repo, str(run), token=ALICE_TOKEN)
+    assert url.startswith(hub.url) and "/commit/" in url
+    assert folder_hashes(run) == before  # the local folder is only read
+    stored = hub.files(repo)
+    weights = "adapter_model.safetensors" if kind == "adapter" else "model.safetensors"
+    assert stored[weights] == (local / weights).read_bytes()
+    assert {"tokenizer.json", "generation_config.json", "README.md"} | CADENZA_FILES <= set(stored)
+    assert not any(p.startswith(("model_weights/", "checkpoint")) for p in stored)
+    assert front_matter(stored["README.md"].decode())["library_name"] == ("peft" if kind == "adapter" else "transformers")
 
     base = str(tiny_llama_dir) if kind == "adapter" else None
     expected = client.call("remote_causal_lm_logits", str(local), base=base)
     got = client.call("remote_causal_lm_logits", repo, base=base)
     assert got["ids"] == expected["ids"] and _max_diff(got["logits"], expected["logits"]) < 1e-5
-    if kind != "adapter":  # a merged or fully trained model is not the base model any more
-        base_only = client.call("remote_causal_lm_logits", str(tiny_llama_dir))
-        assert _max_diff(base_only["logits"], expected["logits"]) > 1e-4
+    base_only = client.call("remote_causal_lm_logits", str(tiny_llama_dir))
+    assert _max_diff(base_only["logits"], expected["logits"]) > 1e-4  # training changed the model: not trivial
 
     rows = [{"question": "what comes after 3"}, {"question": "what comes after 7"}]
     assert client.call("remote_cadenza_predict", repo, rows, from_hub=True) == \
