@@ -44,13 +44,18 @@ class HubClient:
     def __init__(self, endpoint: str, home: Path, python: str = sys.executable):
         home.mkdir(parents=True, exist_ok=True)
         self.log_path = home / "client.log"
-        env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+        self.env = env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
         env.update(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0", HF_HOME=str(home / "hf"),
                    HF_HUB_DISABLE_TELEMETRY="1", CADENZA_CACHE_DIR=str(home / "cadenza-cache"),
                    NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONUNBUFFERED="1")
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen([python, __file__, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log, env=env, cwd=Path(__file__).resolve().parents[1])
+
+    def run_command(self, argv: list[str], **env: str) -> subprocess.CompletedProcess:
+        """A command (e.g. the `cadenza` CLI) in the same environment as the client process."""
+        return subprocess.run(argv, env={**self.env, **env}, capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parents[1])
 
     def call(self, fn: str, *args, env: Optional[dict] = None, **kwargs) -> Any:
         """env: variables set (value) or removed (None) for this call only."""

@@ -295,6 +295,22 @@ def test_cli_upload(client, hub, built):
     assert hub.repo(repo).private and head.message == "from the CLI" and head.description == "a description"
 
 
+def test_cadenza_command(client, hub, built):
+    """The installed `cadenza` command wires `upload` in; its output names the commit and never the token."""
+    import sys
+
+    repo = f"{ORG}/from-command"
+    done = client.run_command([sys.executable, "-m", "cadenza", "upload", "hf_hub", "-r", repo,
+                               "-m", str(built["adapter"] / "model")], HF_TOKEN=ALICE_TOKEN)
+    assert done.returncode == 0, done.stderr
+    assert f"{hub.url}/{repo}/commit/" in done.stdout and "adapter_config.json" in hub.files(repo)
+    failed = client.run_command([sys.executable, "-m", "cadenza", "upload", "hf_hub", "-r", repo,
+                                 "-m", str(built["adapter"])], HF_TOKEN=BOB_TOKEN)
+    assert failed.returncode != 0 and "HTTP 403" in failed.stderr + failed.stdout
+    for output in (done.stdout + done.stderr, failed.stdout + failed.stderr):
+        assert ALICE_TOKEN not in output and BOB_TOKEN not in output
+
+
 def test_the_token_never_leaves(client, hub):
     """Runs last in this module: nothing uploaded or printed by any test above contains a token."""
     for token in (ALICE_TOKEN, BOB_TOKEN):
