@@ -290,16 +290,34 @@ class UploadPlan:
     repo_id: str
     folder: ModelFolder
     card: str
+    rewritten: dict[str, bytes] = field(default_factory=dict)  # files published with changed content
 
     def operations_content(self) -> dict[str, Union[Path, bytes]]:
-        return {**self.folder.files, CARD: self.card.encode()}
+        return {**self.folder.files, **self.rewritten, CARD: self.card.encode()}
 
 
 def plan_upload(repo_id: str, model_path: Union[str, Path]) -> UploadPlan:
     """Everything about an upload that needs no network: checks, the file list and the model card."""
     check_repo_id(repo_id)
     folder = inspect_model_folder(model_path)
-    return UploadPlan(repo_id=repo_id, folder=folder, card=model_card.render_card(_card_inputs(repo_id, folder)))
+    return UploadPlan(repo_id=repo_id, folder=folder, card=model_card.render_card(_card_inputs(repo_id, folder)),
+                      rewritten=_published_adapter_config(folder))
+
+
+def _published_adapter_config(folder: ModelFolder) -> dict[str, bytes]:
+    """PEFT records the base model as the path it was loaded from; for a packaged base (e.g. `smollm2`, loaded
+    from a converted copy in the cache) that is a local path, useless elsewhere. The published copy names the
+    Hub model instead, so `AutoPeftModelForCausalLM.from_pretrained(repo)` works. Cadenza itself loads the base
+    from the config, so the change does not affect `Model.from_pretrained`."""
+    if folder.llm_kind != "adapter":
+        return {}
+    hub_id, _, _ = model_card.base_model_reference(folder.config.get("base_model"))
+    path = folder.files.get("adapter_config.json")
+    adapter = _read_json(path) if path else {}
+    recorded = adapter.get("base_model_name_or_path")
+    if not hub_id or not recorded or recorded == hub_id or not Path(recorded).is_absolute():
+        return {}
+    return {"adapter_config.json": (json.dumps({**adapter, "base_model_name_or_path": hub_id}, indent=2) + "\n").encode()}
 
 
 def _card_inputs(repo_id: str, folder: ModelFolder) -> model_card.CardInputs:

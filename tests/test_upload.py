@@ -168,12 +168,21 @@ def test_full_llm_and_ecd_cards(built):
     assert "`fresh`, `rotten`" in ecd.card
 
 
-def test_known_base_model_gets_hub_id_and_license(built, tmp_path):
+def test_packaged_base_model_is_published_by_its_hub_id(built, tmp_path):
     run = copy_model(built["adapter"], tmp_path / "run")
     config_path = run / "model" / "model_hyperparameters.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model": "smollm2"}))
-    meta = front_matter(plan_upload("alice/x", run).card)
-    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
+    plan = plan_upload("alice/x", run)
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    meta = front_matter(plan.card)
+    assert meta["base_model"] == hub_id and meta["license"] == "apache-2.0"
+    assert f'AutoModelForCausalLM.from_pretrained("{hub_id}")' in plan.card
+    # the local path PEFT recorded is replaced in the published adapter_config.json only
+    published = json.loads(plan.operations_content()["adapter_config.json"])
+    local = json.loads((run / "model" / "model_weights" / "adapter_config.json").read_text())
+    assert published["base_model_name_or_path"] == hub_id and Path(local["base_model_name_or_path"]).is_absolute()
+    assert {k: v for k, v in published.items() if k != "base_model_name_or_path"} == \
+        {k: v for k, v in local.items() if k != "base_model_name_or_path"}
 
 
 # ============================================================================================= round trips
