@@ -338,10 +338,21 @@ def _refuse_secret(plan: UploadPlan, token: str) -> None:
     """Defence in depth: a token pasted into a config or prompt must not be published."""
     needle = token.encode()
     for path_in_repo, content in plan.operations_content().items():
-        data = content if isinstance(content, bytes) else Path(content).read_bytes()
-        if needle in data:
+        found = needle in content if isinstance(content, bytes) else _file_contains(Path(content), needle)
+        if found:
             raise HubError(f"refusing to upload: {path_in_repo} contains your Hugging Face token; remove it from "
                            "the model folder (and revoke the token if it was shared)")
+
+
+def _file_contains(path: Path, needle: bytes, chunk: int = 1 << 23) -> bool:
+    """Chunked, so multi-GB weight shards are scanned without loading them whole."""
+    tail = b""
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            if needle in tail + block:
+                return True
+            tail = (tail + block)[-(len(needle) - 1):] if len(needle) > 1 else b""
+    return False
 
 
 # ============================================================================================== network

@@ -134,6 +134,16 @@ def test_token_found_in_a_file_is_not_uploaded(client, built, hub, tmp_path):
     assert hub.requests == []
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_token_scan_finds_it_across_read_boundaries(chunk, tmp_path):
+    from cadenza.upload import _file_contains
+
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"x" * 10 + ALICE_TOKEN.encode() + b"y" * 5)
+    assert _file_contains(path, ALICE_TOKEN.encode(), chunk=chunk)
+    assert not _file_contains(path, BOB_TOKEN.encode(), chunk=chunk)
+
+
 # ==================================================================================== layout and model card
 def test_llm_adapter_layout_and_card(built):
     plan = plan_upload(f"{ORG}/tiny-adapter", built["adapter"])
