@@ -461,17 +461,18 @@ def _remote_files(api, repo_id: str, repo_type: str, revision: str) -> list[str]
 # ============================================================================================== download
 def download_model(repo_id: str, *, revision: Optional[str] = None, token: Optional[str] = None,
                    cache_dir: Optional[Union[str, Path]] = None, trust_remote_code: bool = False,
-                   log: Callable[[str], None] = _say) -> Path:
+                   repo_type: str = "model", log: Callable[[str], None] = _say) -> Path:
     """Download a Cadenza repo and rebuild the model folder that `Model.load` takes; returns its path.
 
     The Hub snapshot goes into huggingface_hub's cache (or `cache_dir`); the model folder is built next to it
     once per commit, from hard links when the file system allows (no second copy of the weights).
     trust_remote_code: accept a config that asks to run model code from the Hub (only for repos you trust)."""
     check_repo_id(repo_id)
-    snapshot = _snapshot(repo_id, revision, token, cache_dir)
+    check_repo_type(repo_type)
+    snapshot = _snapshot(repo_id, revision, token, cache_dir, repo_type)
     commit = snapshot.name
     root = Path(cache_dir) / "cadenza-models" if cache_dir else _cadenza_cache() / "hub-models"
-    final = root / repo_id.replace("/", "--") / commit / MODEL_DIR
+    final = root / f"{repo_type}s--{repo_id.replace('/', '--')}" / commit / MODEL_DIR
     if not (final / MODEL_INFO).is_file():
         with atomic_dir(final) as tmp:
             _rebuild(snapshot, tmp, repo_id)
@@ -497,11 +498,11 @@ def _cadenza_cache() -> Path:
     return Path(os.environ.get("CADENZA_CACHE_DIR") or Path.home() / ".cache" / "cadenza")
 
 
-def _snapshot(repo_id: str, revision: Optional[str], token: Optional[str], cache_dir) -> Path:
+def _snapshot(repo_id: str, revision: Optional[str], token: Optional[str], cache_dir, repo_type: str) -> Path:
     from huggingface_hub import snapshot_download
 
     with _hub_call("downloading", repo_id):
-        path = snapshot_download(repo_id, revision=revision, token=token, endpoint=endpoint(),
+        path = snapshot_download(repo_id, revision=revision, token=token, endpoint=endpoint(), repo_type=repo_type,
                                  cache_dir=str(cache_dir) if cache_dir else None)
     return Path(path)
 

@@ -239,6 +239,14 @@ def test_config_asking_for_remote_code_is_refused_on_download(client, hub, built
     assert Path(client.call(DOWNLOAD, repo, trust_remote_code=True)).is_dir()
 
 
+def test_dataset_repo_type(client, hub, built):
+    repo = f"{ORG}/as-dataset"
+    client.call(UPLOAD, repo, str(built["ecd"]), token=ALICE_TOKEN, repo_type="dataset")
+    assert "model_weights.safetensors" in hub.files(repo, repo_type="dataset")
+    folder = Path(client.call(DOWNLOAD, repo, repo_type="dataset", token=ALICE_TOKEN))
+    assert folder_hashes(folder) == folder_hashes(built["ecd"] / "model")
+
+
 def test_branch_and_pull_request(client, hub, built):
     repo = f"{ORG}/branches"
     client.call(UPLOAD, repo, str(built["ecd"]), token=ALICE_TOKEN)
