@@ -20,7 +20,7 @@ from .artifacts import (CONFIG_FILE, FORMAT_VERSION, MODEL_DIR, MODEL_INFO, atom
 from .config import ConfigSource, load_config
 from .data import DatasetSource, check_not_empty, read_dataset, sample, split_dataset
 from .errors import CadenzaError, ModelFolderError
-from .trainer import CHECKPOINT
+from .trainer import CHECKPOINT, process_state
 
 
 @dataclass
@@ -46,6 +46,15 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+def _from_main_process(value, dist):
+    """The main process's value on every process (a no-op when there is one process)."""
+    if dist.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 class Model:
     """A Cadenza model: a config plus, once trained or loaded, its weights and preprocessing metadata."""
 
@@ -63,23 +72,32 @@ class Model:
               skip_save_model: bool = False) -> TrainOutput:
         """Train on `dataset` (split by preprocessing.split) or on explicit training/validation/test sets.
         resume: True continues the newest interrupted run of this experiment/model name; a path names the run."""
-        splits = self._splits(dataset, training_set, validation_set, test_set, random_seed)
+        dist = process_state()
+        log = self.log if dist.is_main_process else (lambda _: None)
+        splits = self._splits(dataset, training_set, validation_set, test_set, random_seed, log)
         self._splits_used = splits
-        run_dir = self._run_dir(output_directory, experiment_name, model_name, resume)
-        self.log(f"run folder: {run_dir}")
-        write_json(run_dir / "description.json", self._description(splits, random_seed))
+        # under `accelerate launch` every process trains; the main one alone names and writes the run folder
+        run_dir = None
+        if dist.is_main_process:
+            run_dir = self._run_dir(output_directory, experiment_name, model_name, resume)
+            log(f"run folder: {run_dir}")
+            write_json(run_dir / "description.json", self._description(splits, random_seed))
+        run_dir = _from_main_process(run_dir, dist)
         started = time.perf_counter()
-        result = self.model.fit(splits, run_dir=run_dir, resume=bool(resume), seed=random_seed, log=self.log)
+        result = self.model.fit(splits, run_dir=run_dir, resume=bool(resume), seed=random_seed, log=log)
         statistics = {**result.statistics, "best_epoch": result.best_epoch, "steps": result.steps,
                       "throughput": result.throughput, "seconds": time.perf_counter() - started}
-        write_json(run_dir / "training_statistics.json", statistics)
-        model_dir = None
-        if not skip_save_model:
-            model_dir = self.save(run_dir / MODEL_DIR)
-        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # finished: nothing left to resume
+        model_dir = None if skip_save_model else run_dir / MODEL_DIR
+        if dist.is_main_process:
+            write_json(run_dir / "training_statistics.json", statistics)
+            if model_dir is not None:
+                self.save(model_dir)
+            shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # finished: nothing left to resume
+        dist.wait_for_everyone()
         return TrainOutput(statistics, run_dir, model_dir, result.throughput, result.best_epoch)
 
-    def _splits(self, dataset, training_set, validation_set, test_set, seed: int) -> dict[str, pd.DataFrame]:
+    def _splits(self, dataset, training_set, validation_set, test_set, seed: int,
+                log: Callable[[str], None]) -> dict[str, pd.DataFrame]:
         pre = self.config.preprocessing
         if dataset is not None:
             if training_set is not None:
@@ -95,7 +113,7 @@ class Model:
         else:
             raise CadenzaError("no data: pass dataset=... or training_set=...")
         check_not_empty(splits["training"], "training split")
-        self.log("rows: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+        log("rows: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
         return splits
 
     def _run_dir(self, output_directory, experiment_name, model_name, resume) -> Path:

@@ -59,6 +59,13 @@ class TrainResult:
     throughput: dict = field(default_factory=dict)
 
 
+def process_state():
+    """This process's place in a distributed run (`accelerate launch` / `torchrun`); one process otherwise."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -123,7 +130,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         while state["epoch"] < cfg.epochs and state["global_step"] < total_steps:
             epoch = state["epoch"]
             model.train()
-            groups = _groups(task.batches(epoch), accum, accelerator.process_index, world)
+            groups = _groups(task.batches(epoch), accum, accelerator.process_index, world, task.num_batches)
             bar = tqdm(total=steps_per_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
             epoch_loss = epoch_weight = 0.0
@@ -131,7 +138,8 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
             for i, group in enumerate(groups):
                 if i < state["step_in_epoch"]:
                     continue  # resumed mid-epoch: these steps were already taken
-                total = torch.tensor(float(sum(task.weight(b) for b in group)), device=accelerator.device)
+                local = float(sum(task.weight(b) for b in group))
+                total = torch.tensor(local, device=accelerator.device)
                 total = accelerator.reduce(total, "sum") if world > 1 else total
                 for j, batch in enumerate(group):
                     sync = contextlib.nullcontext() if j == len(group) - 1 else accelerator.no_sync(model)
@@ -144,7 +152,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                epoch_weight += float(total)
+                epoch_weight += local  # this rank's share: its loss sum is over these units
                 units_done += float(total)
                 state["global_step"] += 1
                 state["step_in_epoch"] = i + 1
@@ -158,9 +166,9 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
             seconds = time.perf_counter() - t0
             train_seconds += seconds
             train_stats = {"loss": epoch_loss / max(epoch_weight, 1.0), "seconds": seconds,
-                           f"{task.unit}_per_second": epoch_weight / max(seconds, 1e-9)}
+                           f"{task.unit}_per_second": epoch_weight * world / max(seconds, 1e-9)}
             if task.flops_per_unit and peak:
-                train_stats["mfu"] = task.flops_per_unit * epoch_weight / max(seconds, 1e-9) / peak
+                train_stats["mfu"] = task.flops_per_unit * epoch_weight / max(seconds, 1e-9) / peak  # per device
             result.statistics["training"].append(train_stats)
             line = f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f}, " \
                    f"{train_stats[f'{task.unit}_per_second']:.1f} {task.unit}/s"
@@ -218,11 +226,24 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-def _groups(batches: Iterable, accum: int, rank: int, world: int):
-    group = []
+def _shard(batches: Iterable, num_batches: int, rank: int, world: int):
+    """This rank's micro-batches. Every rank must take the same number of steps (or the gradient all-reduce
+    waits forever), so a rank left short re-uses one of the first batches, as Accelerate's even_batches does."""
+    head, taken = [], 0
     for k, batch in enumerate(batches):
-        if k % world != rank:
-            continue
+        if k < world:
+            head.append(batch)
+        if k % world == rank:
+            taken += 1
+            yield batch
+    while world > 1 and taken < math.ceil(num_batches / world):
+        taken += 1
+        yield head[rank % len(head)]
+
+
+def _groups(batches: Iterable, accum: int, rank: int, world: int, num_batches: int):
+    group = []
+    for batch in _shard(batches, num_batches, rank, world):
         group.append(batch)
         if len(group) == accum:
             yield group

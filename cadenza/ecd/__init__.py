@@ -15,7 +15,7 @@ from .. import metrics as M
 from ..artifacts import ECD_WEIGHTS, METADATA_FILE, read_json, write_json
 from ..data import check_not_empty, require_columns
 from ..errors import DataError, ModelFolderError
-from ..trainer import TrainResult, TrainTask, bf16_is_fast, fit, freeze_by_regex
+from ..trainer import TrainResult, TrainTask, bf16_is_fast, fit, freeze_by_regex, process_state
 from . import features as FT
 from .embed_cache import EmbeddingCache, cached_embeddings, embed_texts
 from .network import CategoryEmbedding, EcdNet, output_loss
@@ -128,7 +128,9 @@ class EcdModel:
             encoder, tokenizer = self._encoder(feature)
             return embed_texts(missing, encoder, tokenizer, meta["max_length"])
 
-        vectors, self.cache_stats = cached_embeddings(texts, cache, compute, self.log)
+        # under `accelerate launch` the main process embeds first; the others then read its cache entries
+        with process_state().main_process_first():
+            vectors, self.cache_stats = cached_embeddings(texts, cache, compute, self.log)
         return vectors
 
     # ------------------------------------------------------------------------------------------- network
