@@ -202,8 +202,10 @@ class Model:
         return upload_to_hf_hub(repo_id, model_path, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, repo_id: str, *, revision: Optional[str] = None, token: Optional[str] = None) -> "Model":
-        """Download a Cadenza model from the Hub (or HF_ENDPOINT) and load it."""
+    def from_pretrained(cls, repo_id: str, *, revision: Optional[str] = None, token: Optional[str] = None,
+                        **download_kwargs) -> "Model":
+        """Download a Cadenza model from the Hub (or HF_ENDPOINT) and load it. download_kwargs go to
+        cadenza.upload.download_model (cache_dir, repo_type, trust_remote_code)."""
         from .upload import download_model
 
-        return cls.load(download_model(repo_id, revision=revision, token=token))
+        return cls.load(download_model(repo_id, revision=revision, token=token, **download_kwargs))
