@@ -1,0 +1,233 @@
+"""llm training/inference on the tiny random Llama (2 layers, SmolLM2's real tokenizer)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cadenza.config import load_config
+from cadenza.llm import LlmModel, batching
+from cadenza.llm.load import load_causal_lm, load_tokenizer
+from cadenza.llm.loss import TargetLoss
+from cadenza.llm.tokenize import tokenize_rows
+
+
+def make_config(base, **extra):
+    cfg = {"model_type": "llm", "base_model": str(base),
+           "input_features": [{"name": "question", "type": "text"}],
+           "output_features": [{"name": "answer", "type": "text"}],
+           "generation": {"max_new_tokens": 12}}
+    for k, v in extra.items():
+        cfg[k] = v
+    return load_config(cfg)
+
+
+def qa_frame(n=12):
+    words = ["red", "green", "blue", "yellow"]
+    fruit = ["apple", "banana", "cherry", "grape", "lemon", "mango"]
+    return pd.DataFrame({"question": [f"what colour is the {fruit[i % 6]}?" + " really" * (i // 6) for i in range(n)],
+                         "answer": [" ".join(words[: 1 + i % 4]) for i in range(n)]})
+
+
+@pytest.fixture(scope="module")
+def rows_and_model(tiny_llama_dir):
+    tok = load_tokenizer(str(tiny_llama_dir))
+    df = qa_frame(6)
+    prompts = [f"Q: {q}\nA:" for q in df.question]
+    rows = tokenize_rows(tok, prompts, [" " + a for a in df.answer], max_len=None, add_special_tokens=True)
+    return rows, tok
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_unpacked(tiny_llama_dir, rows_and_model, attn):
+    rows, tok = rows_and_model
+    model = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32, attn_implementation=attn).eval()
+    module = TargetLoss(model)
+    idx = list(range(len(rows)))
+    assert len(set(rows.lengths.tolist())) > 1  # rows of different lengths, so padding/packing matter
+    with torch.no_grad():
+        packed = module(batching.make_batch(rows, idx, packed=True))
+        padded = module(batching.make_batch(rows, idx, packed=False, pad_id=tok.pad_token_id))
+        one_by_one = sum(module(batching.make_batch(rows, [i], packed=True)) for i in idx)
+        # the same packed tokens with positions that do not restart: attention crosses rows, the loss changes
+        leaky = batching.make_batch(rows, idx, packed=True)
+        leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1]).view(1, -1)
+        crossed = module(leaky)
+    assert torch.allclose(packed, one_by_one, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(packed, padded, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(packed, crossed, rtol=1e-4, atol=1e-3)
+
+
+def test_token_weighted_accumulation_equals_big_batch(tiny_llama_dir):
+    """Two micro-batches of 2 rows with accumulation == one micro-batch of 4 rows, through the real trainer."""
+    df = qa_frame(4)
+    trained = []
+    for batch_size, accum in ((2, 2), (4, 1)):
+        cfg = make_config(tiny_llama_dir, adapter={"type": "lora", "dropout": 0.0},
+                          trainer={"type": "finetune", "epochs": 1, "batch_size": batch_size,
+                                   "gradient_accumulation_steps": accum, "optimizer": {"type": "sgd"},
+                                   "learning_rate": 1.0, "gradient_clipping": {"clipglobalnorm": None},
+                                   "should_shuffle": False})
+        m = LlmModel(cfg)
+        result = m.fit({"training": df}, run_dir=None, resume=False, seed=3, log=lambda *_: None)
+        assert result.steps == 1
+        trained.append({n: p.detach().clone() for n, p in m.model.named_parameters() if p.requires_grad})
+    assert trained[0].keys() == trained[1].keys() and len(trained[0]) > 0
+    moved = max((trained[0][k] - 0).abs().max().item() for k in trained[0] if "lora_B" in k)
+    assert moved > 1e-4  # the step did change the adapter
+    for k in trained[0]:
+        assert torch.allclose(trained[0][k], trained[1][k], rtol=1e-4, atol=1e-6), k
+
+
+def test_mean_of_means_would_differ(tiny_llama_dir, rows_and_model):
+    """Guards the test above: micro-batches with unequal target counts give a different mean-of-means."""
+    rows, _ = rows_and_model
+    model = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32).eval()
+    module = TargetLoss(model)
+    a, b = batching.make_batch(rows, [0, 1], packed=True), batching.make_batch(rows, [2, 3, 4, 5], packed=True)
+    na, nb = a["target_ids"].numel(), b["target_ids"].numel()
+    assert na != nb
+    with torch.no_grad():
+        la, lb = module(a), module(b)
+    assert abs(((la + lb) / (na + nb)) - (la / na + lb / nb) / 2) > 1e-4
+
+
+def train_small(tiny_llama_dir, tmp_path, epochs=60, **extra):
+    df = qa_frame(4)
+    trainer = {"type": "finetune", "epochs": epochs, "batch_size": 4, "learning_rate": 1e-2,
+               "gradient_clipping": {"clipglobalnorm": None}}
+    trainer.update(extra.pop("trainer", {}))
+    extra.setdefault("prompt", {"template": "{question} =", "use_chat_template": False})
+    cfg = make_config(tiny_llama_dir, trainer=trainer, **extra)
+    m = LlmModel(cfg)
+    m.fit({"training": df}, run_dir=tmp_path / "run", resume=False, seed=0, log=lambda *_: None)
+    return m, df, cfg
+
+
+def test_full_finetune_learns_answers_that_stop_at_eos(tiny_llama_dir, tmp_path, cache_dir):
+    m, df, cfg = train_small(tiny_llama_dir, tmp_path)
+    preds = m.predict(df)
+    assert list(preds["answer_predictions"]) == list(df.answer)  # memorised, and stopped right after
+    metrics, _ = m.evaluate(df)
+    assert metrics["answer"]["exact_match"] == 1.0 and metrics["answer"]["rouge_l"] == 1.0
+    assert metrics["answer"]["token_accuracy"] == 1.0 and metrics["answer"]["perplexity"] < 1.5
+    m.save(tmp_path / "model")
+    weights = tmp_path / "model" / "model_weights"
+    assert (weights / "model.safetensors").is_file() and (weights / "config.json").is_file()
+    assert (weights / "generation_config.json").is_file() and (weights / "tokenizer.json").is_file()
+    meta = json.loads((tmp_path / "model" / "training_set_metadata.json").read_text())
+    assert meta["weights"] == "full" and meta["prompt"]["template"] == "{question} ="
+    loaded = LlmModel.load(tmp_path / "model", cfg)
+    assert list(loaded.predict(df)["answer_predictions"]) == list(df.answer)
+    assert list(cache_dir.glob("tokens/*.safetensors"))  # tokenized data went to the configured cache
+
+
+def test_lora_save_load_generations_identical_and_continue(tiny_llama_dir, tmp_path, cache_dir):
+    m, df, cfg = train_small(tiny_llama_dir, tmp_path, epochs=3, adapter={"type": "lora", "r": 4},
+                             trainer={"learning_rate": 2e-2})
+    before = m.generate(["what colour is the banana?", "hello"])
+    preds = m.predict(df)
+    m.save(tmp_path / "model")
+    files = sorted(p.name for p in (tmp_path / "model" / "model_weights").iterdir())
+    assert "adapter_config.json" in files and "adapter_model.safetensors" in files and "model.safetensors" not in files
+    loaded = LlmModel.load(tmp_path / "model", cfg)
+    assert loaded.generate(["what colour is the banana?", "hello"]) == before
+    assert loaded.predict(df).equals(preds)
+    # continue training from the saved adapter: starts from exactly its weights
+    cont = make_config(tiny_llama_dir, adapter={"type": "lora", "r": 4,
+                                                "pretrained_adapter_weights": str(tmp_path / "model")},
+                       trainer={"type": "finetune", "epochs": 1, "batch_size": 4, "learning_rate": 1e-9})
+    m2 = LlmModel(cont)
+    m2.fit({"training": df}, run_dir=None, resume=False, seed=0, log=lambda *_: None)
+    saved = {k: v for k, v in m.model.state_dict().items() if "lora_" in k}
+    again = {k: v for k, v in m2.model.state_dict().items() if "lora_" in k}
+    assert saved.keys() == again.keys()
+    assert all(torch.allclose(saved[k], again[k], atol=1e-6) for k in saved)
+
+
+def test_merge_adapter_matches_and_saves_plain_model(tiny_llama_dir, tmp_path, cache_dir):
+    m, df, cfg = train_small(tiny_llama_dir, tmp_path, epochs=2,
+                             adapter={"type": "lora", "r": 4, "postprocessor": {"merge_adapter_into_base_model": True}},
+                             trainer={"learning_rate": 2e-2})
+    assert m.weights_kind == "merged" and not hasattr(m.model, "peft_config")
+    m.save(tmp_path / "model")
+    weights = tmp_path / "model" / "model_weights"
+    assert (weights / "model.safetensors").is_file() and not (weights / "adapter_config.json").exists()
+    loaded = LlmModel.load(tmp_path / "model", cfg)
+    assert loaded.predict(df).equals(m.predict(df))
+
+
+def test_merge_refuses_when_logits_differ(tiny_llama_dir, tmp_path, cache_dir):
+    """The merge check is real: an adapter whose merge is wrong (here: a scaled weight) is refused."""
+    cfg = make_config(tiny_llama_dir, adapter={"type": "lora", "r": 4, "postprocessor": {"merge_adapter_into_base_model": True}},
+                      trainer={"type": "finetune", "epochs": 1, "batch_size": 4})
+    m = LlmModel(cfg)
+    m._ensure_base(log=lambda *_: None)
+    m._prepare_for_training(lambda *_: None)
+    for name, p in m.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    layer = next(mod for mod in m.model.modules() if hasattr(mod, "scaling") and isinstance(mod.scaling, dict))
+    original = layer.merge
+
+    def bad_merge(*args, **kwargs):  # a merge that writes a wrong weight
+        original(*args, **kwargs)
+        layer.get_base_layer().weight.data.mul_(1.5)
+
+    layer.merge = bad_merge
+    with pytest.raises(RuntimeError, match="refusing to save a wrong merge"):
+        m._merge(log=lambda *_: None)
+
+
+def test_zero_shot_category_without_fit(tiny_llama_dir, cache_dir):
+    cfg = load_config({"model_type": "llm", "base_model": str(tiny_llama_dir),
+                       "input_features": [{"name": "review", "type": "text"}],
+                       "output_features": [{"name": "label", "type": "category",
+                                            "match": {"pos": {"type": "contains", "value": "zzzz"}},
+                                            "fallback_label": "neg"}],
+                       "prompt": {"task": "Is this review positive or negative?"},
+                       "generation": {"max_new_tokens": 4}})
+    assert cfg.trainer.type == "none"
+    m = LlmModel(cfg)
+    df = pd.DataFrame({"review": ["great film", "awful film", "fine"], "label": ["pos", "neg", "neg"]})
+    preds = m.predict(df)  # no fit: the base model is loaded lazily
+    assert set(preds.columns) == {"label_predictions", "label_response"}
+    # the random model never says "zzzz", so every row falls back
+    assert list(preds["label_predictions"]) == ["neg", "neg", "neg"]
+    metrics, _ = m.evaluate(df)
+    assert metrics["label"]["accuracy"] == pytest.approx(2 / 3)
+    assert metrics["label"]["macro_f1"] == pytest.approx((0 + 0.8) / 2)
+
+
+def test_few_shot_random_retrieval_puts_examples_in_prompt(tiny_llama_dir, tmp_path, cache_dir):
+    cfg = make_config(tiny_llama_dir, prompt={"template": "{__context__}Q: {question}\nA:", "use_chat_template": False,
+                                              "retrieval": {"type": "random", "k": 2}})
+    m = LlmModel(cfg)
+    df = qa_frame(6)
+    m.fit({"training": df}, run_dir=None, resume=False, seed=0, log=lambda *_: None)
+    prompt = m._prompts([{"question": "new question?"}])[0]
+    assert prompt.count("Q: ") == 3 and prompt.endswith("Q: new question?\nA:")
+    shown = [line[3:] for line in prompt.splitlines() if line.startswith("Q: ")][:2]
+    assert all(q in set(df.question) for q in shown)
+    m.save(tmp_path / "model")
+    loaded = LlmModel.load(tmp_path / "model", cfg)
+    assert loaded._prompts([{"question": "new question?"}])[0].count("Q: ") == 3
+
+
+def test_layers_to_freeze_regex_and_truncation_reported(tiny_llama_dir, tmp_path, cache_dir):
+    lines = []
+    cfg = make_config(tiny_llama_dir, trainer={"type": "finetune", "epochs": 1, "batch_size": 4,
+                                               "layers_to_freeze_regex": r"layers\.0\.|embed_tokens"},
+                      preprocessing={"global_max_sequence_length": 24})
+    m = LlmModel(cfg)
+    result = m.fit({"training": qa_frame(4), "validation": qa_frame(2)}, run_dir=None, resume=False, seed=0,
+                   log=lines.append)
+    val = result.statistics["validation"][0]
+    assert val["combined"]["loss"] == val["answer"]["loss"] > 0
+    assert val["answer"]["perplexity"] == pytest.approx(np.exp(val["answer"]["loss"]))
+    frozen = {n for n, p in m.model.named_parameters() if not p.requires_grad}
+    assert frozen and all("layers.0." in n or "embed_tokens" in n for n in frozen)
+    assert any(p.requires_grad for n, p in m.model.named_parameters() if "layers.1." in n)
+    assert any("4 of 4 training rows truncated" in line for line in lines)  # the chat template alone is > 24 tokens
