@@ -23,8 +23,11 @@ def encoder_source(encoder_cfg) -> str:
 def _load_kwargs(encoder_cfg, source: str) -> tuple[str, dict]:
     kwargs = dict(encoder_cfg.pretrained_kwargs or {})
     kwargs["trust_remote_code"] = encoder_cfg.trust_remote_code
-    if source.endswith(".gguf"):
-        return str(Path(source).parent), {**kwargs, "gguf_file": Path(source).name}
+    if source.lower().endswith(".gguf"):
+        from ..llm.load import plain_model_dir
+
+        # dequantized once and cached as safetensors (the same copy the llm path uses)
+        return plain_model_dir(source), kwargs
     return source, kwargs
 
 
@@ -33,7 +36,7 @@ def load_tokenizer(encoder_cfg):
 
     path, kwargs = _load_kwargs(encoder_cfg, encoder_source(encoder_cfg))
     kwargs.pop("dtype", None)
-    tok = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code", "revision")})
+    tok = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k in ("trust_remote_code", "revision")})
     if tok.pad_token is None:
         # decoder-only tokenizers often lack a pad token; padding is masked out, so any token serves
         tok.pad_token = tok.eos_token or tok.unk_token
