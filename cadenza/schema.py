@@ -547,3 +547,76 @@ class CadenzaConfig(Section):
 
 LoraConfig.model_rebuild()
 CategoryOutput.model_rebuild()
+
+
+# Meanings of keys that recur across sections (the reference docs use these where a field has no description
+# of its own). Kept here so the schema stays the one source of what every key means.
+COMMON_DESCRIPTIONS = {
+    "type": "Selects the variant of this section.",
+    "activation": "Activation after each hidden layer.", "fc_activation": "Activation of the decoder's hidden layers.",
+    "dropout": "Dropout probability.", "fc_dropout": "Dropout after each decoder hidden layer.",
+    "fc_output_size": "Width of each decoder hidden layer.", "norm": "Normalisation after each hidden layer.",
+    "flatten_inputs": "Accepted for Ludwig compatibility; inputs are vectors already.",
+    "residual": "Accepted for Ludwig compatibility; no residual connections are built.",
+    "adapter": "A PEFT adapter (see the adapter sections).", "alpha": "Scaling factor.",
+    "r": "Rank (or number of blocks) of the adapter.", "bias": "Which biases the adapter trains.",
+    "target_modules": "Module names (or a regex) to adapt; null lets PEFT pick the architecture's default.",
+    "feedforward_modules": "Which target modules are feed-forward layers (IA3 scales their input).",
+    "rank_dropout": "Dropout on the adapter's rank dimension.", "module_dropout": "Probability of skipping the adapter "
+    "for a module during training.", "vera_dropout": "Dropout in VeRA layers.",
+    "decompose_both": "LoKr: decompose both Kronecker factors.", "decompose_factor": "LoKr: Kronecker factor size (-1: "
+    "automatic).", "oft_block_size": "OFT block size (0: derived from r).",
+    "target_r": "AdaLoRA: average target rank.", "init_r": "AdaLoRA: initial rank.", "tinit": "AdaLoRA: warm-up steps "
+    "before pruning ranks.", "tfinal": "AdaLoRA: final fine-tuning steps at the target rank.",
+    "deltaT": "AdaLoRA: steps between rank allocations.",
+    "postprocessor": "What happens to the adapter after training (merging).",
+    "pretrained_adapter_weights": "A saved adapter folder to continue training from.",
+    "progressbar": "Show a progress bar while merging.",
+    "bits": "Quantize the frozen base weights to 4 or 8 bits.", "bnb_4bit_quant_type": "4-bit data type.",
+    "bnb_4bit_use_double_quant": "Quantize the quantization constants too (saves ~0.4 bit/param).",
+    "llm_int8_threshold": "8-bit: outlier threshold kept in 16 bits.",
+    "llm_int8_has_fp16_weight": "8-bit: keep fp16 main weights (for training them).",
+    "betas": "Adam(W) moment coefficients.", "eps": "Adam(W) epsilon.", "momentum": "SGD momentum.",
+    "weight_decay": "Weight decay.", "clipnorm": "Alias of clipglobalnorm (Ludwig).",
+    "clipvalue": "Clip each gradient element to ±value.",
+    "compile": "torch.compile the model (first steps are slower).",
+    "enable_gradient_checkpointing": "Recompute activations in the backward pass: less memory, ~30% more compute.",
+    "should_shuffle": "Shuffle training rows every epoch (deterministically from the seed).",
+    "skip_all_evaluation": "No validation during training (no early stopping either).",
+    "steps_per_checkpoint": "Also write a resume checkpoint every this many steps (0: only per epoch).",
+    "class_weights": "Per-class loss weights: a list in vocabulary order or a label → weight mapping.",
+    "label_smoothing": "Label smoothing for cross-entropy.", "positive_class_weight": "Binary: weight of positives.",
+    "embedding_size": "Width of the category embedding.", "fallback_true_label": "Binary: the label read as true "
+    "when values are not true/false-like.", "fill_value": "Value used by fill_with_const.",
+    "missing_value_strategy": "What to do with missing values (outputs drop the row by default).",
+    "lowercase": "Lower-case values before use.", "most_common": "Largest vocabulary kept (most frequent first).",
+    "max_sequence_length": "Maximum tokens.", "tokenizer": "How values are tokenized.",
+    "threshold": "Probability above which a label is predicted.", "trainable": "Train the encoder's weights.",
+    "reduce_output": "Pooling of token states into one vector.", "pretrained_kwargs": "Extra from_pretrained kwargs.",
+    "trust_remote_code": "Run the model repo's own code (only when you trust it).",
+    "probabilities": "training/validation/test fractions.", "sample_ratio": "Use this fraction of the rows.",
+    "sample_size": "Use this many rows (sampled with the seed).", "value": "Text (contains) or regular expression.",
+    "system_prompt": "llm: system message when the chat template is used.", "index_name": "Accepted for Ludwig "
+    "compatibility.", "cache_dir": "Where caches go.", "cache_credentials": "Accepted for Ludwig compatibility.",
+    "rope_scaling": "RoPE scaling passed to the model config ({rope_type, factor}).",
+    "neftune_noise_alpha": "NEFTune: noise added to input embeddings while training (0: off).",
+    "max_new_tokens": "Most tokens generated per row.", "min_new_tokens": "Fewest tokens generated per row.",
+    "do_sample": "Sample instead of greedy/beam decoding.", "temperature": "Sampling temperature.",
+    "top_k": "Sample among the k likeliest tokens.", "top_p": "Nucleus sampling mass.",
+    "num_beams": "Beam search width (1: none).", "repetition_penalty": "Penalty for repeated tokens (>1 discourages).",
+    "no_repeat_ngram_size": "Forbid repeating n-grams of this size.", "length_penalty": "Beam search length penalty.",
+    "early_stopping": "Beam search stopping rule.", "num_return_sequences": "Generations per row.",
+    "pad_token_id": "Override the pad token id.", "eos_token_id": "Override the EOS token id(s).",
+    "bos_token_id": "Override the BOS token id.", "text": "Defaults for text features.",
+    "number": "Defaults for number features.", "category": "Defaults for category features.",
+    "binary": "Defaults for binary features.", "set": "Defaults for set features.",
+    "input_features": "The model's inputs (columns).", "output_features": "What the model predicts (columns).",
+    "combiner": "How input representations are combined (ecd).", "trainer": "How training runs.",
+    "preprocessing": "Data preprocessing.", "defaults": "Per-type defaults merged into every feature of that type.",
+    "prompt": "How rows become prompts (llm).", "generation": "Decoding settings (llm).",
+    "model_parameters": "Changes to the base model (llm).", "backend": "Where training runs.",
+    "encoder": "How this input is encoded.", "decoder": "The output layer.", "loss": "The loss of this output.",
+    "optimizer": "The optimizer.", "learning_rate_scheduler": "Warm-up and decay of the learning rate.",
+    "gradient_clipping": "Gradient clipping.", "split": "How the data set is split.",
+    "retrieval": "Few-shot examples inserted into the prompt.",
+}
