@@ -180,6 +180,9 @@ def _check_llm(config: CadenzaConfig, add) -> None:
     if config.quantization is not None:
         if config.adapter is None:
             add("quantization", "a quantized base model can only be trained with an adapter (QLoRA): add adapter")
+        elif config.adapter.postprocessor.merge_adapter_into_base_model:
+            add("adapter.postprocessor.merge_adapter_into_base_model", "an adapter cannot be merged into a 4/8-bit "
+                "quantized base model; save the adapter alone or train without quantization")
         import torch
 
         if not torch.cuda.is_available():

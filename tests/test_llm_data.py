@@ -163,3 +163,10 @@ def test_few_shot_context_goes_into_prompt(tokenizer, llama_tokenizer_dir):
     no_slot = PromptBuilder(llm_config(llama_tokenizer_dir, prompt={"template": "Q: {question}\nA:",
                                                                     "use_chat_template": False}), tokenizer)
     assert no_slot.prompt({"question": "3+3?"}, ctx).startswith("Examples:\n\nQ: 2+2?\nA: 4\n\n")
+
+
+def test_merge_into_quantized_base_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        llm_config("anything", quantization={"bits": 4},
+                   adapter={"type": "lora", "postprocessor": {"merge_adapter_into_base_model": True}})
+    assert "adapter.postprocessor.merge_adapter_into_base_model" in [p for p, _ in err.value.problems]

@@ -102,7 +102,7 @@ def train_small(tiny_llama_dir, tmp_path, epochs=60, **extra):
     extra.setdefault("prompt", {"template": "{question} =", "use_chat_template": False})
     cfg = make_config(tiny_llama_dir, trainer=trainer, **extra)
     m = LlmModel(cfg)
-    m.fit({"training": df}, run_dir=tmp_path / "run", resume=False, seed=0, log=lambda *_: None)
+    m.fit({"training": df}, run_dir=None, resume=False, seed=0, log=lambda *_: None)
     return m, df, cfg
 
 
@@ -231,3 +231,39 @@ def test_layers_to_freeze_regex_and_truncation_reported(tiny_llama_dir, tmp_path
     assert frozen and all("layers.0." in n or "embed_tokens" in n for n in frozen)
     assert any(p.requires_grad for n, p in m.model.named_parameters() if "layers.1." in n)
     assert any("4 of 4 training rows truncated" in line for line in lines)  # the chat template alone is > 24 tokens
+
+
+@pytest.mark.parametrize("attn, train_on_inputs", [("sdpa", False), ("eager", True)])
+def test_shared_prefix_batch_equals_separate_rows(tiny_llama_dir, attn, train_on_inputs):
+    """Chat-templated rows share their system prompt: computed once per pack, same loss and gradients."""
+    tok = load_tokenizer(str(tiny_llama_dir))
+    df = qa_frame(5)
+    chat = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,  # noqa: E731
+                                             add_generation_prompt=True)
+    rows = tokenize_rows(tok, [chat(q) for q in df.question], list(df.answer), max_len=None,
+                         add_special_tokens=False)
+    idx = list(range(len(rows)))
+    shared = batching.make_batch(rows, idx, packed=True, share_prefix=True, train_on_inputs=train_on_inputs)
+    assert shared["attention_mask"].dim() == 4  # the shared-prefix layout was used
+    assert shared["computed_tokens"] < shared["num_tokens"] - 3 * batching.MIN_SHARED_PREFIX
+    model = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32, attn_implementation=attn).eval()
+    module = TargetLoss(model)
+
+    def loss_and_grad(batches):
+        model.zero_grad()
+        loss = sum(module(b) for b in batches)
+        loss.backward()
+        return loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    one, g_one = loss_and_grad([batching.make_batch(rows, [i], packed=True, train_on_inputs=train_on_inputs)
+                                for i in idx])
+    both, g_both = loss_and_grad([shared])
+    assert shared["target_ids"].numel() == sum(
+        batching.make_batch(rows, [i], packed=True, train_on_inputs=train_on_inputs)["target_ids"].numel() for i in idx)
+    assert torch.allclose(one, both, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(g_one, g_both, rtol=1e-4, atol=1e-5)
+    # a mask that lets rows see each other changes the loss: the test can fail
+    leaky = dict(shared, attention_mask=torch.ones_like(shared["attention_mask"]).tril())
+    with torch.no_grad():
+        leak = module(leaky)
+    assert abs(leak - both) > max(1e-3, 10 * abs(one - both))

@@ -6,6 +6,13 @@ at all; `position_ids` restart at 0 for every row and no attention mask is passe
 causal mask for sdpa/eager, so no token attends across rows (the tests check packed loss == unpacked loss).
 This requires use_cache=False in the forward call: with a cache the packed detection is skipped.
 
+Shared prefix: rows whose token ids begin the same way (every chat-templated row starts with the same system
+prompt, ~25 of SmolLM2's ~65 tokens per chatterbot row) get that prefix ONCE per packed micro-batch. Each row's
+remaining tokens continue at the prefix's positions and attend to the prefix plus their own tokens (an explicit
+4D block mask). Under causal attention the prefix's hidden states do not depend on what follows, so this is
+exactly the same computation and loss as repeating the prefix in every row, with the duplicate work removed;
+gradients through the shared prefix add up as they would over the copies. (Checked by the tests.)
+
 Each batch also carries `target_index` (flat positions whose hidden state predicts a target token) and
 `target_ids`, so the loss applies the LM head only to those rows of hidden states.
 """
@@ -25,11 +32,29 @@ def target_span(n: int, prompt_len: int, train_on_inputs: bool) -> tuple[int, in
     return (1 if train_on_inputs else max(1, int(prompt_len))), n
 
 
+MIN_SHARED_PREFIX = 8  # shorter common prefixes save too little to be worth a dense mask
+
+
+def common_prefix(seqs: list[np.ndarray]) -> int:
+    """Length of the common leading token ids, leaving every row at least one token of its own."""
+    if len(seqs) < 2:
+        return 0
+    limit = min(len(s) for s in seqs) - 1
+    first = seqs[0][:limit]
+    same = np.ones(limit, dtype=bool)
+    for s in seqs[1:]:
+        same &= s[:limit] == first
+    return int(limit if same.all() else np.argmin(same))
+
+
 def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_inputs: bool = False,
-               pad_id: int = 0) -> dict:
+               pad_id: int = 0, share_prefix: bool = False) -> dict:
     seqs = [rows.ids[i] for i in idx]
     lens = [len(s) for s in seqs]
     targets_index, targets = [], []
+    shared = common_prefix(seqs) if packed and share_prefix else 0
+    if shared >= MIN_SHARED_PREFIX:
+        return _shared_prefix_batch(rows, idx, seqs, shared, train_on_inputs)
     if packed:
         input_ids = torch.from_numpy(np.concatenate(seqs)).view(1, -1)
         position_ids = torch.cat([torch.arange(n) for n in lens]).view(1, -1)
@@ -58,6 +83,47 @@ def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_in
         "target_index": torch.from_numpy(np.concatenate(targets_index)).long(),
         "target_ids": torch.from_numpy(np.concatenate(targets)).long(),
         "num_tokens": int(sum(lens)),
+        "computed_tokens": int(input_ids.numel()),
+        "rows": list(idx),
+    }
+
+
+def computed_tokens(rows: TokenizedRows, idx: list[int], *, packed: bool, share_prefix: bool) -> int:
+    """Tokens the model actually runs for this micro-batch (without building it)."""
+    seqs = [rows.ids[i] for i in idx]
+    total = sum(len(s) for s in seqs)
+    shared = common_prefix(seqs) if packed and share_prefix else 0
+    return total - (len(seqs) - 1) * shared if shared >= MIN_SHARED_PREFIX else total
+
+
+def _shared_prefix_batch(rows: TokenizedRows, idx: list[int], seqs: list[np.ndarray], shared: int,
+                         train_on_inputs: bool) -> dict:
+    parts, positions, segments = [seqs[0][:shared]], [np.arange(shared)], [np.full(shared, -1)]
+    targets_index, targets = [], []
+    offset = shared
+    for r, (s, i) in enumerate(zip(seqs, idx)):
+        n = len(s)
+        parts.append(s[shared:])
+        positions.append(np.arange(shared, n))
+        segments.append(np.full(n - shared, r))
+        a, b = target_span(n, rows.prompt_lens[i], train_on_inputs)
+        predictor = np.arange(a - 1, b - 1)  # position whose hidden state predicts each target
+        targets_index.append(np.where(predictor < shared, predictor, offset + predictor - shared))
+        targets.append(s[a:b])
+        offset += n - shared
+    seg = torch.from_numpy(np.concatenate(segments))
+    total = len(seg)
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    # a token sees the shared prefix and earlier tokens of its own row, never another row
+    visible = (seg.view(-1, 1) == seg.view(1, -1)) | (seg.view(1, -1) == -1)
+    return {
+        "input_ids": torch.from_numpy(np.concatenate(parts)).view(1, -1),
+        "position_ids": torch.from_numpy(np.concatenate(positions)).view(1, -1),
+        "attention_mask": (causal & visible).view(1, 1, total, total),
+        "target_index": torch.from_numpy(np.concatenate(targets_index)).long(),
+        "target_ids": torch.from_numpy(np.concatenate(targets)).long(),
+        "num_tokens": int(sum(len(s) for s in seqs)),  # tokens of the rows as given (the work they stand for)
+        "computed_tokens": total,
         "rows": list(idx),
     }
 

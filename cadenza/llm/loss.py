@@ -17,6 +17,15 @@ def causal_lm_of(model):
     return get_base() if callable(get_base) else model
 
 
+def can_share_prefix(model) -> bool:
+    """Shared-prefix batches pass an explicit 4D mask, which sdpa/eager honour. A 4D mask replaces the model's
+    own mask building, so models with sliding-window or other non-full attention layers keep plain packing."""
+    config = causal_lm_of(model).config
+    if config._attn_implementation not in ("sdpa", "eager") or getattr(config, "sliding_window", None):
+        return False
+    return all(t == "full_attention" for t in (getattr(config, "layer_types", None) or []))
+
+
 class TargetLoss(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -31,8 +40,14 @@ class TargetLoss(torch.nn.Module):
         device = head.weight.device
         kwargs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
                   "use_cache": False}  # a cache disables transformers' packed-sequence detection
-        if batch.get("attention_mask") is not None:
-            kwargs["attention_mask"] = batch["attention_mask"].to(device)
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            mask = mask.to(device)
+            if mask.dim() == 4 and config._attn_implementation == "eager":
+                # eager attention adds the mask to the scores: it needs 0 / -inf, not booleans
+                mask = torch.zeros(mask.shape, dtype=head.weight.dtype, device=device).masked_fill(
+                    ~mask, torch.finfo(head.weight.dtype).min)
+            kwargs["attention_mask"] = mask
         hidden = decoder(**kwargs).last_hidden_state
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"].to(device))
         logits = head(picked)

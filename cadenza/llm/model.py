@@ -20,7 +20,7 @@ from . import batching
 from .generate import generate as generate_ids
 from .generate import hf_generation_config
 from .load import cache_root, default_dtype, load_causal_lm, load_tokenizer, plain_model_dir, fix_special_tokens
-from .loss import TargetLoss, causal_lm_of
+from .loss import TargetLoss, can_share_prefix, causal_lm_of
 from .outputs import category_scores, extract_label, text_scores
 from .prompt import PromptBuilder
 from .retrieval import Retriever
@@ -40,6 +40,7 @@ class LlmModel:
         self.labels: list[str] = []  # category output: the label vocabulary
         self.weights_kind = "base"   # what save() writes: base | adapter | merged | full
         self.truncated_rows = 0
+        self._prepared = False
         out = config.output_features[0]
         self.output = out
         self.output_column = out.column or out.name
@@ -128,8 +129,8 @@ class LlmModel:
     def _auto_batch_size(self) -> int:
         """CPU: a fixed 8 rows. CUDA: the largest power of two (<= max_batch_size, 64) whose forward/backward
         on the longest training rows fits in memory."""
-        if not torch.cuda.is_available() or not getattr(self, "_train_rows", None):
-            return CPU_AUTO_BATCH
+        if not torch.cuda.is_available() or not getattr(self, "_train_rows", None) or not self._prepared:
+            return CPU_AUTO_BATCH  # (before the adapter is applied a probe would measure the wrong model)
         if getattr(self, "_auto_size", None):
             return self._auto_size
         rows = self._train_rows
@@ -176,6 +177,7 @@ class LlmModel:
         if frozen:
             log(f"froze {frozen} parameter tensors matching {t.layers_to_freeze_regex!r}")
         self.model = model
+        self._prepared = True
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
@@ -187,6 +189,8 @@ class LlmModel:
         self._ensure_base(log)
         if self.config.model_parameters and self.config.model_parameters.rope_scaling:
             log("note: model_parameters.rope_scaling is not applied by Cadenza; the base model's RoPE is used")
+        if self.config.model_parameters and self.config.model_parameters.neftune_noise_alpha:
+            log("note: model_parameters.neftune_noise_alpha is not applied by Cadenza (no NEFTune noise)")
         self._build_labels(splits)
         train_df = splits["training"]
         train_records = self._records(train_df, need_output=t.type != "none")
@@ -217,9 +221,9 @@ class LlmModel:
             log(f"batch_size auto: {size} rows per micro-batch")
         groups0 = self._train_groups(rows, 0, seed, size)
 
-        packed, pad = t.packing, self.tokenizer.pad_token_id
+        packed, pad, share = t.packing, self.tokenizer.pad_token_id, can_share_prefix(self.model)
         make = lambda idx: batching.make_batch(rows, idx, packed=packed, train_on_inputs=t.train_on_inputs,  # noqa
-                                               pad_id=pad)
+                                               pad_id=pad, share_prefix=share)
 
         def batches(epoch: int):
             groups = groups0 if epoch == 0 else self._train_groups(rows, epoch, seed, size)
@@ -229,13 +233,18 @@ class LlmModel:
         target_tokens = int(rows.target_tokens(t.train_on_inputs).sum())
         n_params = sum(p.numel() for p in causal_lm_of(self.model).parameters())
         per_token = (4 if self.config.adapter is not None else 6) * n_params
+        computed = sum(batching.computed_tokens(rows, g, packed=packed, share_prefix=share) for g in groups0)
+        if computed < total_tokens:
+            log(f"shared prompt prefixes: {computed:,} tokens computed per epoch for {total_tokens:,} "
+                f"({total_tokens / computed:.2f}x less work, same loss)")
         task = trainer_mod.TrainTask(
             batches=batches, num_batches=len(groups0), weight=lambda b: float(b["target_ids"].numel()),
             loss_sum=lambda m, b: m(b),
             evaluate=(lambda m: self._loss_metrics(m, val_rows)) if val_rows is not None else None,
             unit="target_tokens",
-            # FLOPs are spent on every token, the weight counts target tokens: scale so MFU stays honest
-            flops_per_unit=per_token * total_tokens / max(target_tokens, 1),
+            # the weight counts target tokens but FLOPs go to every computed token (shared prefixes once):
+            # scale so MFU reports the work really done
+            flops_per_unit=per_token * computed / max(target_tokens, 1),
             tokens=lambda b: b["num_tokens"])
         mixed = t.use_mixed_precision if t.use_mixed_precision is not None else trainer_mod.bf16_is_fast()
         log(f"training on {len(rows)} rows, {total_tokens:,} tokens ({target_tokens:,} target tokens), "
@@ -270,7 +279,7 @@ class LlmModel:
             for g in batching.eval_groups(rows, self._batch_size(eval_=True),
                                           t.max_tokens_per_batch if t.packing else None):
                 b = batching.make_batch(rows, g, packed=t.packing, train_on_inputs=False,
-                                        pad_id=self.tokenizer.pad_token_id)
+                                        pad_id=self.tokenizer.pad_token_id, share_prefix=can_share_prefix(self.model))
                 s, n, c = module.score(b)
                 total, count, correct = total + s, count + n, correct + c
         finally:
