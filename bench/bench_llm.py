@@ -4,6 +4,7 @@ same tokens (same chat-templated prompts, loss on answers + EOS only), model and
 
 Each variant runs in its own process (so its peak RSS is its own), back to back:
   baseline   model(input_ids, attention_mask, labels) on padded batches; HF's loss over full-vocab logits
+  cadenza_noprefix  the same without prefix sharing (ablation)
   cadenza    LlmModel.fit: padding-free packed micro-batches of 8 rows, shared system-prompt prefix computed
              once per micro-batch, LM head on answer positions only
 Reported: tokens/s (all tokens of the rows, prompt included), answer tokens/s, MFU (4N FLOPs per token the
@@ -45,9 +46,13 @@ def config(batch: int) -> dict:
                         "gradient_clipping": {"clipglobalnorm": None}}}
 
 
-def run_cadenza(rows: int, val: int, batch: int) -> dict:
+def run_cadenza(rows: int, val: int, batch: int, share_prefix: bool = True) -> dict:
     from cadenza.config import load_config
     from cadenza.llm import LlmModel
+    from cadenza.llm import model as llm_model
+
+    if not share_prefix:  # ablation: plain packing, to show what the shared prefix adds
+        llm_model.can_share_prefix = lambda m: False
 
     train, valid = data(rows, val)
     m = LlmModel(load_config(config(batch)))
@@ -58,9 +63,12 @@ def run_cadenza(rows: int, val: int, batch: int) -> dict:
     from cadenza.llm.loss import can_share_prefix
 
     rows = m._train_rows
-    computed = sum(batching.computed_tokens(rows, g, packed=True, share_prefix=can_share_prefix(m.model))
+    computed = sum(batching.computed_tokens(rows, g, packed=True, share_prefix=share_prefix and can_share_prefix(m.model))
                    for g in m._train_groups(rows, 0, 0, batch))
     seconds = stats["training"][0]["seconds"]
+    questions = ["Hello, how are you?", "What is your favorite book?", "Do you like music?"]
+    for q, a in zip(questions, m.generate(questions, max_new_tokens=48)):
+        print(f"  Q: {q}\n  A: {a}", file=sys.stderr)
     return {"tokens_per_second": result.throughput["tokens_per_second"],
             "computed_tokens_per_second": computed / seconds,
             "answer_tokens_per_second": result.throughput["target_tokens_per_second"],
@@ -128,8 +136,10 @@ def run_baseline(rows: int, val: int, batch: int) -> dict:
 
 
 def child(variant: str, rows: int, val: int, batch: int) -> None:
-    fn = run_cadenza if variant == "cadenza" else run_baseline
-    out = fn(rows, val, batch)
+    if variant == "baseline":
+        out = run_baseline(rows, val, batch)
+    else:
+        out = run_cadenza(rows, val, batch, share_prefix=variant == "cadenza")
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
@@ -139,7 +149,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=300)
     ap.add_argument("--val", type=int, default=100)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--variants", default="baseline,cadenza")
+    ap.add_argument("--variants", default="baseline,cadenza_noprefix,cadenza")
     ap.add_argument("--child")
     a = ap.parse_args()
     if a.child:
@@ -161,14 +171,18 @@ def main() -> None:
             print(proc.stderr[-3000:])
             raise SystemExit(f"{variant} failed")
         r = json.loads(line[7:])
+        if variant == "cadenza":
+            print("\n".join(l for l in proc.stderr.splitlines() if l.startswith("  ")))
         # MFU from the tokens each variant really ran through the model (Cadenza runs shared prefixes once)
         r["mfu"] = 4 * n_params * r["computed_tokens_per_second"] / peak
         results[variant] = r
-        print(f"{variant:9s} {r['tokens_per_second']:7.1f} tokens/s  {r['answer_tokens_per_second']:6.1f} answer "
+        print(f"{variant:16s} {r['tokens_per_second']:7.1f} tokens/s  {r['answer_tokens_per_second']:6.1f} answer "
               f"tokens/s  MFU {100 * r['mfu']:4.1f}%  {r['train_seconds']:6.1f} s  peak RSS {r['peak_rss_mb']:5.0f} MB"
               f"  validation loss {r['validation_loss']:.4f}")
-    if "baseline" in results and "cadenza" in results:
-        print(f"speed-up {results['cadenza']['tokens_per_second'] / results['baseline']['tokens_per_second']:.2f}x")
+    for name in ("cadenza_noprefix", "cadenza"):
+        if "baseline" in results and name in results:
+            print(f"{name} speed-up over baseline: "
+                  f"{results[name]['tokens_per_second'] / results['baseline']['tokens_per_second']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -193,7 +193,8 @@ class LlmModel:
             log("note: model_parameters.neftune_noise_alpha is not applied by Cadenza (no NEFTune noise)")
         self._build_labels(splits)
         train_df = splits["training"]
-        train_records = self._records(train_df, need_output=t.type != "none")
+        # zero-shot needs no answers, unless few-shot examples are drawn from the training rows
+        train_records = self._records(train_df, need_output=t.type != "none" or bool(self.config.prompt.retrieval.type))
         self._build_retriever(train_records, seed)
         if t.type == "none":
             log("trainer.type: none: no training (zero/few-shot); the base model is used as is")
