@@ -193,12 +193,28 @@ def test_zero_shot_category_without_fit(tiny_llama_dir, cache_dir):
     m = LlmModel(cfg)
     df = pd.DataFrame({"review": ["great film", "awful film", "fine"], "label": ["pos", "neg", "neg"]})
     preds = m.predict(df)  # no fit: the base model is loaded lazily
-    assert set(preds.columns) == {"label_predictions", "label_response"}
+    assert set(preds.columns) == {"label_predictions", "label_response", "label_probability",
+                                  "label_probabilities_pos", "label_probabilities_neg"}
     # the random model never says "zzzz", so every row falls back
     assert list(preds["label_predictions"]) == ["neg", "neg", "neg"]
+    probs = preds[["label_probabilities_pos", "label_probabilities_neg"]].to_numpy()
+    assert np.allclose(probs.sum(1), 1.0) and (probs > 0).all()
+    assert np.allclose(preds["label_probability"], probs[:, 1])
+    # the scores are the model's likelihood of each label as the answer: check one by hand
+    row = m._prompts([{"review": "great film"}])[0]
+    ids = m.tokenizer(row, add_special_tokens=m.builder.add_special_tokens)["input_ids"]
+    model = m.model
+    logps = []
+    for label in ("pos", "neg"):
+        answer = m.tokenizer(m.builder.target(row, label), add_special_tokens=False)["input_ids"] + [m.tokenizer.eos_token_id]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + answer])).logits[0, len(ids) - 1:-1]
+        logps.append(torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(answer).view(-1, 1)).sum())
+    assert np.allclose(probs[0], torch.softmax(torch.stack(logps), 0).numpy(), atol=1e-4)
     metrics, _ = m.evaluate(df)
     assert metrics["label"]["accuracy"] == pytest.approx(2 / 3)
     assert metrics["label"]["macro_f1"] == pytest.approx((0 + 0.8) / 2)
+    assert metrics["label"]["hits_at_k"] == 1.0  # two labels, top-3
 
 
 def test_few_shot_random_retrieval_puts_examples_in_prompt(tiny_llama_dir, tmp_path, cache_dir):

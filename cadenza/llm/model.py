@@ -45,6 +45,7 @@ class LlmModel:
         self.output = out
         self.output_column = out.column or out.name
         self.inputs = [f.column or f.name for f in config.input_features]
+        self._build_labels({})  # zero-shot without fit: the labels the config names
 
     # ------------------------------------------------------------------------------------------- loading
     def _cache(self) -> Path:
@@ -350,8 +351,40 @@ class LlmModel:
             labels = [extract_label(t, self.labels, self.output.match, self.output.fallback_label) for t in texts]
             out[f"{name}_predictions"] = labels
             out[f"{name}_response"] = texts
+            probs = self._label_probabilities(records)
+            if probs is not None:
+                index = {label: i for i, label in enumerate(self.labels)}
+                out[f"{name}_probability"] = [probs[r, index[x]] if x in index else np.nan for r, x in enumerate(labels)]
+                for i, label in enumerate(self.labels):
+                    out[f"{name}_probabilities_{label}"] = probs[:, i]
         else:
             out[f"{name}_predictions"] = texts
+        return out
+
+    @torch.no_grad()
+    def _label_probabilities(self, records: list[dict]) -> Optional[np.ndarray]:
+        """P(label | prompt) for every label, from the model's own likelihood of each label's text + EOS as the
+        answer, normalised over the labels. (The extracted label comes from the generation; these scores say
+        how the model ranks the labels, and give hits@k.) Each row's candidates share its prompt, which the
+        shared-prefix packing computes once."""
+        if not self.labels:
+            return None
+        prompts = self._prompts(records)
+        k = len(self.labels)
+        rows = tokenize_rows(self.tokenizer, [p for p in prompts for _ in range(k)],
+                             [self.builder.target(p, label) for p in prompts for label in self.labels],
+                             max_len=self.config.preprocessing.global_max_sequence_length,
+                             add_special_tokens=self.builder.add_special_tokens)
+        module, share = TargetLoss(self.model).eval(), can_share_prefix(self.model)
+        out = np.zeros((len(records), k))
+        for r in range(len(records)):
+            idx = list(range(r * k, (r + 1) * k))
+            batch = batching.make_batch(rows, idx, packed=True, share_prefix=share)
+            logits = module.target_logits(batch)
+            logp = torch.log_softmax(logits, -1).gather(1, batch["target_ids"].to(logits.device).view(-1, 1)).view(-1)
+            counts = [len(rows.ids[i]) - int(rows.prompt_lens[i]) for i in idx]
+            scores = torch.stack([part.sum() for part in torch.split(logp, counts)])
+            out[r] = torch.softmax(scores, 0).cpu().numpy()
         return out
 
     def evaluate(self, df: pd.DataFrame, batch_size: Optional[int] = None) -> tuple[dict, pd.DataFrame]:
@@ -367,8 +400,10 @@ class LlmModel:
         truth = [r.get(self.output_column) for r in records]
         if self.output.type == "category":
             labels = self.labels or sorted({str(x) for x in truth})
+            columns = [f"{name}_probabilities_{label}" for label in labels]
+            probs = predictions[columns].to_numpy() if all(c in predictions for c in columns) else None
             metrics.update(category_scores([str(x) for x in truth], list(predictions[f"{name}_predictions"]),
-                                           labels, top_k=self.output.top_k))
+                                           labels, top_k=self.output.top_k, probabilities=probs))
         else:
             metrics.update(text_scores(list(predictions[f"{name}_predictions"]), ["" if x is None else str(x)
                                                                                    for x in truth]))
