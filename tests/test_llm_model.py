@@ -283,3 +283,22 @@ def test_shared_prefix_batch_equals_separate_rows(tiny_llama_dir, attn, train_on
     with torch.no_grad():
         leak = module(leaky)
     assert abs(leak - both) > max(1e-3, 10 * abs(one - both))
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_llama_dir):
+    losses = []
+    for ckpt in (False, True):
+        cfg = make_config(tiny_llama_dir, adapter={"type": "lora", "dropout": 0.0},
+                          trainer={"type": "finetune", "epochs": 2, "batch_size": 2, "learning_rate": 1e-2,
+                                   "enable_gradient_checkpointing": ckpt})
+        m = LlmModel(cfg)
+        result = m.fit({"training": qa_frame(4)}, run_dir=None, resume=False, seed=0, log=lambda *_: None)
+        assert causal_lm_is_checkpointing(m.model) == ckpt
+        losses.append([s["loss"] for s in result.statistics["training"]])
+    assert np.allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def causal_lm_is_checkpointing(model) -> bool:
+    from cadenza.llm.loss import causal_lm_of
+
+    return any(getattr(mod, "gradient_checkpointing", False) for mod in causal_lm_of(model).modules())
