@@ -1,15 +1,21 @@
-"""Generate docs/configuration.md from the schema (the single source of keys, types, defaults and meanings).
+"""Generate docs/configuration.md from the schema, the single source of keys, types, defaults and meanings.
 
     python -m cadenza.docs_gen          # write docs/configuration.md
     python -m cadenza.docs_gen --check  # exit 1 if it is out of date
+
+Everything in a table comes from pydantic's `model_fields` (annotation, default or default_factory, ge/gt/le/lt
+metadata, description); the only hand-written parts are the section titles and their order below.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import sys
+import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, NamedTuple, Optional, Union
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -20,171 +26,361 @@ from . import schema as S
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
-# (title, model, key path prefix); order follows a config file from top to bottom
-SECTIONS: list[tuple[str, type[BaseModel], str]] = [
-    ("Top level", S.CadenzaConfig, ""),
-    ("Text input", S.TextInput, "input_features[]"),
-    ("Text encoder `auto_transformer`", S.AutoTransformerEncoder, "input_features[].encoder"),
-    ("Text encoder `llm`", S.LLMEncoder, "input_features[].encoder"),
-    ("Text preprocessing", S.TextPreprocessing, "input_features[].preprocessing"),
-    ("Number input", S.NumberInput, "input_features[]"),
-    ("Number preprocessing", S.NumberPreprocessing, "…preprocessing"),
-    ("Number/binary encoder", S.DenseEncoder, "input_features[].encoder"),
-    ("Category input", S.CategoryInput, "input_features[]"),
-    ("Category encoder", S.CategoryEncoder, "input_features[].encoder"),
-    ("Category preprocessing", S.CategoryPreprocessing, "…preprocessing"),
-    ("Binary input", S.BinaryInput, "input_features[]"),
-    ("Binary preprocessing", S.BinaryPreprocessing, "…preprocessing"),
-    ("Category output", S.CategoryOutput, "output_features[]"),
-    ("Category match rule (llm)", S.MatchRule, "output_features[].match.<label>"),
-    ("Binary output", S.BinaryOutput, "output_features[]"),
-    ("Number output", S.NumberOutput, "output_features[]"),
-    ("Set output", S.SetOutput, "output_features[]"),
-    ("Set preprocessing", S.SetPreprocessing, "output_features[].preprocessing"),
-    ("Text output (llm)", S.TextOutput, "output_features[]"),
-    ("Output decoder", S.Decoder, "output_features[].decoder"),
-    ("Output loss", S.Loss, "output_features[].loss"),
-    ("Combiner `concat`", S.ConcatCombiner, "combiner"),
-    ("Trainer", S.TrainerConfig, "trainer"),
-    ("Optimizer", S.Optimizer, "trainer.optimizer"),
-    ("Learning-rate schedule", S.LRScheduler, "trainer.learning_rate_scheduler"),
-    ("Gradient clipping", S.GradientClipping, "trainer.gradient_clipping"),
-    ("Preprocessing (global)", S.GlobalPreprocessing, "preprocessing"),
-    ("Split", S.SplitConfig, "preprocessing.split"),
-    ("Adapter `lora`", S.LoraConfig, "adapter"),
-    ("Adapter `adalora`", S.AdaloraConfig, "adapter"),
-    ("Adapter `ia3`", S.IA3Config, "adapter"),
-    ("Adapter `loha`", S.LohaConfig, "adapter"),
-    ("Adapter `lokr`", S.LokrConfig, "adapter"),
-    ("Adapter `vera`", S.VeraConfig, "adapter"),
-    ("Adapter `oft`", S.OftConfig, "adapter"),
-    ("Adapter postprocessor", S.AdapterPostprocessor, "adapter.postprocessor"),
-    ("Quantization (llm, CUDA)", S.QuantizationConfig, "quantization"),
-    ("Prompt (llm)", S.PromptConfig, "prompt"),
-    ("Few-shot retrieval (llm)", S.PromptRetrieval, "prompt.retrieval"),
-    ("Generation (llm)", S.GenerationConfig, "generation"),
-    ("Model parameters (llm)", S.ModelParameters, "model_parameters"),
-    ("Backend", S.BackendConfig, "backend"),
-    ("Per-type defaults", S.Defaults, "defaults"),
+# (heading level, title, section path), in the order a config file reads. A path walks the schema from the top level
+# (`trainer.optimizer`); `[x]` picks the union member whose `type` is x. Walking a path (rather than naming classes)
+# gives each section the defaults of its context: a number output's decoder defaults to `regressor`, not `classifier`.
+# Path None: a heading that only groups the sections under it.
+# A section model not listed here is inlined into the table that holds it, with its keys as dotted rows.
+SECTIONS: list[tuple[int, str, Optional[str]]] = [
+    (2, "Top level", ""),
+    (2, "Input features", None),
+    (3, "Text input", "input_features[text]"),
+    (4, "Text encoder `auto_transformer`", "input_features[text].encoder[auto_transformer]"),
+    (4, "Text encoder `llm`", "input_features[text].encoder[llm]"),
+    (3, "Number input", "input_features[number]"),
+    (3, "Category input", "input_features[category]"),
+    (3, "Binary input", "input_features[binary]"),
+    (2, "Output features", None),
+    (3, "Category output", "output_features[category]"),
+    (3, "Binary output", "output_features[binary]"),
+    (3, "Number output", "output_features[number]"),
+    (3, "Set output", "output_features[set]"),
+    (3, "Text output (llm)", "output_features[text]"),
+    (2, "Combiner", "combiner"),
+    (2, "Trainer", "trainer"),
+    (3, "Optimizer", "trainer.optimizer"),
+    (3, "Learning-rate scheduler", "trainer.learning_rate_scheduler"),
+    (3, "Gradient clipping", "trainer.gradient_clipping"),
+    (2, "Preprocessing", "preprocessing"),
+    (3, "Split", "preprocessing.split"),
+    (2, "Adapters", None),
+    (3, "Adapter `lora`", "adapter[lora]"),
+    (3, "Adapter `adalora`", "adapter[adalora]"),
+    (3, "Adapter `ia3`", "adapter[ia3]"),
+    (3, "Adapter `loha`", "adapter[loha]"),
+    (3, "Adapter `lokr`", "adapter[lokr]"),
+    (3, "Adapter `vera`", "adapter[vera]"),
+    (3, "Adapter `oft`", "adapter[oft]"),
+    (3, "Adapter postprocessor", "adapter[lora].postprocessor"),
+    (2, "Quantization", "quantization"),
+    (2, "Prompt", "prompt"),
+    (3, "Retrieval", "prompt.retrieval"),
+    (2, "Generation", "generation"),
+    (2, "Model parameters", "model_parameters"),
+    (2, "Backend", "backend"),
+    (2, "Defaults", "defaults"),
 ]
 
+HEADER = """\
+# Configuration reference
 
-def type_name(annotation: Any) -> str:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is type(None):
-        return "null"
-    if origin is typing.Literal:
-        return "one of: " + ", ".join(f"`{a}`" for a in args)
-    if origin is typing.Annotated:
-        return type_name(args[0])
-    if origin is typing.Union or str(origin) == "types.UnionType":
-        members = [a for a in args if typing.get_origin(a) is not typing.Literal]
-        literals = [v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
-        parts = [type_name(a) for a in members]
-        if literals:
-            parts.append(" or ".join(f"`{v}`" for v in literals))
-        return " or ".join(parts)
-    if origin in (list, tuple, dict):
-        inner = ", ".join(type_name(a) for a in args if a is not Ellipsis)
-        return f"{origin.__name__}[{inner}]"
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        title = next((t for t, m, _ in SECTIONS if m is annotation), annotation.__name__)
-        return f"[{title}](#{_anchor(title)})"
-    return getattr(annotation, "__name__", str(annotation))
+> Generated by `python -m cadenza.docs_gen` from `cadenza/schema.py`; do not edit by hand. Change the schema (types,
+> defaults, `Field(description=...)`) and rerun it; `python -m cadenza.docs_gen --check` and the tests fail while this
+> file is out of date.
+
+Cadenza reads Ludwig's config language for `model_type: ecd` and `model_type: llm`. **Unknown keys are errors**: every
+section rejects keys it does not define, so a misspelt or misplaced key is reported with its path (and a suggestion)
+instead of being ignored, and all problems are reported at once. `cadenza render_config --config c.yaml` prints a
+config with every default filled in.
+
+Key paths: `[]` stands for each item of a list (`input_features[].name`), `<label>` for a key you choose. A key whose
+type links to another section takes a mapping with that section's keys.
+"""
+
+
+class Row(NamedTuple):
+    key: str
+    type: str
+    default: str
+    description: str
+
+
+# ------------------------------------------------------------------------------------------ annotations
+def _unwrap(annotation: Any) -> Any:
+    """Drop `Annotated[...]` (it carries the union discriminator, which readers need not see)."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (Union, types.UnionType)
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The section classes a field can hold, in schema order, looking through Optional, unions, lists and dicts."""
+    annotation = _unwrap(annotation)
+    if _is_model(annotation):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+
+
+def variant(model: type[BaseModel]) -> Any:
+    """The `type` value that selects this member of a discriminated union."""
+    return typing.get_args(_unwrap(model.model_fields["type"].annotation))[0]
+
+
+def _container_suffix(annotation: Any) -> str:
+    """How the key path continues into a field's items: `[]` for a list item, `.<label>` for a mapping value."""
+    annotation = _unwrap(annotation)
+    if _is_union(annotation):  # Optional[list[...]] and the like
+        return next((s for s in map(_container_suffix, typing.get_args(annotation)) if s), "")
+    origin = typing.get_origin(annotation)
+    return "[]" if origin is list else ".<label>" if origin is dict else ""
+
+
+# ------------------------------------------------------------------------------------------ sections
+def resolve(path: str) -> tuple[type[BaseModel], Optional[BaseModel], str]:
+    """A section path's model, its default instance in that context (None where the context has none: required,
+    null by default, or a list item) and the key prefix readers see (`output_features[].decoder`)."""
+    model, instance, keys = S.CadenzaConfig, None, []
+    for segment in filter(None, path.split(".")):
+        name, _, wanted = segment.partition("[")
+        field = model.model_fields[name]
+        model = next(m for m in models_in(field.annotation) if not wanted or variant(m) == wanted.rstrip("]"))
+        value = getattr(instance, name) if instance is not None else field.get_default(call_default_factory=True)
+        instance = value if isinstance(value, model) else None
+        keys.append(name + _container_suffix(field.annotation))
+    return model, instance, ".".join(keys)
 
 
 def _anchor(title: str) -> str:
-    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
-    kept = "".join(c for c in title.lower() if c.isalnum() or c in " -_")
-    return kept.replace(" ", "-")
+    """GitHub's heading anchors: lower case, punctuation dropped (`_` and `-` kept), spaces to hyphens."""
+    return "".join(c for c in title.lower() if c.isalnum() or c in " -_").replace(" ", "-")
 
 
-def constraints(field: FieldInfo) -> str:
-    marks = []
-    for meta in field.metadata:
-        for attr, symbol in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"), ("min_length", "min items")):
-            value = getattr(meta, attr, None)
-            if value is not None:
-                marks.append(f"{symbol} {value}")
-    return f" ({', '.join(marks)})" if marks else ""
+def _section_titles() -> dict[type[BaseModel], str]:
+    """Which section documents each model that has its own section (the first, where a model has several)."""
+    titles: dict[type[BaseModel], str] = {}
+    for _, title, path in SECTIONS:
+        if path is not None:
+            titles.setdefault(resolve(path)[0], title)
+    return titles
 
 
-def default_text(field: FieldInfo) -> str:
-    if field.is_required():
-        return "**required**"
-    value = field.default_factory() if field.default_factory is not None else field.default
-    if value is PydanticUndefined:
-        return ""
-    if isinstance(value, BaseModel):
-        return "its section's defaults"
-    if isinstance(value, list) and not value:
-        return "`[]`"
+# ------------------------------------------------------------------------------------------ cells
+def _yaml(value: Any) -> str:
+    """A value as it would be written in a YAML config."""
     if value is None:
-        return "`null`"
+        return "null"
     if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    if isinstance(value, tuple):
-        value = list(value)
-    return f"`{value}`"
+        return str(value).lower()
+    if isinstance(value, str):  # quoted only where the bare text would be invisible or read as another type
+        plain = value and value.strip() == value and value not in ("null", "true", "false")
+        return value if plain else json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_yaml, value)) + "]"
+    return repr(value)
 
 
-def section_table(model: type[BaseModel], prefix: str) -> list[str]:
-    rows = ["| key | type | default | description |", "|---|---|---|---|"]
-    for name, field in model.model_fields.items():
+def _one_of(values: list[Any]) -> str:
+    shown = [("null" if v is None else f"`{_yaml(v)}`") for v in values]
+    return shown[0] if len(shown) == 1 else "one of: " + ", ".join(shown)
+
+
+def _bounds(field: FieldInfo) -> tuple[str, str]:
+    """(numeric bound, list length bound) from ge/gt/le/lt/min_length metadata, e.g. ('in [0, 1)', '')."""
+    low = high = None
+    length = ""
+    for meta in field.metadata:  # pydantic keeps Field(ge=...) etc. as annotated_types.Ge(ge=...) and the like
+        for attr, bracket in (("ge", "["), ("gt", "("), ("le", "]"), ("lt", ")")):
+            if getattr(meta, attr, None) is not None:
+                if attr[0] == "g":
+                    low = (bracket, getattr(meta, attr))
+                else:
+                    high = (bracket, getattr(meta, attr))
+        if getattr(meta, "min_length", None):
+            length = f"at least {meta.min_length} item" + ("s" if meta.min_length != 1 else "")
+    if low and high:  # interval notation reads best when both ends are bounded
+        return f"in {low[0]}{_yaml(low[1])}, {_yaml(high[1])}{high[0]}", length
+    if low:
+        return f"{'≥' if low[0] == '[' else '>'} {_yaml(low[1])}", length
+    if high:
+        return f"{'≤' if high[0] == ']' else '<'} {_yaml(high[1])}", length
+    return "", length
+
+
+def type_text(annotation: Any, links: dict[type[BaseModel], str], bound: str = "") -> str:
+    """A readable type: `int ≥ 1`, `one of: mean, last`, `list[str] | str | null`, or a link to a section."""
+    annotation = _unwrap(annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if origin is Literal:
+        return _one_of(list(args))
+    if _is_union(annotation):
+        literals = [v for a in args if typing.get_origin(_unwrap(a)) is Literal for v in typing.get_args(_unwrap(a))]
+        others = [a for a in args if typing.get_origin(_unwrap(a)) is not Literal and a is not type(None)]
+        nullable = type(None) in args
+        if not others:  # Optional[Literal[...]]: null is just one more allowed value
+            return _one_of(literals + [None] * nullable)
+        parts = [type_text(a, links, bound) for a in others]
+        parts += [_one_of(literals)] * bool(literals) + ["null"] * nullable
+        return " | ".join(parts)
+    if origin is list:  # "list[[Text input](#…)]" reads badly, so a list of sections is spelt out
+        inner = type_text(args[0], links)
+        return f"list of {inner}" if inner.startswith("[") else f"list[{inner}]"
+    if origin is tuple:  # fixed-length: a YAML list of exactly these
+        return "[" + ", ".join(type_text(a, links) for a in args) + "]"
+    if origin is dict:
+        return f"dict[{type_text(args[0], links)}, {type_text(args[1], links)}]"
+    if _is_model(annotation):
+        return f"[{links[annotation]}](#{_anchor(links[annotation])})" if annotation in links else "mapping"
+    if annotation is Any:
+        return "any"
+    name = getattr(annotation, "__name__", str(annotation))
+    return f"{name} {bound}" if bound and annotation in (int, float) else name
+
+
+def _description(name: str, field: FieldInfo) -> str:
+    # Keys that recur across sections share one meaning in schema.COMMON_DESCRIPTIONS
+    return field.description or S.COMMON_DESCRIPTIONS.get(name, "")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _key_order(model: type[BaseModel], links: dict[type[BaseModel], str]) -> list[str]:
+    """Schema order, except that `type` (which picks the variant) comes first and keys that open an inlined nested
+    section come last, so a feature's own keys are not split up by its decoder's and loss's rows."""
+    def opens_section(name: str) -> bool:
+        nested = models_in(model.model_fields[name].annotation)
+        return len(nested) == 1 and nested[0] not in links
+    return sorted(model.model_fields, key=lambda name: (name != "type", opens_section(name)))
+
+
+def section_rows(model: type[BaseModel], instance: Optional[BaseModel], prefix: str,
+                 links: dict[type[BaseModel], str], linked_from: dict[type[BaseModel], set[str]]) -> list[Row]:
+    """One row per key of `model`; a nested section without its own heading follows its key as dotted rows, with
+    the defaults of this context. Records in `linked_from` the key prefixes at which each linked section is taken."""
+    rows = []
+    for name in _key_order(model, links):
+        field = model.model_fields[name]
         key = f"{prefix}.{name}" if prefix else name
-        description = (field.description or S.COMMON_DESCRIPTIONS.get(name, "")).replace("|", "\\|")
-        rows.append(f"| `{key}` | {type_name(field.annotation)}{constraints(field)} | {default_text(field)} | "
-                    f"{description} |")
+        value = getattr(instance, name) if instance is not None else field.get_default(call_default_factory=True)
+        bound, length = _bounds(field)
+        kind = type_text(field.annotation, links, bound) + (f", {length}" if length else "")
+        nested = models_in(field.annotation)
+        inline = len(nested) == 1 and nested[0] not in links
+        if value is PydanticUndefined:
+            default = "**required**"
+        elif isinstance(value, BaseModel):
+            default = "see below" if inline else "see section"
+        else:
+            default = f"`{_yaml(value)}`"
+        rows.append(Row(key, kind, default, _description(name, field)))
+        if inline:
+            child = value if isinstance(value, nested[0]) else None
+            rows += section_rows(nested[0], child, key + _container_suffix(field.annotation), links, linked_from)
+        for linked in nested if not inline else []:
+            linked_from.setdefault(linked, set()).add(key + _container_suffix(field.annotation))
     return rows
 
 
-def ludwig_differences() -> list[str]:
+def all_sections() -> list[tuple[int, str, list[str], list[Row]]]:
+    """(level, title, intro paragraphs, rows) for every heading; rows is empty for grouping headings."""
+    links = _section_titles()
+    linked_from: dict[type[BaseModel], set[str]] = {}
+    built = []
+    for level, title, path in SECTIONS:
+        if path is None:
+            built.append((level, title, None, "", []))
+            continue
+        model, instance, prefix = resolve(path)
+        built.append((level, title, model, prefix, section_rows(model, instance, prefix, links, linked_from)))
+    out = []
+    for level, title, model, prefix, rows in built:
+        intro = []
+        doc = model.__dict__.get("__doc__") if model else None  # its own docstring, not the inherited Section one
+        if doc:
+            intro.append(doc.strip().split("\n\n")[0].replace("\n", " "))
+        # A section taken at several places is documented once; say where else its keys may start
+        elsewhere = sorted(linked_from.get(model, set()) - {prefix}) if model else []
+        if elsewhere:
+            intro.append("Also taken by " + ", ".join(f"`{k}`" for k in elsewhere) + " (the keys then start there).")
+        out.append((level, title, intro, rows))
+    return out
+
+
+def _table(rows: list[tuple], columns: tuple[str, ...] = ("key", "type", "default", "description")) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join([f"`{row[0]}`", *(_cell(c) for c in row[1:])]) + " |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ Ludwig
+def model_type_defaults() -> list[tuple[str, str, str, str, str]]:
+    """Trainer defaults that config.fill_model_type_defaults fills in, found by running it on minimal configs (so this
+    table follows config.py, including its _DEFAULT_LR constants, without restating them)."""
+    features = {"input_features": [{"name": "in", "type": "text"}],
+                "output_features": [{"name": "out", "type": "text"}]}
+    cases = {"ecd": {}, "llm": {"model_type": "llm"},
+             "llm + adapter": {"model_type": "llm", "adapter": {"type": "lora"}}}
+    filled = {case: config_module.fill_model_type_defaults(S.CadenzaConfig(**features, **extra)).trainer
+              for case, extra in cases.items()}
+    schema_default = S.TrainerConfig()
     rows = []
-    for title, model, prefix in SECTIONS:
-        for name, field in model.model_fields.items():
-            if field.description and "Ludwig:" in field.description:
-                key = f"{prefix}.{name}" if prefix else name
-                rows.append(f"- `{key}` ({title}): {field.description}")
-    lr = config_module._DEFAULT_LR
-    rows.append(f"- `trainer.learning_rate` when null: {lr['ecd']:g} for ecd, {lr['llm_adapter']:g} for llm with an "
-                f"adapter, {lr['llm_full']:g} for full llm fine-tuning (Ludwig: 0.001 everywhere).")
-    rows.append("- For `model_type: llm`, unset trainer keys become `type: none` (Ludwig's zero-shot default), "
-                "`epochs: 3` and `early_stop: -1`.")
-    return sorted(set(rows), key=rows.index)
+    for name in S.TrainerConfig.model_fields:
+        values = [getattr(trainer, name) for trainer in filled.values()]
+        if any(v != getattr(schema_default, name) for v in values):
+            rows.append((f"trainer.{name}", *(f"`{_yaml(v)}`" for v in [getattr(schema_default, name), *values])))
+    return rows
 
 
+def ludwig_rows(sections) -> list[Row]:
+    """Rows whose description says how Ludwig differs ("Ludwig: ..."), in document order; a description shared by
+    several sections (text preprocessing in inputs and outputs) is listed at its first place only."""
+    seen, rows = set(), []
+    for _, title, _, section in sections:
+        for row in section:
+            if "Ludwig:" in row.description and row.description not in seen:
+                seen.add(row.description)
+                rows.append(Row(row.key, title, row.default, row.description))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ document
 def render() -> str:
-    lines = [
-        "# Configuration reference",
-        "",
-        "<!-- Generated by `python -m cadenza.docs_gen` from cadenza/schema.py; do not edit by hand. -->",
-        "",
-        "Cadenza reads Ludwig's config language for `model_type: ecd` and `model_type: llm`. Every key below is "
-        "checked: an unknown or misplaced key is an error naming its path (with a suggestion for typos), and all "
-        "problems are reported at once. `cadenza render_config --config c.yaml` prints a config with every default "
-        "filled in.",
-        "",
-        "## Defaults that differ from Ludwig",
-        "",
-        *ludwig_differences(),
-        "",
+    sections = all_sections()
+    lines = [HEADER]
+    lines += ["## Contents", ""]
+    lines += ["  " * (level - 2) + f"- [{title}](#{_anchor(title)})" for level, title, _, _ in sections]
+    lines += ["- [Defaults that differ from Ludwig](#defaults-that-differ-from-ludwig)", ""]
+    for level, title, intro, rows in sections:
+        lines += ["#" * level + " " + title, ""]
+        for paragraph in intro:
+            lines += [paragraph, ""]
+        if rows:
+            lines += _table(rows) + [""]
+    lines += [
+        "## Defaults that differ from Ludwig", "",
+        "Keys whose description above mentions Ludwig's default:", "",
+        *_table(ludwig_rows(sections), ("key", "section", "Cadenza default", "note")), "",
+        "### Defaults that depend on `model_type`", "",
+        "When these keys are not set, `model_type` (and, for llm, whether an adapter is used) decides them:", "",
+        *_table(model_type_defaults(), ("key", "schema default", "ecd", "llm", "llm + adapter")), "",
     ]
-    for title, model, prefix in SECTIONS:
-        lines += [f"## {title}", ""]
-        if model.__doc__ and model.__doc__.strip() and not model.__doc__.startswith(model.__name__ + "("):
-            lines += [model.__doc__.strip().splitlines()[0], ""]
-        lines += section_table(model, prefix) + [""]
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     text = render()
     if "--check" in argv:
-        if not DOC_PATH.exists() or DOC_PATH.read_text() != text:
-            print(f"{DOC_PATH} is out of date: run `python -m cadenza.docs_gen`", file=sys.stderr)
-            return 1
-        return 0
+        current = DOC_PATH.read_text() if DOC_PATH.exists() else ""
+        if current == text:
+            return 0
+        diff = list(difflib.unified_diff(current.splitlines(), text.splitlines(), "on disk", "generated", lineterm=""))
+        print("\n".join(diff[:40]), file=sys.stderr)
+        print(f"{DOC_PATH} is out of date: run `python -m cadenza.docs_gen`", file=sys.stderr)
+        return 1
     DOC_PATH.write_text(text)
     print(f"wrote {DOC_PATH}")
     return 0

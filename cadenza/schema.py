@@ -107,7 +107,7 @@ Adapter = Annotated[
 class QuantizationConfig(Section):
     """bitsandbytes quantization (QLoRA); needs CUDA."""
 
-    backend: Literal["bitsandbytes"] = "bitsandbytes"
+    backend: Literal["bitsandbytes"] = Field("bitsandbytes", description="Quantization library (only bitsandbytes).")
     bits: Literal[4, 8] = 4
     llm_int8_threshold: float = 6.0
     llm_int8_has_fp16_weight: bool = False
@@ -306,7 +306,9 @@ class CategoryOutput(OutputBase):
 
 
 class MatchRule(Section):
-    type: Literal["contains", "regex"] = "contains"
+    type: Literal["contains", "regex"] = Field(
+        "contains", description="contains: the generated text contains `value`; regex: `value` matches it."
+    )
     value: str
 
 
@@ -435,7 +437,10 @@ class TrainerConfig(Section):
 
 # -------------------------------------------------------------------------------------------- top level
 class SplitConfig(Section):
-    type: Literal["random", "fixed", "stratify"] = "random"
+    type: Literal["random", "fixed", "stratify"] = Field(
+        "random", description="random: shuffled by the seed; fixed: read from `column`; stratify: random within each "
+        "value of `column`, so every split keeps its proportions."
+    )
     probabilities: tuple[float, float, float] = (0.7, 0.1, 0.2)
     column: Optional[str] = Field(
         None, description="fixed: the split column (0/1/2 or train/validation/test); stratify: the label column."
@@ -463,7 +468,10 @@ class GlobalPreprocessing(Section):
 
 
 class PromptRetrieval(Section):
-    type: Optional[Literal["random", "semantic"]] = None
+    type: Optional[Literal["random", "semantic"]] = Field(
+        None, description="How few-shot examples are picked from the training rows: at random or the most similar "
+        "(semantic); null: none."
+    )
     k: int = Field(0, ge=0, description="Examples inserted into the prompt (forced to >= 1 when type is set).")
     model_name: Optional[str] = Field(None, description="semantic: a sentence-embedding model (default: minilm).")
     index_name: Optional[str] = None
@@ -484,10 +492,13 @@ class PromptConfig(Section):
 class GenerationConfig(Section):
     """Mirrors transformers.GenerationConfig. Ludwig samples at temperature 0.1 by default; we decode greedily."""
 
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, description="Most tokens generated per row. Ludwig: 32.")
     min_new_tokens: Optional[int] = None
-    do_sample: bool = False
-    temperature: Optional[float] = Field(None, gt=0)
+    do_sample: bool = Field(
+        False, description="Sample instead of greedy/beam decoding. Ludwig: true (at temperature 0.1); greedy "
+        "decoding makes predictions reproducible."
+    )
+    temperature: Optional[float] = Field(None, gt=0, description="Sampling temperature (with do_sample). Ludwig: 0.1.")
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     num_beams: int = Field(1, ge=1)

@@ -2,46 +2,109 @@
 
 import typing
 
+import pytest
 from pydantic import BaseModel
 
-from cadenza import docs_gen, schema
+from cadenza import config, docs_gen, schema
 
 
-def all_models(root=schema.CadenzaConfig, seen=None) -> set:
-    """Every schema section reachable from the top level, walked independently of docs_gen's section list."""
-    seen = set() if seen is None else seen
-    if root in seen:
-        return seen
-    seen.add(root)
-    for field in root.model_fields.values():
-        stack = [field.annotation]
-        while stack:
-            ann = stack.pop()
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                all_models(ann, seen)
-            stack.extend(typing.get_args(ann))
-    return seen
+@pytest.fixture(scope="module")
+def text() -> str:
+    return docs_gen.render()
 
 
-def test_generated_reference_is_up_to_date():
-    assert docs_gen.DOC_PATH.read_text() == docs_gen.render(), "run: python -m cadenza.docs_gen"
+def _row(text: str, key: str, section: str | None = None) -> list[str]:
+    """The cells of the row for `key` (within the section titled `section`, where a key occurs in several)."""
+    if section is not None:
+        text = text.split(f" {section}\n", 1)[1].split("\n#", 1)[0]
+    line = next(line for line in text.splitlines() if line.startswith(f"| `{key}` |"))
+    return [cell.strip() for cell in line.strip("|").split(" | ")]
 
 
-def test_every_section_and_key_is_documented_with_a_meaning():
-    documented = {model for _, model, _ in docs_gen.SECTIONS}
-    missing = all_models() - documented
-    assert not missing, f"schema sections missing from docs_gen.SECTIONS: {missing}"
-    text = docs_gen.render()
-    for _, model, prefix in docs_gen.SECTIONS:
+def _schema_keys() -> dict[str, type[BaseModel]]:
+    """Every key path of every section model, walked from the top level independently of docs_gen: breadth first,
+    each model at the first (shallowest) place it is reachable; `[]` for list items, `.<label>` for mapping values."""
+    keys, seen, queue = {}, set(), [(schema.CadenzaConfig, "")]
+    while queue:
+        model, prefix = queue.pop(0)
+        if model in seen:
+            continue
+        seen.add(model)
         for name, field in model.model_fields.items():
             key = f"{prefix}.{name}" if prefix else name
-            assert f"| `{key}` |" in text
-            assert field.description or schema.COMMON_DESCRIPTIONS.get(name), f"{model.__name__}.{name}"
+            keys[key] = model
+            stack = [(field.annotation, key)]
+            while stack:  # look through Optional/Union/Annotated/list/dict for nested sections
+                annotation, path = stack.pop(0)
+                origin = typing.get_origin(annotation)
+                if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                    queue.append((annotation, path))
+                elif origin is list:
+                    stack.append((typing.get_args(annotation)[0], path + "[]"))
+                elif origin is dict:
+                    stack.append((typing.get_args(annotation)[1], path + ".<label>"))
+                else:
+                    stack.extend((arg, path) for arg in typing.get_args(annotation))
+    return keys
 
 
-def test_known_rows():
-    text = docs_gen.render()
-    assert "| `trainer.epochs` | int (≥ 1) | `10` |" in text
-    row = next(line for line in text.splitlines() if line.startswith("| `input_features[].encoder.reduce_output`"))
-    assert "`mean`" in row and "`last`" in row and "| `mean` |" in row
-    assert "- `trainer.optimizer.type` (Optimizer): Ludwig: adam." in text
+def test_generated_reference_is_up_to_date(text):
+    assert docs_gen.DOC_PATH.read_text() == text, "docs/configuration.md is stale: run `python -m cadenza.docs_gen`"
+
+
+def test_every_key_of_every_section_is_documented_with_a_meaning(text):
+    keys = _schema_keys()
+    assert len(keys) > 150  # the walk really went through lists, unions and mappings
+    missing = [key for key in keys if f"| `{key}` |" not in text]
+    assert not missing, f"keys missing from docs/configuration.md: {missing}"
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+            assert all(cells), f"empty cell in {line}"
+
+
+def test_known_rows(text):
+    assert _row(text, "trainer.epochs") == ["`trainer.epochs`", "int ≥ 1", "`10`", "Ludwig: 100."]
+    kind, default = _row(text, "input_features[].encoder.reduce_output", "Text encoder `auto_transformer`")[1:3]
+    assert default == "`mean`"
+    assert kind == "one of: " + ", ".join(f"`{v}`" for v in typing.get_args(schema.Reduce))
+    assert _row(text, "adapter.target_modules", "Adapter `lora`")[1] == r"list[str] \| str \| null"
+    assert _row(text, "adapter.dropout", "Adapter `lora`")[1] == "float in [0, 1)"
+    assert _row(text, "trainer.batch_size")[1:3] == [r"int \| `auto`", "`auto`"]
+    assert _row(text, "output_features[].match.<label>.value")[2] == "**required**"
+
+
+def test_defaults_come_from_the_section_context(text):
+    # A nested section's defaults are those its parent's default_factory gives, not the class defaults
+    assert _row(text, "output_features[].decoder.type", "Number output")[2] == "`regressor`"
+    assert _row(text, "output_features[].decoder.type", "Category output")[2] == "`classifier`"
+    assert _row(text, "input_features[].preprocessing.normalization", "Number input")[2] == "`zscore`"
+    assert _row(text, "output_features[].preprocessing.max_sequence_length", "Text output (llm)")[2] == "`512`"
+    assert _row(text, "output_features[].preprocessing.missing_value_strategy", "Set output")[2] == "`drop_row`"
+
+
+def test_header_and_ludwig_differences(text):
+    assert "Generated by `python -m cadenza.docs_gen`" in text and "do not edit by hand" in text
+    assert "Unknown keys are errors" in text
+    ludwig = text.split("## Defaults that differ from Ludwig\n", 1)[1]
+    assert _row(ludwig, "trainer.optimizer.type")[1:3] == ["Optimizer", "`adamw`"]
+    assert _row(ludwig, "trainer.learning_rate")[2:] == [f"`{config._DEFAULT_LR[k]!r}`"
+                                                         for k in ("ecd", "llm_full", "llm_adapter")]
+    assert _row(ludwig, "trainer.type")[2:] == ["`finetune`", "`none`", "`none`"]
+    assert _row(ludwig, "trainer.early_stop")[3] == "`-1`"
+
+
+def test_links_point_at_headings(text):
+    anchors = {docs_gen._anchor(line.lstrip("#").strip()) for line in text.splitlines() if line.startswith("#")}
+    targets = {part.split(")", 1)[0] for part in text.split("](#")[1:]}
+    assert targets and targets <= anchors, targets - anchors
+
+
+def test_check_mode(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "configuration.md"
+    monkeypatch.setattr(docs_gen, "DOC_PATH", path)
+    assert docs_gen.main(["--check"]) == 1  # missing
+    path.write_text("stale\n")
+    assert docs_gen.main(["--check"]) == 1
+    assert "out of date" in capsys.readouterr().err
+    assert docs_gen.main([]) == 0 and docs_gen.main(["--check"]) == 0
