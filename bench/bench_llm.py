@@ -309,8 +309,10 @@ def llm_zero_shot_config() -> dict:
             "output_features": [{"name": "sentiment", "type": "category",
                                  "match": {"fresh": {"type": "regex", "value": r"\b(fresh|positive)\b"},
                                            "rotten": {"type": "regex", "value": r"\b(rotten|negative)\b"}}}],
-            "prompt": {"task": "Is this movie review fresh (positive) or rotten (negative)? "
-                               "Answer with one word: fresh or rotten."},
+            # (a prompt asking for "fresh or rotten" made SmolLM2 answer "fresh" to nearly everything: 0.50
+            # accuracy on a 24-row probe, against 0.62 for positive/negative)
+            "prompt": {"template": "Movie review: {review}\n\nIs this review positive or negative? "
+                                   "Answer with one word."},
             "generation": {"max_new_tokens": 8},
             "trainer": {"type": "none"}}
 
