@@ -8,7 +8,7 @@ Where Ludwig's default is poor for LLMs, ours differs; `Field(description=...)` 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -198,7 +198,8 @@ class NumberPreprocessing(Section):
     missing_value_strategy: MissingStrategy = "fill_with_const"
     fill_value: float = 0.0
     normalization: Optional[Literal["zscore", "minmax", "log1p", "iq"]] = Field(
-        None, description="Ludwig: zscore for inputs. Cadenza: zscore for inputs, none for outputs unless set."
+        None, description="null: none. Number inputs and outputs default to zscore (as in Ludwig); predictions "
+        "of a normalised output are mapped back to the original scale."
     )
 
 
@@ -229,6 +230,28 @@ class FeatureBase(Section):
     column: Optional[str] = Field(None, description="Data column; default: the name.")
     proc_column: Optional[str] = Field(None, description="Accepted for Ludwig compatibility; unused.")
 
+    # Defaults that depend on where a section sits (a number output's decoder is a regressor, outputs drop rows
+    # with a missing label). They fill a partly written section too: `preprocessing: {fill_value: 1}` on a
+    # number input keeps zscore instead of falling back to the section class's own default.
+    context_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_context_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.context_defaults:
+            return data
+        data = dict(data)
+        for section, defaults in cls.context_defaults.items():
+            given = data.get(section)
+            if isinstance(given, dict):
+                data[section] = {**defaults, **given}
+        return data
+
+
+def _in_context(section_cls: type[Section], feature_cls_defaults: dict[str, Any]):
+    """default_factory for a section that is omitted entirely: the same context defaults."""
+    return Field(default_factory=lambda: section_cls(**feature_cls_defaults))
+
 
 class TextInput(FeatureBase):
     type: Literal["text"]
@@ -241,7 +264,8 @@ class TextInput(FeatureBase):
 class NumberInput(FeatureBase):
     type: Literal["number"]
     encoder: DenseEncoder = Field(default_factory=DenseEncoder)
-    preprocessing: NumberPreprocessing = Field(default_factory=lambda: NumberPreprocessing(normalization="zscore"))
+    context_defaults: ClassVar = {"preprocessing": {"normalization": "zscore"}}
+    preprocessing: NumberPreprocessing = _in_context(NumberPreprocessing, context_defaults["preprocessing"])
 
 
 class CategoryInput(FeatureBase):
@@ -296,9 +320,8 @@ class OutputBase(FeatureBase):
 class CategoryOutput(OutputBase):
     type: Literal["category"]
     top_k: int = Field(3, ge=1, description="Hits@k is reported for this k.")
-    preprocessing: CategoryPreprocessing = Field(
-        default_factory=lambda: CategoryPreprocessing(missing_value_strategy="drop_row")
-    )
+    context_defaults: ClassVar = {"preprocessing": {"missing_value_strategy": "drop_row"}}
+    preprocessing: CategoryPreprocessing = _in_context(CategoryPreprocessing, context_defaults["preprocessing"])
     match: Optional[dict[str, "MatchRule"]] = Field(
         None, description="llm only: label -> rule that finds the label in generated text."
     )
@@ -315,35 +338,33 @@ class MatchRule(Section):
 class BinaryOutput(OutputBase):
     type: Literal["binary"]
     threshold: float = Field(0.5, gt=0, lt=1)
-    decoder: Decoder = Field(default_factory=lambda: Decoder(type="regressor"))
-    preprocessing: BinaryPreprocessing = Field(
-        default_factory=lambda: BinaryPreprocessing(missing_value_strategy="drop_row")
-    )
+    context_defaults: ClassVar = {"preprocessing": {"missing_value_strategy": "drop_row"},
+                                  "decoder": {"type": "regressor"}}
+    decoder: Decoder = _in_context(Decoder, context_defaults["decoder"])
+    preprocessing: BinaryPreprocessing = _in_context(BinaryPreprocessing, context_defaults["preprocessing"])
 
 
 class NumberOutput(OutputBase):
     type: Literal["number"]
-    decoder: Decoder = Field(default_factory=lambda: Decoder(type="regressor"))
-    preprocessing: NumberPreprocessing = Field(
-        default_factory=lambda: NumberPreprocessing(missing_value_strategy="drop_row", normalization="zscore")
-    )
+    context_defaults: ClassVar = {"preprocessing": {"missing_value_strategy": "drop_row", "normalization": "zscore"},
+                                  "decoder": {"type": "regressor"}}
+    decoder: Decoder = _in_context(Decoder, context_defaults["decoder"])
+    preprocessing: NumberPreprocessing = _in_context(NumberPreprocessing, context_defaults["preprocessing"])
 
 
 class SetOutput(OutputBase):
     type: Literal["set"]
     threshold: float = Field(0.5, gt=0, lt=1)
-    preprocessing: SetPreprocessing = Field(
-        default_factory=lambda: SetPreprocessing(missing_value_strategy="drop_row")
-    )
+    context_defaults: ClassVar = {"preprocessing": {"missing_value_strategy": "drop_row"}}
+    preprocessing: SetPreprocessing = _in_context(SetPreprocessing, context_defaults["preprocessing"])
 
 
 class TextOutput(OutputBase):
     """llm only: the response the model learns to generate."""
 
     type: Literal["text"]
-    preprocessing: TextPreprocessing = Field(
-        default_factory=lambda: TextPreprocessing(missing_value_strategy="drop_row", max_sequence_length=512)
-    )
+    context_defaults: ClassVar = {"preprocessing": {"missing_value_strategy": "drop_row", "max_sequence_length": 512}}
+    preprocessing: TextPreprocessing = _in_context(TextPreprocessing, context_defaults["preprocessing"])
 
 
 OutputFeature = Annotated[

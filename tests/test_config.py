@@ -132,3 +132,22 @@ def test_render_is_valid_yaml_and_reloads():
 
     text = to_yaml(render_config(ecd()))
     assert load_config(yaml.safe_load(text)).model_dump() == load_config(ecd()).model_dump()
+
+
+def test_partly_written_sections_keep_their_context_defaults():
+    cfg = ecd(input_features=[{"name": "x", "type": "number", "preprocessing": {"fill_value": 1}}],
+              output_features=[{"name": "y", "type": "number", "decoder": {"num_fc_layers": 1}},
+                               {"name": "b", "type": "binary", "preprocessing": {"fill_value": "no"}},
+                               {"name": "s", "type": "set", "preprocessing": {"tokenizer": "comma"}}],
+              defaults={"category": {"preprocessing": {"lowercase": True}}})
+    cfg["output_features"].append({"name": "c", "type": "category"})
+    config = load_config(cfg)
+    number_in = config.input_features[0].preprocessing
+    assert (number_in.fill_value, number_in.normalization) == (1.0, "zscore")
+    y, b, s, c = config.output_features
+    assert (y.decoder.type, y.decoder.num_fc_layers, y.preprocessing.normalization) == ("regressor", 1, "zscore")
+    assert [o.preprocessing.missing_value_strategy for o in (y, b, s, c)] == ["drop_row"] * 4
+    assert c.preprocessing.lowercase  # a `defaults` section is partial too
+    # a value the user writes still wins over the context's default
+    cfg["output_features"][0]["decoder"] = {"type": "classifier"}
+    assert load_config(cfg).output_features[0].decoder.type == "classifier"

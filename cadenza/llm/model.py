@@ -161,7 +161,7 @@ class LlmModel:
 
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.enable_gradient_checkpointing)
         if t.enable_gradient_checkpointing:
-            causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(causal_lm_of(model))
         if cfg.adapter is not None:
             adapter = cfg.adapter
             if adapter.pretrained_adapter_weights:
@@ -472,3 +472,12 @@ def _adapter_folder(path: str) -> Path:
             return candidate
     raise ModelFolderError(f"adapter.pretrained_adapter_weights: no adapter_config.json in {p}, {p / LLM_WEIGHTS} "
                            f"or {p / 'model' / LLM_WEIGHTS}")
+
+
+def _enable_activation_checkpointing(model) -> None:
+    # transformers renamed gradient_checkpointing_enable (deprecated, gone in v6); our range spans both names
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
