@@ -631,7 +631,8 @@ COMMON_DESCRIPTIONS = {
     "system_prompt": "llm: system message when the chat template is used.", "index_name": "Accepted for Ludwig "
     "compatibility.", "cache_dir": "Where caches go.", "cache_credentials": "Accepted for Ludwig compatibility.",
     "rope_scaling": "RoPE scaling passed to the model config ({rope_type, factor}).",
-    "neftune_noise_alpha": "NEFTune: noise added to input embeddings while training (0: off).",
+    "neftune_noise_alpha": "NEFTune: uniform noise of size alpha/sqrt(L*d) on the input embeddings while "
+    "training (L: the longest row of the micro-batch, d: the hidden size); 5 is the paper's usual value; 0: off.",
     "max_new_tokens": "Most tokens generated per row.", "min_new_tokens": "Fewest tokens generated per row.",
     "do_sample": "Sample instead of greedy/beam decoding.", "temperature": "Sampling temperature.",
     "top_k": "Sample among the k likeliest tokens.", "top_p": "Nucleus sampling mass.",

@@ -113,7 +113,9 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     result = TrainResult()
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "since_best": 0}
+    # epoch_loss/epoch_weight: the running sums of the current epoch, checkpointed so a resumed epoch reports
+    # the same mean loss as an uninterrupted one
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "since_best": 0, "epoch_loss": 0.0, "epoch_weight": 0.0}
     ckpt_dir = Path(run_dir) / CHECKPOINT if run_dir else None
     if resume and ckpt_dir and (ckpt_dir / "state.json").exists():
         state, result = _load_checkpoint(ckpt_dir, accelerator.unwrap_model(model), optimizer, scheduler, result)
@@ -133,7 +135,9 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
             groups = _groups(task.batches(epoch), accum, accelerator.process_index, world, task.num_batches)
             bar = tqdm(total=steps_per_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
-            epoch_loss = epoch_weight = 0.0
+            if state["step_in_epoch"] == 0:
+                state["epoch_loss"] = state["epoch_weight"] = 0.0
+            session_weight = 0.0  # units trained in this process, for throughput
             t0 = time.perf_counter()
             for i, group in enumerate(groups):
                 if i < state["step_in_epoch"]:
@@ -141,23 +145,27 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                 local = float(sum(task.weight(b) for b in group))
                 total = torch.tensor(local, device=accelerator.device)
                 total = accelerator.reduce(total, "sum") if world > 1 else total
+                group_loss = 0.0
                 for j, batch in enumerate(group):
                     sync = contextlib.nullcontext() if j == len(group) - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
                         loss = task.loss_sum(model, batch)
                     accelerator.backward(loss * world / total.clamp_min(1.0))
-                    epoch_loss += float(loss.detach())
+                    group_loss += float(loss.detach())
                     tokens_done += task.tokens(batch) if task.tokens else 0
                 _clip(accelerator, model, cfg)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                epoch_weight += local  # this rank's share: its loss sum is over these units
+                state["epoch_loss"] += group_loss
+                state["epoch_weight"] += local  # this rank's share: its loss sum is over these units
+                session_weight += local
                 units_done += float(total)
                 state["global_step"] += 1
                 state["step_in_epoch"] = i + 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{epoch_loss / max(epoch_weight, 1):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{state['epoch_loss'] / max(state['epoch_weight'], 1):.4f}",
+                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 if cfg.steps_per_checkpoint and state["global_step"] % cfg.steps_per_checkpoint == 0 and ckpt_dir:
                     _save_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, state, result, best_weights)
                 if state["global_step"] >= total_steps:
@@ -165,10 +173,10 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
             bar.close()
             seconds = time.perf_counter() - t0
             train_seconds += seconds
-            train_stats = {"loss": epoch_loss / max(epoch_weight, 1.0), "seconds": seconds,
-                           f"{task.unit}_per_second": epoch_weight * world / max(seconds, 1e-9)}
+            train_stats = {"loss": state["epoch_loss"] / max(state["epoch_weight"], 1.0), "seconds": seconds,
+                           f"{task.unit}_per_second": session_weight * world / max(seconds, 1e-9)}
             if task.flops_per_unit and peak:
-                train_stats["mfu"] = task.flops_per_unit * epoch_weight / max(seconds, 1e-9) / peak  # per device
+                train_stats["mfu"] = task.flops_per_unit * session_weight / max(seconds, 1e-9) / peak  # per device
             result.statistics["training"].append(train_stats)
             line = f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f}, " \
                    f"{train_stats[f'{task.unit}_per_second']:.1f} {task.unit}/s"

@@ -117,7 +117,7 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_bert_dir, cache_dir
     cfg = config(tiny_bert_dir)
     cfg["trainer"].update(epochs=4, early_stop=-1)
     full = Model(cfg, log=quiet)
-    full.train(df, output_directory=tmp_path / "full")
+    full_out = full.train(df, output_directory=tmp_path / "full")
 
     calls = {"n": 0}
     real_loss = EcdModel._loss_sum
@@ -138,6 +138,9 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_bert_dir, cache_dir
     resumed = Model(cfg, log=quiet)
     out = resumed.train(df, output_directory=tmp_path / "cut", resume=True)
     assert out.run_dir == run_dir and not (run_dir / "checkpoint").exists()
+    # the interrupted epoch's mean loss counts the steps taken before the interruption too
+    assert [e["loss"] for e in out.statistics["training"]] == \
+        pytest.approx([e["loss"] for e in full_out.statistics["training"]], rel=1e-6)
     np.testing.assert_allclose(resumed.predict(df)["rating_predictions"], full.predict(df)["rating_predictions"],
                                rtol=1e-5, atol=1e-5)
 

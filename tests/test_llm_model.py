@@ -302,3 +302,69 @@ def causal_lm_is_checkpointing(model) -> bool:
     from cadenza.llm.loss import causal_lm_of
 
     return any(getattr(mod, "gradient_checkpointing", False) for mod in causal_lm_of(model).modules())
+
+
+def test_interrupted_llm_training_resumes_to_the_same_adapter(tiny_llama_dir, tmp_path, cache_dir, monkeypatch):
+    from cadenza import Model
+
+    df = qa_frame(24)
+    cfg = {"model_type": "llm", "base_model": str(tiny_llama_dir),
+           "input_features": [{"name": "question", "type": "text"}],
+           "output_features": [{"name": "answer", "type": "text"}],
+           "adapter": {"type": "lora", "dropout": 0.0},
+           "trainer": {"type": "finetune", "epochs": 3, "batch_size": 4, "learning_rate": 0.01, "early_stop": -1},
+           "generation": {"max_new_tokens": 6}}
+    quiet = lambda *_: None  # noqa: E731
+    full = Model(cfg, log=quiet)
+    full_out = full.train(df, output_directory=tmp_path / "full")
+
+    calls = {"n": 0}
+    real_forward = TargetLoss.forward
+
+    def interrupting(self, batch):
+        if torch.is_grad_enabled():  # training steps only, not validation
+            calls["n"] += 1
+            if calls["n"] == 7:  # in the second epoch (5 micro-batches per epoch)
+                raise KeyboardInterrupt
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(TargetLoss, "forward", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        Model(cfg, log=quiet).train(df, output_directory=tmp_path / "cut")
+    run_dir = tmp_path / "cut" / "experiment_run"
+    assert (run_dir / "checkpoint").is_dir() and not (run_dir / "model").exists()
+    monkeypatch.setattr(TargetLoss, "forward", real_forward)
+
+    resumed = Model(cfg, log=quiet)
+    out = resumed.train(df, output_directory=tmp_path / "cut", resume=True)
+    assert out.run_dir == run_dir and not (run_dir / "checkpoint").exists()
+    losses = lambda o: [e["loss"] for e in o.statistics["training"]]  # noqa: E731
+    assert losses(out) == pytest.approx(losses(full_out), rel=1e-5)
+    prompts = ["what colour is the apple?", "what colour is the mango?"]
+    assert resumed.generate(prompts) == full.generate(prompts)
+    trained = {n: p for n, p in full.model.model.named_parameters() if p.requires_grad}
+    for n, p in resumed.model.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, trained[n], rtol=1e-5, atol=1e-6)
+
+
+def test_neftune_noise_only_while_training(tiny_llama_dir, rows_and_model, tmp_path, cache_dir):
+    rows, _ = rows_and_model
+    model = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32).eval()
+    batch = batching.make_batch(rows, list(range(len(rows))), packed=True)
+    assert batch["longest_row"] == int(rows.lengths.max())
+    plain, noisy = TargetLoss(model), TargetLoss(model, neftune_noise_alpha=5.0)
+    with torch.no_grad():
+        reference = plain.eval()(batch)
+        assert torch.equal(noisy.eval()(batch), reference)  # evaluation and generation see no noise
+        noisy.train()
+        first, second = noisy(batch), noisy(batch)
+        assert torch.equal(plain.train()(batch), reference)  # no dropout in the model: the noise is the change
+    assert not torch.allclose(first, reference) and not torch.allclose(first, second)
+    # through the config: the same seed trains another adapter with noise than without
+    trained = []
+    for alpha in (0.0, 5.0):
+        m, *_ = train_small(tiny_llama_dir, tmp_path, epochs=2, adapter={"type": "lora", "dropout": 0.0},
+                            model_parameters={"neftune_noise_alpha": alpha})
+        trained.append({k: v.clone() for k, v in m.model.state_dict().items() if "lora_B" in k})
+    assert any(not torch.allclose(trained[0][k], trained[1][k]) for k in trained[0])

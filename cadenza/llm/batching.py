@@ -85,6 +85,7 @@ def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_in
         "num_tokens": int(sum(lens)),
         "computed_tokens": int(input_ids.numel()),
         "rows": list(idx),
+        "longest_row": int(max(lens)),
     }
 
 
@@ -125,6 +126,7 @@ def _shared_prefix_batch(rows: TokenizedRows, idx: list[int], seqs: list[np.ndar
         "num_tokens": int(sum(len(s) for s in seqs)),  # tokens of the rows as given (the work they stand for)
         "computed_tokens": total,
         "rows": list(idx),
+        "longest_row": int(max(len(s) for s in seqs)),
     }
 
 

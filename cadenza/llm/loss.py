@@ -7,6 +7,8 @@ trainer divides by the effective batch's target-token count, which makes gradien
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -27,9 +29,10 @@ def can_share_prefix(model) -> bool:
 
 
 class TargetLoss(torch.nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, neftune_noise_alpha: float = 0.0):
         super().__init__()
         self.model = model  # the causal LM, PEFT-wrapped or not
+        self.neftune_noise_alpha = neftune_noise_alpha
 
     def parts(self):
         lm = causal_lm_of(self.model)
@@ -48,6 +51,8 @@ class TargetLoss(torch.nn.Module):
                 mask = torch.zeros(mask.shape, dtype=head.weight.dtype, device=device).masked_fill(
                     ~mask, torch.finfo(head.weight.dtype).min)
             kwargs["attention_mask"] = mask
+        if self.training and self.neftune_noise_alpha:
+            kwargs["inputs_embeds"] = self._noisy_embeddings(kwargs.pop("input_ids"), batch["longest_row"])
         hidden = decoder(**kwargs).last_hidden_state
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"].to(device))
         logits = head(picked)
@@ -55,6 +60,14 @@ class TargetLoss(torch.nn.Module):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
+
+    def _noisy_embeddings(self, input_ids: torch.Tensor, longest_row: int) -> torch.Tensor:
+        """NEFTune (Jain et al., 2023): uniform noise of magnitude alpha / sqrt(L * d) on the input embeddings while
+        training. L is the padded sequence length in the paper (and transformers' Trainer); for a packed batch
+        that is its longest row, so packing does not change the noise level."""
+        embeddings = causal_lm_of(self.model).get_input_embeddings()(input_ids)
+        scale = self.neftune_noise_alpha / math.sqrt(longest_row * embeddings.shape[-1])
+        return embeddings + torch.empty_like(embeddings).uniform_(-scale, scale)
 
     def forward(self, batch: dict) -> torch.Tensor:
         logits = self.target_logits(batch)

@@ -190,8 +190,6 @@ class LlmModel:
         self._ensure_base(log)
         if self.config.model_parameters and self.config.model_parameters.rope_scaling:
             log("note: model_parameters.rope_scaling is not applied by Cadenza; the base model's RoPE is used")
-        if self.config.model_parameters and self.config.model_parameters.neftune_noise_alpha:
-            log("note: model_parameters.neftune_noise_alpha is not applied by Cadenza (no NEFTune noise)")
         self._build_labels(splits)
         train_df = splits["training"]
         # zero-shot needs no answers, unless few-shot examples are drawn from the training rows
@@ -217,7 +215,8 @@ class LlmModel:
         accum = 1 if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps
         self._total_steps = min(t.epochs * max(1, math.ceil(len(groups0) / accum)), t.train_steps or 10**12)
         self._prepare_for_training(log)
-        module = TargetLoss(self.model)
+        params = self.config.model_parameters
+        module = TargetLoss(self.model, neftune_noise_alpha=params.neftune_noise_alpha if params else 0.0)
         if torch.cuda.is_available() and t.batch_size == "auto":
             size = self._auto_batch_size()
             log(f"batch_size auto: {size} rows per micro-batch")
