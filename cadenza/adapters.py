@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -48,6 +49,9 @@ def apply_adapter(model: torch.nn.Module, adapter, task_type: Optional[str],
     """Wrap `model` with a trainable adapter, or load `pretrained_adapter_weights` to continue training it."""
     import peft
 
-    if adapter.pretrained_adapter_weights:
-        return peft.PeftModel.from_pretrained(model, adapter.pretrained_adapter_weights, is_trainable=True)
-    return peft.get_peft_model(model, peft_config(adapter, task_type, total_steps))
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`: a warning for peft, not for our users
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        if adapter.pretrained_adapter_weights:
+            return peft.PeftModel.from_pretrained(model, adapter.pretrained_adapter_weights, is_trainable=True)
+        return peft.get_peft_model(model, peft_config(adapter, task_type, total_steps))

@@ -198,8 +198,16 @@ def _check_llm(config: CadenzaConfig, add) -> None:
             hint = difflib.get_close_matches(ph, sorted(columns | specials), n=1)
             add("prompt.template", f"placeholder {{{ph}}} names no input feature"
                 + (f"; did you mean {{{hint[0]}}}?" if hint else f"; inputs are {sorted(columns)}"))
-    if config.prompt.retrieval.type == "semantic" and config.trainer.type not in ("none", "finetune"):
-        pass
+    rope = config.model_parameters.rope_scaling if config.model_parameters else None
+    if rope is not None:
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind not in ROPE_TYPES:
+            add("model_parameters.rope_scaling.type", f"{kind!r} is not a RoPE scaling type; one of {ROPE_TYPES}")
+        if not isinstance(rope.get("factor"), (int, float)) or rope.get("factor") <= 0:
+            add("model_parameters.rope_scaling.factor", "needs a positive number (e.g. 2.0 for twice the context)")
+
+
+ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
 
 
 def _placeholders(template: str) -> list[str]:

@@ -630,7 +630,8 @@ COMMON_DESCRIPTIONS = {
     "sample_size": "Use this many rows (sampled with the seed).", "value": "Text (contains) or regular expression.",
     "system_prompt": "llm: system message when the chat template is used.", "index_name": "Accepted for Ludwig "
     "compatibility.", "cache_dir": "Where caches go.", "cache_credentials": "Accepted for Ludwig compatibility.",
-    "rope_scaling": "RoPE scaling passed to the model config ({rope_type, factor}).",
+    "rope_scaling": "RoPE scaling merged into the base model's config: {type: linear | dynamic | yarn | "
+    "longrope | llama3, factor: 2.0, ...} (Ludwig's form; `rope_type` works too). The model keeps its rope_theta.",
     "neftune_noise_alpha": "NEFTune: uniform noise of size alpha/sqrt(L*d) on the input embeddings while "
     "training (L: the longest row of the micro-batch, d: the hidden size); 5 is the paper's usual value; 0: off.",
     "max_new_tokens": "Most tokens generated per row.", "min_new_tokens": "Fewest tokens generated per row.",

@@ -137,7 +137,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                        disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
             if state["step_in_epoch"] == 0:
                 state["epoch_loss"] = state["epoch_weight"] = 0.0
-            session_weight = 0.0  # units trained in this process, for throughput
+            session_weight = session_tokens = 0.0  # trained in this process, for throughput
             t0 = time.perf_counter()
             for i, group in enumerate(groups):
                 if i < state["step_in_epoch"]:
@@ -152,7 +152,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                         loss = task.loss_sum(model, batch)
                     accelerator.backward(loss * world / total.clamp_min(1.0))
                     group_loss += float(loss.detach())
-                    tokens_done += task.tokens(batch) if task.tokens else 0
+                    session_tokens += task.tokens(batch) if task.tokens else 0
                 _clip(accelerator, model, cfg)
                 optimizer.step()
                 scheduler.step()
@@ -175,11 +175,16 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
             train_seconds += seconds
             train_stats = {"loss": state["epoch_loss"] / max(state["epoch_weight"], 1.0), "seconds": seconds,
                            f"{task.unit}_per_second": session_weight * world / max(seconds, 1e-9)}
+            if session_tokens:
+                train_stats["tokens_per_second"] = session_tokens * world / max(seconds, 1e-9)
+            tokens_done += session_tokens * world
             if task.flops_per_unit and peak:
                 train_stats["mfu"] = task.flops_per_unit * session_weight / max(seconds, 1e-9) / peak  # per device
             result.statistics["training"].append(train_stats)
-            line = f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f}, " \
-                   f"{train_stats[f'{task.unit}_per_second']:.1f} {task.unit}/s"
+            rate = f"{train_stats[f'{task.unit}_per_second']:.1f} {task.unit}/s"
+            if "tokens_per_second" in train_stats:
+                rate = f"{train_stats['tokens_per_second']:.1f} tokens/s ({rate})"
+            line = f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f}, {rate}"
             if "mfu" in train_stats:
                 line += f", MFU {100 * train_stats['mfu']:.1f}% of {peak / 1e12:.2f} TFLOPS"
 

@@ -151,3 +151,14 @@ def test_partly_written_sections_keep_their_context_defaults():
     # a value the user writes still wins over the context's default
     cfg["output_features"][0]["decoder"] = {"type": "classifier"}
     assert load_config(cfg).output_features[0].decoder.type == "classifier"
+
+
+def test_rope_scaling_needs_a_type_and_a_factor():
+    cfg = {"model_type": "llm", "base_model": "smollm2", "input_features": [{"name": "q", "type": "text"}],
+           "output_features": [{"name": "a", "type": "text"}],
+           "model_parameters": {"rope_scaling": {"type": "lineer", "factor": 0}}}
+    found = problems(cfg)
+    assert "not a RoPE scaling type" in found["model_parameters.rope_scaling.type"]
+    assert "positive number" in found["model_parameters.rope_scaling.factor"]
+    cfg["model_parameters"]["rope_scaling"] = {"type": "dynamic", "factor": 2.0}
+    assert load_config(cfg).model_parameters.rope_scaling["factor"] == 2.0

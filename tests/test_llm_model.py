@@ -368,3 +368,16 @@ def test_neftune_noise_only_while_training(tiny_llama_dir, rows_and_model, tmp_p
                             model_parameters={"neftune_noise_alpha": alpha})
         trained.append({k: v.clone() for k, v in m.model.state_dict().items() if "lora_B" in k})
     assert any(not torch.allclose(trained[0][k], trained[1][k]) for k in trained[0])
+
+
+def test_rope_scaling_is_merged_into_the_model_config(tiny_llama_dir, cache_dir):
+    cfg = make_config(tiny_llama_dir, model_parameters={"rope_scaling": {"type": "linear", "factor": 2.0}})
+    m = LlmModel(cfg)
+    m._ensure_base(log=lambda *_: None)
+    base = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32).eval()
+    rope = m.model.config.rope_parameters
+    assert (rope["rope_type"], rope["factor"]) == ("linear", 2.0)
+    assert rope["rope_theta"] == base.config.rope_parameters["rope_theta"]  # the model's own theta is kept
+    ids = torch.arange(1, 40).view(1, -1)
+    with torch.no_grad():
+        assert not torch.allclose(m.model.eval()(ids).logits.float(), base(ids).logits)

@@ -109,17 +109,34 @@ def fix_special_tokens(tokenizer) -> None:
 
 
 def load_causal_lm(source: str, *, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False,
-                   quantization=None, attn_implementation: Optional[str] = None):
+                   quantization=None, attn_implementation: Optional[str] = None, rope_scaling: Optional[dict] = None):
     """A causal LM from a plain folder or hub id (see `plain_model_dir`), optionally 4/8-bit via bitsandbytes."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype or default_dtype(), "trust_remote_code": trust_remote_code}
+    if rope_scaling:
+        kwargs["config"] = scaled_rope_config(source, rope_scaling, trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
         kwargs["quantization_config"] = bnb_config(quantization)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def scaled_rope_config(source: str, rope_scaling: dict, trust_remote_code: bool = False):
+    """The model's config with Ludwig's `model_parameters.rope_scaling` ({type, factor, ...}) merged into its RoPE
+    parameters. Merged rather than passed as `rope_scaling=`: transformers 5 would then drop the model's
+    rope_theta."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    update = {("rope_type" if k == "type" else k): v for k, v in rope_scaling.items()}
+    if hasattr(config, "rope_parameters"):  # transformers >= 5
+        config.rope_parameters = {**(config.rope_parameters or {}), **update}
+    else:
+        config.rope_scaling = update
+    return config
 
 
 def bnb_config(q):

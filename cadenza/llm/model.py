@@ -62,10 +62,14 @@ class LlmModel:
         source = plain_model_dir(self.config.base_model, str(self._cache()), log=log)
         self.tokenizer = load_tokenizer(source, self.config.trust_remote_code)
         self.model = load_causal_lm(source, dtype=self._dtype(), trust_remote_code=self.config.trust_remote_code,
-                                    quantization=self.config.quantization)
+                                    quantization=self.config.quantization, rope_scaling=self._rope_scaling())
         if torch.cuda.is_available() and self.config.quantization is None:
             self.model.to("cuda")
         self._ensure_builder()
+
+    def _rope_scaling(self) -> Optional[dict]:
+        params = self.config.model_parameters
+        return params.rope_scaling if params else None
 
     def _ensure_builder(self) -> None:
         if self.builder is None:
@@ -188,8 +192,6 @@ class LlmModel:
         t = self.config.trainer
         trainer_mod.seed_everything(seed)
         self._ensure_base(log)
-        if self.config.model_parameters and self.config.model_parameters.rope_scaling:
-            log("note: model_parameters.rope_scaling is not applied by Cadenza; the base model's RoPE is used")
         self._build_labels(splits)
         train_df = splits["training"]
         # zero-shot needs no answers, unless few-shot examples are drawn from the training rows
@@ -445,7 +447,7 @@ class LlmModel:
             source = plain_model_dir(config.base_model, str(self._cache()))
             self.tokenizer = load_tokenizer(str(weights), trust)
             self.model = load_causal_lm(source, dtype=default_dtype(), trust_remote_code=trust,
-                                        quantization=config.quantization)
+                                        quantization=config.quantization, rope_scaling=self._rope_scaling())
             if self.weights_kind == "adapter":
                 import peft
 
