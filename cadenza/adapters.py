@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import TYPE_CHECKING, Optional
 
@@ -49,9 +50,23 @@ def apply_adapter(model: torch.nn.Module, adapter, task_type: Optional[str],
     """Wrap `model` with a trainable adapter, or load `pretrained_adapter_weights` to continue training it."""
     import peft
 
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated `is_gradient_checkpointing`: a warning for peft, not for our users
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        if adapter.pretrained_adapter_weights:
-            return peft.PeftModel.from_pretrained(model, adapter.pretrained_adapter_weights, is_trainable=True)
+    if adapter.pretrained_adapter_weights:
+        return load_adapter(model, adapter.pretrained_adapter_weights, is_trainable=True)
+    with _peft_quietly():
         return peft.get_peft_model(model, peft_config(adapter, task_type, total_steps))
+
+
+def load_adapter(model: torch.nn.Module, folder, *, is_trainable: bool) -> "peft.PeftModel":
+    """A saved adapter (adapter_config.json + adapter_model.safetensors) on `model`."""
+    import peft
+
+    with _peft_quietly():
+        return peft.PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+
+
+@contextlib.contextmanager
+def _peft_quietly():
+    # peft reads transformers' deprecated `is_gradient_checkpointing`: a warning for peft, not for our users
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from .. import trainer as trainer_mod
-from ..adapters import apply_adapter
+from ..adapters import apply_adapter, load_adapter
 from ..artifacts import LLM_WEIGHTS, METADATA_FILE, read_json, write_json
 from ..data import require_columns
 from ..errors import DataError, ModelFolderError
@@ -449,9 +449,7 @@ class LlmModel:
             self.model = load_causal_lm(source, dtype=default_dtype(), trust_remote_code=trust,
                                         quantization=config.quantization, rope_scaling=self._rope_scaling())
             if self.weights_kind == "adapter":
-                import peft
-
-                self.model = peft.PeftModel.from_pretrained(self.model, str(weights), is_trainable=False)
+                self.model = load_adapter(self.model, weights, is_trainable=False)
         fix_special_tokens(self.tokenizer)
         if torch.cuda.is_available() and config.quantization is None:
             self.model.to("cuda")
