@@ -14,4 +14,5 @@ docs: setup
 	.venv/bin/python -m cadenza.docs_gen
 
 bench: setup
-	.venv/bin/python bench/bench_ecd.py
+	.venv/bin/python bench/bench_ecd.py | tee bench/results/ecd.txt
+	.venv/bin/python bench/bench_llm.py | tee bench/results/llm.txt
