@@ -485,7 +485,9 @@ class GlobalPreprocessing(Section):
     )
     oversample_minority: Optional[float] = Field(None, description="Not supported; must be null.")
     undersample_majority: Optional[float] = Field(None, description="Not supported; must be null.")
-    cache_dir: Optional[str] = Field(None, description="Where embedding/token caches go (default ~/.cache/cadenza).")
+    cache_dir: Optional[str] = Field(
+        None, description="Cadenza's cache folder (embeddings/, tokens/, models/); wins over backend.cache_dir and "
+        "$CADENZA_CACHE_DIR; default ~/.cache/cadenza.")
 
 
 class PromptRetrieval(Section):
@@ -629,7 +631,7 @@ COMMON_DESCRIPTIONS = {
     "probabilities": "training/validation/test fractions.", "sample_ratio": "Use this fraction of the rows.",
     "sample_size": "Use this many rows (sampled with the seed).", "value": "Text (contains) or regular expression.",
     "system_prompt": "llm: system message when the chat template is used.", "index_name": "Accepted for Ludwig "
-    "compatibility.", "cache_dir": "Where caches go.", "cache_credentials": "Accepted for Ludwig compatibility.",
+    "compatibility.", "cache_dir": "Cadenza's cache folder when preprocessing.cache_dir is not set; wins over $CADENZA_CACHE_DIR.", "cache_credentials": "Accepted for Ludwig compatibility.",
     "rope_scaling": "RoPE scaling merged into the base model's config: {type: linear | dynamic | yarn | "
     "longrope | llama3, factor: 2.0, ...} (Ludwig's form; `rope_type` works too). The model keeps its rope_theta.",
     "neftune_noise_alpha": "NEFTune: uniform noise of size alpha/sqrt(L*d) on the input embeddings while "

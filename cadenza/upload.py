@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Optional, Union
 
 from . import model_card
+from .cache import cache_root
 from .artifacts import (CONFIG_FILE, ECD_WEIGHTS, LLM_WEIGHTS, MODEL_DIR, MODEL_INFO, METADATA_FILE, atomic_dir,
                         find_model_dir)
 from .errors import CadenzaError, ModelFolderError
@@ -471,7 +472,7 @@ def download_model(repo_id: str, *, revision: Optional[str] = None, token: Optio
     check_repo_type(repo_type)
     snapshot = _snapshot(repo_id, revision, token, cache_dir, repo_type)
     commit = snapshot.name
-    root = Path(cache_dir) / "cadenza-models" if cache_dir else _cadenza_cache() / "hub-models"
+    root = Path(cache_dir) / "cadenza-models" if cache_dir else cache_root() / "hub-models"
     final = root / f"{repo_type}s--{repo_id.replace('/', '--')}" / commit / MODEL_DIR
     if not (final / MODEL_INFO).is_file():
         with atomic_dir(final) as tmp:
@@ -494,8 +495,6 @@ def _refuse_remote_code(config, repo_id: str, key_path: str = "") -> None:
         _refuse_remote_code(value, repo_id, where)
 
 
-def _cadenza_cache() -> Path:
-    return Path(os.environ.get("CADENZA_CACHE_DIR") or Path.home() / ".cache" / "cadenza")
 
 
 def _snapshot(repo_id: str, revision: Optional[str], token: Optional[str], cache_dir, repo_type: str) -> Path:

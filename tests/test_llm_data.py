@@ -1,7 +1,6 @@
 """llm preprocessing without a model forward: prompts, targets, EOS, truncation, caches, config errors, labels."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from cadenza.config import load_config

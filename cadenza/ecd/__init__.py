@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import metrics as M
+from ..cache import cache_root, configured_cache_dir
 from ..artifacts import ECD_WEIGHTS, METADATA_FILE, read_json, write_json
 from ..data import check_not_empty, require_columns
 from ..errors import DataError, ModelFolderError
@@ -19,7 +20,7 @@ from ..trainer import TrainResult, TrainTask, bf16_is_fast, fit, freeze_by_regex
 from . import features as FT
 from .embed_cache import EmbeddingCache, cached_embeddings, embed_texts
 from .network import CategoryEmbedding, EcdNet, output_loss
-from .text_encoder import TextEncoder, cache_root, fingerprint, load_tokenizer
+from .text_encoder import TextEncoder, fingerprint, load_tokenizer
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -56,8 +57,7 @@ class EcdModel:
         return load_tokenizer(feature.encoder)
 
     def _cache_folder(self) -> Path:
-        root = self.config.preprocessing.cache_dir or self.config.backend.cache_dir
-        return Path(root) if root else cache_root()
+        return cache_root(configured_cache_dir(self.config))
 
     @property
     def batch_size(self) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -127,5 +126,3 @@ def _hub_revision(repo_id: str) -> str:
         return "unknown"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("CADENZA_CACHE_DIR", Path.home() / ".cache" / "cadenza"))

@@ -17,15 +17,10 @@ from typing import Optional
 import torch
 
 from .. import assets
+from ..cache import cache_root
 from ..trainer import bf16_is_fast
 
 CONVERTED_MARKER = ".cadenza-complete"
-
-
-def cache_root(configured: Optional[str] = None) -> Path:
-    """The cache folder: $CADENZA_CACHE_DIR wins (tests point it at a temp folder), then the config's, then ~."""
-    env = os.environ.get("CADENZA_CACHE_DIR")
-    return Path(env or configured or Path.home() / ".cache" / "cadenza")
 
 
 def resolve_source(base_model: str) -> tuple[str, Optional[Path]]:

@@ -19,7 +19,8 @@ from ..schema import CadenzaConfig
 from . import batching
 from .generate import generate as generate_ids
 from .generate import hf_generation_config
-from .load import cache_root, default_dtype, load_causal_lm, load_tokenizer, plain_model_dir, fix_special_tokens
+from ..cache import cache_root, configured_cache_dir
+from .load import default_dtype, load_causal_lm, load_tokenizer, plain_model_dir, fix_special_tokens
 from .loss import TargetLoss, can_share_prefix, causal_lm_of
 from .outputs import category_scores, extract_label, text_scores
 from .prompt import PromptBuilder
@@ -49,7 +50,7 @@ class LlmModel:
 
     # ------------------------------------------------------------------------------------------- loading
     def _cache(self) -> Path:
-        return cache_root(self.config.preprocessing.cache_dir or self.config.backend.cache_dir)
+        return cache_root(configured_cache_dir(self.config))
 
     def _dtype(self) -> torch.dtype:
         # full fine-tuning keeps fp32 master weights (bf16 autocast does the fast part); frozen bases go bf16
