@@ -613,7 +613,8 @@ COMMON_DESCRIPTIONS = {
     "betas": "Adam(W) moment coefficients.", "eps": "Adam(W) epsilon.", "momentum": "SGD momentum.",
     "weight_decay": "Weight decay.", "clipnorm": "Alias of clipglobalnorm (Ludwig).",
     "clipvalue": "Clip each gradient element to ±value.",
-    "compile": "torch.compile the model (first steps are slower).",
+    "compile": "torch.compile the trained module in place (dynamic shapes). Compiling costs tens of seconds on "
+    "CPU (and needs a C++ compiler there), so it pays off on long runs only.",
     "enable_gradient_checkpointing": "Recompute activations in the backward pass: less memory, ~30% more compute.",
     "should_shuffle": "Shuffle training rows every epoch (deterministically from the seed).",
     "skip_all_evaluation": "No validation during training (no early stopping either).",

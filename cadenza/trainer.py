@@ -101,6 +101,9 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     accelerator = Accelerator(mixed_precision="bf16" if mixed_precision else "no",
                               cpu=not torch.cuda.is_available())
     model = model.to(accelerator.device)
+    if cfg.compile:
+        # in place (nn.Module.compile): parameter names and checkpoints stay those of the eager module
+        model.compile(dynamic=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise RuntimeError("nothing to train: every parameter is frozen")

@@ -59,3 +59,18 @@ def test_warmup_then_linear_and_cosine_decay():
     assert linear(0) == 0.1 and linear(9) == 1.0 and abs(linear(55) - 0.5) < 1e-9 and linear(100) == 0.0
     cosine = _lr_lambda(TrainerConfig(learning_rate_scheduler={"decay": "cosine", "min_lr_fraction": 0.1}), 100, 10)
     assert cosine(0) == 1.0 and abs(cosine(50) - 0.55) < 1e-9 and abs(cosine(100) - 0.1) < 1e-9
+
+
+def test_compile_trains_the_same_model():
+    """trainer.compile: torch.compile in place; the same steps, the same parameter names (checkpoints unchanged)."""
+    x, y = data(16)
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    trained = []
+    for compile_ in (False, True):
+        model = fresh_model()
+        cfg = TrainerConfig(epochs=2, learning_rate=0.1, compile=compile_)
+        fit(model, task_for(batches), cfg, log=lambda *_: None)
+        trained.append(dict(model.named_parameters()))
+    assert trained[0].keys() == trained[1].keys()
+    for name in trained[0]:
+        torch.testing.assert_close(trained[1][name], trained[0][name], rtol=1e-5, atol=1e-6)
