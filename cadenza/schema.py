@@ -436,7 +436,9 @@ class TrainerConfig(Section):
     early_stop: int = Field(5, description="Epochs without improvement before stopping; -1 disables.")
     validation_field: Optional[str] = Field(None, description="Output feature to watch; null: the first.")
     validation_metric: Optional[str] = Field(None, description="null: loss.")
-    evaluate_training_set: bool = Field(False, description="Ludwig: true; costs a full extra pass per epoch.")
+    evaluate_training_set: bool = Field(
+        False, description="Also compute the validation metrics on the training split each epoch (written under "
+        "`metrics` in training_statistics.json). Ludwig: true; costs a full extra pass per epoch.")
     should_shuffle: bool = True
     checkpoints_per_epoch: int = Field(1, ge=0, description="Resume points written per epoch.")
     steps_per_checkpoint: int = Field(0, ge=0)
@@ -453,7 +455,9 @@ class TrainerConfig(Section):
     max_tokens_per_batch: Optional[int] = Field(
         None, ge=1, description="llm with packing: token budget per micro-batch (null: chosen by batch_size)."
     )
-    learning_rate_scaling: Optional[str] = Field(None, description="Accepted for Ludwig compatibility; unused.")
+    learning_rate_scaling: Optional[Literal["constant", "sqrt", "linear"]] = Field(
+        None, description="With N processes (torchrun / accelerate launch) the learning rate is multiplied by N "
+        "(linear) or sqrt(N) (sqrt); null or constant: unchanged. Ludwig: linear.")
 
 
 # -------------------------------------------------------------------------------------------- top level
@@ -591,7 +595,7 @@ COMMON_DESCRIPTIONS = {
     "dropout": "Dropout probability.", "fc_dropout": "Dropout after each decoder hidden layer.",
     "fc_output_size": "Width of each decoder hidden layer.", "norm": "Normalisation after each hidden layer.",
     "flatten_inputs": "Accepted for Ludwig compatibility; inputs are vectors already.",
-    "residual": "Accepted for Ludwig compatibility; no residual connections are built.",
+    "residual": "Add each hidden layer's input to its output where their widths match (skip connections).",
     "adapter": "A PEFT adapter (see the adapter sections).", "alpha": "Scaling factor.",
     "r": "Rank (or number of blocks) of the adapter.", "bias": "Which biases the adapter trains.",
     "target_modules": "Module names (or a regex) to adapt; null lets PEFT pick the architecture's default.",

@@ -43,6 +43,7 @@ class TrainTask:
     weight: Callable[[Any], float]
     loss_sum: Callable[[torch.nn.Module, Any], torch.Tensor]
     evaluate: Optional[Callable[[torch.nn.Module], dict]] = None
+    evaluate_training: Optional[Callable[[torch.nn.Module], dict]] = None  # for trainer.evaluate_training_set
     unit: str = "rows"  # what `weight` counts, for throughput lines
     flops_per_unit: Optional[float] = None  # for MFU (llm: ~6N or 4N per trained token)
     tokens: Optional[Callable[[Any], int]] = None  # all tokens processed in a batch (throughput)
@@ -107,9 +108,9 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise RuntimeError("nothing to train: every parameter is frozen")
-    optimizer = _optimizer(trainable, cfg)
-    accum = 1 if cfg.gradient_accumulation_steps == "auto" else cfg.gradient_accumulation_steps
     world = accelerator.num_processes
+    optimizer = _optimizer(trainable, cfg, world)
+    accum = 1 if cfg.gradient_accumulation_steps == "auto" else cfg.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(task.num_batches / world / accum))
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.train_steps or 10**12)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps, steps_per_epoch))
@@ -191,6 +192,13 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
             if "mfu" in train_stats:
                 line += f", MFU {100 * train_stats['mfu']:.1f}% of {peak / 1e12:.2f} TFLOPS"
 
+            if cfg.evaluate_training_set and task.evaluate_training and not cfg.skip_all_evaluation:
+                model.eval()
+                with torch.no_grad(), accelerator.autocast():
+                    train_stats["metrics"] = task.evaluate_training(accelerator.unwrap_model(model))
+                model.train()
+                line += f", training set {_summary_metric(train_stats['metrics'], cfg)}"
+
             improved = True
             if task.evaluate and not cfg.skip_all_evaluation:
                 model.eval()
@@ -268,13 +276,20 @@ def _groups(batches: Iterable, accum: int, rank: int, world: int, num_batches: i
         yield group
 
 
-def _optimizer(params, cfg: TrainerConfig) -> torch.optim.Optimizer:
+def scaled_learning_rate(cfg: TrainerConfig, world: int) -> float:
+    """Ludwig's learning_rate_scaling: with `world` processes the effective batch is `world` times larger."""
+    factor = {"linear": world, "sqrt": math.sqrt(world)}.get(cfg.learning_rate_scaling or "constant", 1.0)
+    return cfg.learning_rate * factor
+
+
+def _optimizer(params, cfg: TrainerConfig, world: int = 1) -> torch.optim.Optimizer:
     o = cfg.optimizer
     decay = o.weight_decay + cfg.regularization_lambda
+    lr = scaled_learning_rate(cfg, world)
     if o.type == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=o.momentum, weight_decay=decay)
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=decay)
     cls = torch.optim.AdamW if o.type == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.learning_rate, betas=o.betas, eps=o.eps, weight_decay=decay)
+    return cls(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=decay)
 
 
 def _lr_lambda(cfg: TrainerConfig, total_steps: int, steps_per_epoch: int):
@@ -313,6 +328,11 @@ def _watched(metrics: dict, cfg: TrainerConfig) -> tuple[float, str, str]:
         raise KeyError(f"trainer.validation_metric {metric!r} is not computed for {field_name!r}; "
                        f"available: {sorted(values)}")
     return float(values[metric]), field_name, metric
+
+
+def _summary_metric(metrics: dict, cfg: TrainerConfig) -> str:
+    value, field_name, metric = _watched(metrics, cfg)
+    return f"{field_name}.{metric} {value:.4f}"
 
 
 def _better(value: float, best: float, metric: str) -> bool:

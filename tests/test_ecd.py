@@ -225,3 +225,25 @@ def test_pooling_handles_left_and_right_padding():
     assert pool(hidden, left, "cls").flatten().tolist() == [2.0, 4.0]
     assert pool(hidden, right, "mean").flatten().tolist() == [0.5, 5.5]
     assert pool(hidden, right, "max").flatten().tolist() == [1.0, 7.0]
+
+
+def test_residual_combiner_and_training_set_evaluation(tiny_bert_dir, cache_dir, tmp_path):
+    import torch
+
+    from cadenza.ecd.network import Residual, mlp
+
+    net, size = mlp(8, [{"output_size": 8}, {"output_size": 4}], "relu", 0.0, None, residual=True)
+    assert isinstance(net[0], Residual) and not isinstance(net[1], Residual) and size == 4  # widths differ: no skip
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(net[0](x), x + net[0].body(x))
+
+    cfg = config(tiny_bert_dir)
+    cfg["combiner"] = {"num_fc_layers": 2, "output_size": 16, "residual": True}
+    cfg["trainer"].update(epochs=2, evaluate_training_set=True)
+    model = Model(cfg, log=quiet)
+    out = model.train(frame(96), output_directory=tmp_path)
+    assert any(isinstance(m, Residual) for m in model.model.net.combiner)
+    for epoch in out.statistics["training"]:
+        assert 0.0 <= epoch["metrics"]["sentiment"]["accuracy"] <= 1.0 and "loss" in epoch["metrics"]["combined"]
+    reloaded = Model.load(out.run_dir)  # the residual layout is rebuilt from the saved config
+    pd.testing.assert_frame_equal(reloaded.predict(frame(8)), model.predict(frame(8)))

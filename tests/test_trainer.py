@@ -1,5 +1,6 @@
 """The shared training loop on a small linear model: exact accumulation, early stopping, schedules."""
 
+import pytest
 import torch
 
 from cadenza.schema import TrainerConfig
@@ -74,3 +75,13 @@ def test_compile_trains_the_same_model():
     assert trained[0].keys() == trained[1].keys()
     for name in trained[0]:
         torch.testing.assert_close(trained[1][name], trained[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_learning_rate_scaling_with_processes():
+    from cadenza.trainer import scaled_learning_rate
+
+    lr = lambda scaling, world: scaled_learning_rate(  # noqa: E731
+        TrainerConfig(learning_rate=0.01, learning_rate_scaling=scaling), world)
+    assert lr(None, 4) == lr("constant", 4) == 0.01
+    assert lr("linear", 4) == pytest.approx(0.04) and lr("sqrt", 4) == pytest.approx(0.02)
+    assert lr("linear", 1) == 0.01

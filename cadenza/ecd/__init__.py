@@ -219,6 +219,7 @@ class EcdModel:
             weight=lambda b: b["n"],
             loss_sum=self._loss_sum,
             evaluate=(lambda net: self._evaluate_prepared(validation)[0]) if validation else None,
+            evaluate_training=lambda net: self._evaluate_prepared(train_data)[0],
         )
         mixed = cfg.use_mixed_precision
         if mixed is None:  # the head alone is too small for bf16 to pay; a trained encoder is not

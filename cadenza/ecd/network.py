@@ -11,22 +11,37 @@ from torch.nn import functional as F
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 def mlp(in_size: int, layers: list[dict], default_activation: str, default_dropout: float,
-        norm: Optional[str]) -> tuple[nn.Sequential, int]:
+        norm: Optional[str], residual: bool = False) -> tuple[nn.Sequential, int]:
+    """Fully connected layers. With `residual`, a layer whose input and output widths match adds its input to
+    its output (Ludwig's concat combiner `residual: true`)."""
     modules: list[nn.Module] = []
     size = in_size
     for layer in layers:
         out = layer.get("output_size", 256)
-        modules.append(nn.Linear(size, out))
+        block: list[nn.Module] = [nn.Linear(size, out)]
         kind = layer.get("norm", norm)
         if kind == "batch":
-            modules.append(nn.BatchNorm1d(out))
+            block.append(nn.BatchNorm1d(out))
         elif kind == "layer":
-            modules.append(nn.LayerNorm(out))
-        modules.append(ACTIVATIONS[layer.get("activation", default_activation)]())
+            block.append(nn.LayerNorm(out))
+        block.append(ACTIVATIONS[layer.get("activation", default_activation)]())
         dropout = layer.get("dropout", default_dropout)
         if dropout:
-            modules.append(nn.Dropout(dropout))
+            block.append(nn.Dropout(dropout))
+        if residual and out == size:
+            modules.append(Residual(nn.Sequential(*block)))
+        else:
+            modules.extend(block)
         size = out
     return nn.Sequential(*modules), size
 
@@ -72,7 +87,7 @@ class EcdNet(nn.Module):
         self.input_order = list(inputs)
         width = sum(input_sizes.values())
         self.combiner, width = mlp(width, combiner_layers(combiner), combiner.activation, combiner.dropout,
-                                   combiner.norm)
+                                   combiner.norm, residual=combiner.residual)
         self.heads = nn.ModuleDict()
         for f in outputs:
             d = f.decoder

@@ -245,6 +245,7 @@ class LlmModel:
             batches=batches, num_batches=len(groups0), weight=lambda b: float(b["target_ids"].numel()),
             loss_sum=lambda m, b: m(b),
             evaluate=(lambda m: self._loss_metrics(m, val_rows)) if val_rows is not None else None,
+            evaluate_training=lambda m: self._loss_metrics(m, rows),
             unit="target_tokens",
             # the weight counts target tokens but FLOPs go to every computed token (shared prefixes once):
             # scale so MFU reports the work really done
