@@ -421,7 +421,8 @@ class TrainerConfig(Section):
     batch_size: Union[int, Literal["auto"]] = Field(
         "auto", description="Rows per micro-batch; auto picks 64 for ecd and a memory-fitted size for llm."
     )
-    eval_batch_size: Optional[Union[int, Literal["auto"]]] = Field(None, description="Rows per evaluation/prediction batch; null or auto: 2 * batch_size (ecd: at least 256).")
+    eval_batch_size: Optional[Union[int, Literal["auto"]]] = Field(
+        None, description="Rows per evaluation/prediction batch; null or auto: 2 * batch_size (ecd: at least 256).")
     max_batch_size: int = Field(1024, ge=1, description="Upper bound for batch_size: auto.")
     gradient_accumulation_steps: Union[int, Literal["auto"]] = Field(
         1, description="Micro-batches per optimizer step; the loss is weighted by rows (ecd) or tokens (llm)."
