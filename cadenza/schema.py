@@ -637,7 +637,8 @@ COMMON_DESCRIPTIONS = {
     "probabilities": "training/validation/test fractions.", "sample_ratio": "Use this fraction of the rows.",
     "sample_size": "Use this many rows (sampled with the seed).", "value": "Text (contains) or regular expression.",
     "system_prompt": "llm: system message when the chat template is used.", "index_name": "Accepted for Ludwig "
-    "compatibility.", "cache_dir": "Cadenza's cache folder when preprocessing.cache_dir is not set; wins over $CADENZA_CACHE_DIR.", "cache_credentials": "Accepted for Ludwig compatibility.",
+    "compatibility.", "cache_credentials": "Accepted for Ludwig compatibility.",
+    "cache_dir": "Cadenza's cache folder when preprocessing.cache_dir is not set; wins over $CADENZA_CACHE_DIR.",
     "rope_scaling": "RoPE scaling merged into the base model's config: {type: linear | dynamic | yarn | "
     "longrope | llama3, factor: 2.0, ...} (Ludwig's form; `rope_type` works too). The model keeps its rope_theta.",
     "neftune_noise_alpha": "NEFTune: uniform noise of size alpha/sqrt(L*d) on the input embeddings while "
