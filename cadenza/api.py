@@ -85,7 +85,8 @@ class Model:
         run_dir = _from_main_process(run_dir, dist)
         started = time.perf_counter()
         result = self.model.fit(splits, run_dir=run_dir, resume=bool(resume), seed=random_seed, log=log)
-        statistics = {**result.statistics, "best_epoch": result.best_epoch, "steps": result.steps,
+        statistics = {**result.statistics, "best_epoch": result.best_epoch, "best_step": result.best_step,
+                      "steps": result.steps,
                       "throughput": result.throughput, "seconds": time.perf_counter() - started}
         model_dir = None if skip_save_model else run_dir / MODEL_DIR
         if dist.is_main_process:

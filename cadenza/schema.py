@@ -434,7 +434,14 @@ class TrainerConfig(Section):
     learning_rate_scheduler: LRScheduler = Field(default_factory=LRScheduler)
     regularization_lambda: float = Field(0.0, ge=0, description="Added to optimizer weight decay.")
     gradient_clipping: GradientClipping = Field(default_factory=GradientClipping)
-    early_stop: int = Field(5, description="Epochs without improvement before stopping; -1 disables.")
+    early_stop: int = Field(5, description="Evaluations without improvement before stopping (one per epoch, "
+                            "more with eval_steps); -1 disables.")
+    eval_steps: Optional[int] = Field(
+        None, ge=1, description="Also evaluate on the validation split every this many optimizer steps (null: at "
+        "each epoch end only). The best weights and early stopping then follow these evaluations too.")
+    effective_batch_size: Union[int, Literal["auto"]] = Field(
+        "auto", description="Rows per optimizer step over all processes. An int sets gradient_accumulation_steps "
+        "(when that is auto) to effective_batch_size / (batch_size x processes).")
     validation_field: Optional[str] = Field(None, description="Output feature to watch; null: the first.")
     validation_metric: Optional[str] = Field(None, description="null: loss.")
     evaluate_training_set: bool = Field(
@@ -453,6 +460,9 @@ class TrainerConfig(Section):
     # llm-only
     packing: bool = Field(True, description="llm: pack rows padding-free into one sequence per micro-batch.")
     train_on_inputs: bool = Field(False, description="llm: also compute the loss on prompt tokens.")
+    packing_max_sequences_per_pack: Optional[int] = Field(
+        None, ge=1, description="llm with packing (Ludwig's meaning): a micro-batch holds batch_size packs of up to "
+        "this many rows, i.e. batch_size x this many rows; null: batch_size rows.")
     max_tokens_per_batch: Optional[int] = Field(
         None, ge=1, description="llm with packing: token budget per micro-batch (null: chosen by batch_size)."
     )

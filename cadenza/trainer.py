@@ -47,12 +47,15 @@ class TrainTask:
     unit: str = "rows"  # what `weight` counts, for throughput lines
     flops_per_unit: Optional[float] = None  # for MFU (llm: ~6N or 4N per trained token)
     tokens: Optional[Callable[[Any], int]] = None  # all tokens processed in a batch (throughput)
+    micro_batch_rows: Optional[int] = None  # rows per micro-batch, for trainer.effective_batch_size
 
 
 @dataclass
 class TrainResult:
-    statistics: dict = field(default_factory=lambda: {"training": [], "validation": []})
+    # validation: one entry per epoch; validation_steps: the evaluations every trainer.eval_steps within epochs
+    statistics: dict = field(default_factory=lambda: {"training": [], "validation": [], "validation_steps": []})
     best_epoch: int = 0
+    best_step: int = 0
     best_value: Optional[float] = None
     steps: int = 0
     stopped_early: bool = False
@@ -110,7 +113,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         raise RuntimeError("nothing to train: every parameter is frozen")
     world = accelerator.num_processes
     optimizer = _optimizer(trainable, cfg, world)
-    accum = 1 if cfg.gradient_accumulation_steps == "auto" else cfg.gradient_accumulation_steps
+    accum = accumulation_steps(cfg, task.micro_batch_rows, world)
     steps_per_epoch = max(1, math.ceil(task.num_batches / world / accum))
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.train_steps or 10**12)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps, steps_per_epoch))
@@ -170,6 +173,17 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                 bar.update(1)
                 bar.set_postfix(loss=f"{state['epoch_loss'] / max(state['epoch_weight'], 1):.4f}",
                                 lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                last_step = state["step_in_epoch"] >= steps_per_epoch or state["global_step"] >= total_steps
+                if cfg.eval_steps and state["global_step"] % cfg.eval_steps == 0 and not last_step:
+                    improved, text, metrics = _validation_round(accelerator, model, task, cfg, result, state, epoch)
+                    if metrics:
+                        result.statistics["validation_steps"].append(
+                            {"epoch": epoch + 1, "step": state["global_step"], **metrics})
+                        bar.write(f"step {state['global_step']}: {text}")
+                    if improved:
+                        best_weights = _trainable_state(accelerator.unwrap_model(model))
+                    if _should_stop(cfg, state):
+                        break
                 if cfg.steps_per_checkpoint and state["global_step"] % cfg.steps_per_checkpoint == 0 and ckpt_dir:
                     _save_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, state, result, best_weights)
                 if state["global_step"] >= total_steps:
@@ -193,39 +207,22 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                 line += f", MFU {100 * train_stats['mfu']:.1f}% of {peak / 1e12:.2f} TFLOPS"
 
             if cfg.evaluate_training_set and task.evaluate_training and not cfg.skip_all_evaluation:
-                model.eval()
-                with torch.no_grad(), accelerator.autocast():
-                    train_stats["metrics"] = task.evaluate_training(accelerator.unwrap_model(model))
-                model.train()
+                train_stats["metrics"] = _evaluate(accelerator, model, task.evaluate_training)
                 line += f", training set {_summary_metric(train_stats['metrics'], cfg)}"
 
-            improved = True
-            if task.evaluate and not cfg.skip_all_evaluation:
-                model.eval()
-                with torch.no_grad(), accelerator.autocast():
-                    metrics = task.evaluate(accelerator.unwrap_model(model))
-                model.train()
-                if metrics:
-                    result.statistics["validation"].append(metrics)
-                    value, field_name, metric = _watched(metrics, cfg)
-                    line += f", validation {field_name}.{metric} {value:.4f}"
-                    improved = result.best_value is None or _better(value, result.best_value, metric)
-                    if improved:
-                        result.best_value, result.best_epoch = value, epoch + 1
+            improved, text, metrics = _validation_round(accelerator, model, task, cfg, result, state, epoch)
+            if metrics:
+                result.statistics["validation"].append(metrics)
+                line += f", {text}"
             if improved:
                 best_weights = _trainable_state(accelerator.unwrap_model(model))
-                state["since_best"] = 0
-                if result.best_value is None:
-                    result.best_epoch = epoch + 1
-            else:
-                state["since_best"] += 1
-            log(line + ("" if improved else f" (best: epoch {result.best_epoch})"))
+            log(line + ("" if improved else f" (best: epoch {result.best_epoch}, step {result.best_step})"))
             state["epoch"] += 1
             state["step_in_epoch"] = 0
             if ckpt_dir and cfg.checkpoints_per_epoch:
                 _save_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, state, result, best_weights)
-            if 0 <= cfg.early_stop <= state["since_best"] and cfg.early_stop > 0:
-                log(f"early stop: no improvement for {cfg.early_stop} epochs")
+            if _should_stop(cfg, state):
+                log(f"early stop: no improvement in {cfg.early_stop} evaluations")
                 result.stopped_early = True
                 break
     except KeyboardInterrupt:
@@ -330,6 +327,50 @@ def _watched(metrics: dict, cfg: TrainerConfig) -> tuple[float, str, str]:
     return float(values[metric]), field_name, metric
 
 
+def accumulation_steps(cfg: TrainerConfig, micro_batch_rows: Optional[int], world: int) -> int:
+    """gradient_accumulation_steps, or with `auto` what Ludwig's effective_batch_size (rows per optimizer step
+    over all processes) asks for."""
+    if cfg.gradient_accumulation_steps != "auto":
+        return cfg.gradient_accumulation_steps
+    if isinstance(cfg.effective_batch_size, int) and micro_batch_rows:
+        return max(1, round(cfg.effective_batch_size / (micro_batch_rows * world)))
+    return 1
+
+
+def _evaluate(accelerator, model, evaluate: Callable) -> dict:
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        metrics = evaluate(accelerator.unwrap_model(model))
+    model.train()
+    return metrics
+
+
+def _validation_round(accelerator, model, task: TrainTask, cfg: TrainerConfig, result: TrainResult, state: dict,
+                      epoch: int) -> tuple[bool, str, Optional[dict]]:
+    """Evaluate on the validation split (if any) and track the best value: (improved, log text, metrics).
+    Without validation every round counts as an improvement, so the last weights are kept."""
+    improved, text, metrics = True, "", None
+    if task.evaluate and not cfg.skip_all_evaluation:
+        metrics = _evaluate(accelerator, model, task.evaluate)
+        if metrics:
+            value, field_name, metric = _watched(metrics, cfg)
+            text = f"validation {field_name}.{metric} {value:.4f}"
+            improved = result.best_value is None or _better(value, result.best_value, metric)
+            if improved:
+                result.best_value = value
+    if improved:
+        state["since_best"] = 0
+        result.best_epoch, result.best_step = epoch + 1, state["global_step"]
+    else:
+        state["since_best"] += 1
+    return improved, text, metrics
+
+
+def _should_stop(cfg: TrainerConfig, state: dict) -> bool:
+    """early_stop counts evaluations without improvement (one per epoch, more with eval_steps), as in Ludwig."""
+    return cfg.early_stop > 0 and state["since_best"] >= cfg.early_stop
+
+
 def _summary_metric(metrics: dict, cfg: TrainerConfig) -> str:
     value, field_name, metric = _watched(metrics, cfg)
     return f"{field_name}.{metric} {value:.4f}"
@@ -359,7 +400,8 @@ def _save_checkpoint(ckpt_dir: Path, accelerator, model, optimizer, scheduler, s
                     # batch order is derived from seed + epoch; torch's generator drives dropout
                     "rng": {"torch": torch.get_rng_state()}}, tmp / "optimizer.pt")
         write_json(tmp / "state.json", {"state": state, "statistics": result.statistics,
-                                         "best_epoch": result.best_epoch, "best_value": result.best_value})
+                                         "best_epoch": result.best_epoch, "best_step": result.best_step,
+                                         "best_value": result.best_value})
 
 
 def _shared_safe(tensors: dict) -> dict:
@@ -383,6 +425,7 @@ def _load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, result: TrainR
     torch.set_rng_state(extra["rng"]["torch"].cpu())
     result.statistics = saved["statistics"]
     result.best_epoch, result.best_value = saved["best_epoch"], saved["best_value"]
+    result.best_step = saved.get("best_step", 0)
     return saved["state"], result
 
 

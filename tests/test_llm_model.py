@@ -1,6 +1,7 @@
 """llm training/inference on the tiny random Llama (2 layers, SmolLM2's real tokenizer)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -381,3 +382,23 @@ def test_rope_scaling_is_merged_into_the_model_config(tiny_llama_dir, cache_dir)
     ids = torch.arange(1, 40).view(1, -1)
     with torch.no_grad():
         assert not torch.allclose(m.model.eval()(ids).logits.float(), base(ids).logits)
+
+
+def test_ludwig_llm_config_runs_unchanged(tiny_llama_dir, tmp_path, cache_dir):
+    import yaml
+
+    from cadenza import Model
+
+    raw = yaml.safe_load((Path(__file__).parent / "data" / "ludwig_llm_lora.yaml").read_text())
+    raw["base_model"] = str(tiny_llama_dir)  # the only change: a model reachable offline
+    df = pd.DataFrame({"instruction": [f"name colour {i}" for i in range(40)],
+                       "input": ["red green blue"[i % 9:] for i in range(40)],
+                       "output": [["red", "green", "blue"][i % 3] for i in range(40)]})
+    model = Model(raw, log=lambda *_: None)
+    out = model.train(df, output_directory=tmp_path)
+    # batch_size 1 x packing_max_sequences_per_pack 8 rows per micro-batch, 16 micro-batches per step
+    assert out.statistics["steps"] == 3 * 1 and len(out.statistics["training"]) == 3
+    assert model.model.model.base_model.model.config.rope_parameters["factor"] == 2.0
+    predictions = model.predict(df.head(3))
+    assert len(predictions) == 3 and predictions["output_predictions"].map(type).eq(str).all()
+    assert (out.model_dir / "model_weights" / "adapter_model.safetensors").is_file()

@@ -85,3 +85,39 @@ def test_learning_rate_scaling_with_processes():
     assert lr(None, 4) == lr("constant", 4) == 0.01
     assert lr("linear", 4) == pytest.approx(0.04) and lr("sqrt", 4) == pytest.approx(0.02)
     assert lr("linear", 1) == 0.01
+
+
+def test_eval_steps_evaluate_within_epochs_and_drive_early_stopping():
+    x, y = data(12)
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]  # 3 steps per epoch
+    seen = []
+
+    def evaluate(model):
+        seen.append(model.weight.detach().clone())
+        return {"combined": {"loss": [1.0, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0][len(seen) - 1]}}
+
+    model = fresh_model()
+    result = fit(model, task_for(batches, evaluate),
+                 TrainerConfig(epochs=5, eval_steps=2, early_stop=3, learning_rate=0.1, checkpoints_per_epoch=0),
+                 log=lambda _: None)
+    # evaluations: step 2, end of epoch 1 (step 3), step 4, end of epoch 2 (step 6): the best is at step 3; three
+    # evaluations without improvement (steps 4, 6, 8) stop the run during epoch 3
+    assert [e["step"] for e in result.statistics["validation_steps"]] == [2, 4, 8]
+    assert len(result.statistics["validation"]) == 3  # one per epoch, the stopped epoch included
+    assert result.stopped_early and (result.best_epoch, result.best_step) == (1, 3)
+    torch.testing.assert_close(model.weight, seen[1])
+
+
+def test_effective_batch_size_sets_accumulation():
+    from cadenza.trainer import accumulation_steps
+
+    cfg = TrainerConfig(gradient_accumulation_steps="auto", effective_batch_size=16)
+    assert accumulation_steps(cfg, 4, 1) == 4 and accumulation_steps(cfg, 4, 2) == 2
+    assert accumulation_steps(TrainerConfig(gradient_accumulation_steps=3, effective_batch_size=16), 4, 1) == 3
+    x, y = data(16)
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+    task = task_for(batches)
+    task.micro_batch_rows = 4
+    result = fit(fresh_model(), task, TrainerConfig(epochs=1, learning_rate=0.1, gradient_accumulation_steps="auto",
+                                                    effective_batch_size=8), log=lambda _: None)
+    assert result.steps == 2

@@ -220,6 +220,7 @@ class EcdModel:
             loss_sum=self._loss_sum,
             evaluate=(lambda net: self._evaluate_prepared(validation)[0]) if validation else None,
             evaluate_training=lambda net: self._evaluate_prepared(train_data)[0],
+            micro_batch_rows=self.batch_size,
         )
         mixed = cfg.use_mixed_precision
         if mixed is None:  # the head alone is too small for bf16 to pay; a trained encoder is not

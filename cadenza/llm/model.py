@@ -215,7 +215,7 @@ class LlmModel:
 
         size = self._batch_size()
         groups0 = self._train_groups(rows, 0, seed, size)
-        accum = 1 if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps
+        accum = trainer_mod.accumulation_steps(t, self._rows_per_micro_batch(size), 1)
         self._total_steps = min(t.epochs * max(1, math.ceil(len(groups0) / accum)), t.train_steps or 10**12)
         self._prepare_for_training(log)
         params = self.config.model_parameters
@@ -250,7 +250,7 @@ class LlmModel:
             # the weight counts target tokens but FLOPs go to every computed token (shared prefixes once):
             # scale so MFU reports the work really done
             flops_per_unit=per_token * computed / max(target_tokens, 1),
-            tokens=lambda b: b["num_tokens"])
+            tokens=lambda b: b["num_tokens"], micro_batch_rows=self._rows_per_micro_batch(size))
         mixed = t.use_mixed_precision if t.use_mixed_precision is not None else trainer_mod.bf16_is_fast()
         log(f"training on {len(rows)} rows, {total_tokens:,} tokens ({target_tokens:,} target tokens), "
             f"{'packed' if packed else 'padded'} micro-batches of {size} rows"
@@ -264,9 +264,14 @@ class LlmModel:
 
     def _train_groups(self, rows: TokenizedRows, epoch: int, seed: int, size: int) -> list[list[int]]:
         t = self.config.trainer
-        return batching.epoch_groups(rows, epoch, seed, packed=t.packing, rows_per_batch=size,
+        return batching.epoch_groups(rows, epoch, seed, packed=t.packing,
+                                     rows_per_batch=self._rows_per_micro_batch(size),
                                      max_tokens=t.max_tokens_per_batch if t.packing else None,
                                      shuffle=t.should_shuffle)
+
+    def _rows_per_micro_batch(self, size: int) -> int:
+        t = self.config.trainer
+        return size * (t.packing_max_sequences_per_pack or 1) if t.packing else size
 
     def _loss_metrics(self, module: torch.nn.Module, rows: TokenizedRows) -> dict:
         loss, n, correct = self._score(rows, module)
