@@ -133,6 +133,8 @@ def check_semantics(config: CadenzaConfig) -> list[tuple[str, str]]:
     for key in ("oversample_minority", "undersample_majority"):
         if getattr(pre, key) is not None:
             add(f"preprocessing.{key}", "not supported by Cadenza; use loss.class_weights instead")
+    if config.trainer.increase_batch_size_on_plateau:
+        add("trainer.increase_batch_size_on_plateau", "not supported; set batch_size (or effective_batch_size)")
 
     if config.model_type == "ecd":
         _check_ecd(config, add)
@@ -158,6 +160,11 @@ def _check_ecd(config: CadenzaConfig, add) -> None:
             add(f"output_features[{i}].match", "match/fallback_label extract labels from generated text: llm only")
     if config.prompt.template or config.prompt.task:
         add("prompt", "prompts are for model_type: llm")
+    for i, f in enumerate(config.output_features):
+        loss = getattr(f, "loss", None)
+        if loss is not None and (loss.class_similarities or loss.class_similarities_temperature):
+            add(f"output_features[{i}].loss.class_similarities_temperature",
+                "class similarities are not supported; use label_smoothing or class_weights")
 
 
 def _check_llm(config: CadenzaConfig, add) -> None:

@@ -180,6 +180,9 @@ TextEncoder = Annotated[Union[AutoTransformerEncoder, LLMEncoder], Field(discrim
 MissingStrategy = Literal["fill_with_const", "fill_with_mode", "fill_with_mean", "fill_with_false", "bfill", "ffill", "drop_row"]
 
 
+_HF_ONLY = "Ludwig key for its own tokenizers; no effect with hf_tokenizer (in Ludwig either)."
+
+
 class TextPreprocessing(Section):
     max_sequence_length: int = Field(256, ge=1, description="Tokens kept per text (truncation).")
     missing_value_strategy: MissingStrategy = "fill_with_const"
@@ -192,6 +195,12 @@ class TextPreprocessing(Section):
     )
     tokenizer: Literal["hf_tokenizer"] = "hf_tokenizer"
     pretrained_model_name_or_path: Optional[str] = Field(None, description="Tokenizer source; default: the encoder's.")
+    # Ludwig's keys for its own word tokenizers; with hf_tokenizer (the only one here) they change nothing, in
+    # Ludwig as here: the model's tokenizer has its own vocabulary and special tokens, and pooling ignores padding
+    most_common: int = Field(20000, ge=1, description=_HF_ONLY)
+    padding: Literal["left", "right"] = Field("right", description=_HF_ONLY)
+    padding_symbol: str = Field("<PAD>", description=_HF_ONLY)
+    unknown_symbol: str = Field("<UNK>", description=_HF_ONLY)
 
 
 class NumberPreprocessing(Section):
@@ -309,6 +318,8 @@ class Loss(Section):
     weight: float = Field(1.0, ge=0, description="This output's weight in the total loss.")
     positive_class_weight: Optional[float] = None
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_similarities: Optional[list[list[float]]] = Field(None, description="Not supported: must stay null.")
+    class_similarities_temperature: float = Field(0, ge=0, description="Not supported: must stay 0 (off).")
 
 
 class OutputBase(FeatureBase):
@@ -373,6 +384,9 @@ OutputFeature = Annotated[
 
 
 # --------------------------------------------------------------------------------------------- combiner
+Initializer = Literal["xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "normal", "uniform", "zeros", "ones"]
+
+
 class ConcatCombiner(Section):
     type: Literal["concat"] = "concat"
     num_fc_layers: int = Field(1, ge=0, description="Hidden MLP layers over the concatenated inputs.")
@@ -385,6 +399,11 @@ class ConcatCombiner(Section):
     norm: Optional[Literal["batch", "layer"]] = None
     flatten_inputs: bool = False
     residual: bool = False
+    use_bias: bool = Field(True, description="Hidden layers have a bias.")
+    weights_initializer: Initializer = Field("xavier_uniform", description="Hidden layers' weight initializer.")
+    bias_initializer: Initializer = Field("zeros", description="Hidden layers' bias initializer.")
+    norm_params: Optional[dict[str, Any]] = Field(
+        None, description="Keyword arguments of the norm layer (e.g. {eps: 1e-5, momentum: 0.1}).")
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -404,6 +423,10 @@ class LRScheduler(Section):
     warmup_evaluations: float = Field(0, ge=0, description="Warm-up length in epochs (Ludwig name).")
     decay_rate: float = Field(0.96, gt=0, description="exponential: factor per epoch.")
     min_lr_fraction: float = Field(0.0, ge=0, le=1, description="cosine/linear floor as a fraction of the peak.")
+    reduce_on_plateau: int = Field(
+        0, ge=0, description="Multiply the learning rate by reduce_rate after this many validation evaluations "
+        "without improvement (and again after each further such run); 0: off.")
+    reduce_rate: float = Field(0.1, gt=0, le=1, description="Factor applied by reduce_on_plateau.")
 
 
 class GradientClipping(Section):
@@ -432,7 +455,11 @@ class TrainerConfig(Section):
     )
     optimizer: Optimizer = Field(default_factory=Optimizer)
     learning_rate_scheduler: LRScheduler = Field(default_factory=LRScheduler)
-    regularization_lambda: float = Field(0.0, ge=0, description="Added to optimizer weight decay.")
+    regularization_lambda: float = Field(0.0, ge=0, description="Strength of regularization_type.")
+    regularization_type: Optional[Literal["l1", "l2", "l1_l2"]] = Field(
+        "l2", description="l2: added to the optimizer's weight decay; l1: lambda * sign(w) added to each gradient; "
+        "l1_l2: both.")
+    increase_batch_size_on_plateau: int = Field(0, ge=0, description="Not supported: must stay 0 (off).")
     gradient_clipping: GradientClipping = Field(default_factory=GradientClipping)
     early_stop: int = Field(5, description="Evaluations without improvement before stopping (one per epoch, "
                             "more with eval_steps); -1 disables.")

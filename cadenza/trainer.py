@@ -116,7 +116,9 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     accum = accumulation_steps(cfg, task.micro_batch_rows, world)
     steps_per_epoch = max(1, math.ceil(task.num_batches / world / accum))
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.train_steps or 10**12)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps, steps_per_epoch))
+    plateau = {"factor": 1.0}  # learning_rate_scheduler.reduce_on_plateau multiplies the schedule by this
+    schedule = _lr_lambda(cfg, total_steps, steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) * plateau["factor"])
     model, optimizer = accelerator.prepare(model, optimizer)
 
     result = TrainResult()
@@ -127,6 +129,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     if resume and ckpt_dir and (ckpt_dir / "state.json").exists():
         state, result = _load_checkpoint(ckpt_dir, accelerator.unwrap_model(model), optimizer, scheduler, result)
         log(f"resuming from {ckpt_dir}: epoch {state['epoch'] + 1}, step {state['global_step']}")
+        plateau["factor"] = state.get("lr_factor", 1.0)
     best_weights = _trainable_state(accelerator.unwrap_model(model)) if result.best_value is None else None
     if result.best_value is not None and ckpt_dir and (ckpt_dir / "best.safetensors").exists():
         best_weights = load_file(str(ckpt_dir / "best.safetensors"))
@@ -160,6 +163,8 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                     accelerator.backward(loss * world / total.clamp_min(1.0))
                     group_loss += float(loss.detach())
                     session_tokens += task.tokens(batch) if task.tokens else 0
+                if cfg.regularization_lambda and cfg.regularization_type in ("l1", "l1_l2"):
+                    _add_l1_gradient(trainable, cfg.regularization_lambda)
                 _clip(accelerator, model, cfg)
                 optimizer.step()
                 scheduler.step()
@@ -182,6 +187,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                         bar.write(f"step {state['global_step']}: {text}")
                     if improved:
                         best_weights = _trainable_state(accelerator.unwrap_model(model))
+                    _reduce_on_plateau(cfg, state, plateau, bar.write)
                     if _should_stop(cfg, state):
                         break
                 if cfg.steps_per_checkpoint and state["global_step"] % cfg.steps_per_checkpoint == 0 and ckpt_dir:
@@ -216,6 +222,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                 line += f", {text}"
             if improved:
                 best_weights = _trainable_state(accelerator.unwrap_model(model))
+            _reduce_on_plateau(cfg, state, plateau, log)
             log(line + ("" if improved else f" (best: epoch {result.best_epoch}, step {result.best_step})"))
             state["epoch"] += 1
             state["step_in_epoch"] = 0
@@ -281,7 +288,8 @@ def scaled_learning_rate(cfg: TrainerConfig, world: int) -> float:
 
 def _optimizer(params, cfg: TrainerConfig, world: int = 1) -> torch.optim.Optimizer:
     o = cfg.optimizer
-    decay = o.weight_decay + cfg.regularization_lambda
+    l2 = cfg.regularization_lambda if cfg.regularization_type in ("l2", "l1_l2") else 0.0
+    decay = o.weight_decay + l2
     lr = scaled_learning_rate(cfg, world)
     if o.type == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=decay)
@@ -306,6 +314,14 @@ def _lr_lambda(cfg: TrainerConfig, total_steps: int, steps_per_epoch: int):
         return 1.0
 
     return factor
+
+
+def _add_l1_gradient(params: list[torch.Tensor], strength: float) -> None:
+    """The (sub)gradient of strength * sum |w|, added once per optimizer step."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.grad.add_(torch.sign(p), alpha=strength)
 
 
 def _clip(accelerator: Accelerator, model, cfg: TrainerConfig) -> None:
@@ -364,6 +380,14 @@ def _validation_round(accelerator, model, task: TrainTask, cfg: TrainerConfig, r
     else:
         state["since_best"] += 1
     return improved, text, metrics
+
+
+def _reduce_on_plateau(cfg: TrainerConfig, state: dict, plateau: dict, log: Callable) -> None:
+    patience = cfg.learning_rate_scheduler.reduce_on_plateau
+    if patience and state["since_best"] and state["since_best"] % patience == 0:
+        plateau["factor"] *= cfg.learning_rate_scheduler.reduce_rate
+        state["lr_factor"] = plateau["factor"]
+        log(f"no improvement in {state['since_best']} evaluations: learning rate x{plateau['factor']:.3g}")
 
 
 def _should_stop(cfg: TrainerConfig, state: dict) -> bool:

@@ -247,3 +247,28 @@ def test_residual_combiner_and_training_set_evaluation(tiny_bert_dir, cache_dir,
         assert 0.0 <= epoch["metrics"]["sentiment"]["accuracy"] <= 1.0 and "loss" in epoch["metrics"]["combined"]
     reloaded = Model.load(out.run_dir)  # the residual layout is rebuilt from the saved config
     pd.testing.assert_frame_equal(reloaded.predict(frame(8)), model.predict(frame(8)))
+
+
+def test_ludwig_ecd_config_with_its_rendered_keys_runs_unchanged(tiny_bert_dir, cache_dir, tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).parent / "data" / "ludwig_ecd_full.yaml").read_text()
+    raw = yaml.safe_load(text.replace("TINY_BERT", str(tiny_bert_dir)))
+    df = frame(120).assign(year=lambda d: 1990 + (d.x * 5).round())
+    model = Model(raw, log=quiet)
+    out = model.train(df, output_directory=tmp_path)
+    assert 1 <= len(out.statistics["training"]) <= 10 and out.statistics["validation"]
+    assert "accuracy" in out.statistics["validation"][0]["sentiment"]  # validation_metric: accuracy is watched
+    assert set(model.predict(df.head(5))["sentiment_predictions"]) <= {"pos", "neg"}
+
+
+def test_combiner_initializers_bias_and_norm_params():
+    from cadenza.ecd.network import mlp
+
+    net, _ = mlp(4, [{"output_size": 3}], "relu", 0.0, "layer", norm_params={"eps": 0.5},
+                 use_bias=False, weights_initializer="ones")
+    assert net[0].bias is None and bool((net[0].weight == 1).all()) and net[1].eps == 0.5
+    net, _ = mlp(4, [{"output_size": 3}], "relu", 0.0, None, bias_initializer="ones")
+    assert bool((net[0].bias == 1).all())

@@ -121,3 +121,25 @@ def test_effective_batch_size_sets_accumulation():
     result = fit(fresh_model(), task, TrainerConfig(epochs=1, learning_rate=0.1, gradient_accumulation_steps="auto",
                                                     effective_batch_size=8), log=lambda _: None)
     assert result.steps == 2
+
+
+def test_l1_regularization_adds_the_sign_of_each_weight():
+    x, y = data()
+    trained = {}
+    for kind in ("l2", "l1"):
+        model = fresh_model()
+        start = model.weight.detach().clone()
+        cfg = TrainerConfig(epochs=1, learning_rate=1.0, optimizer={"type": "sgd"}, regularization_type=kind,
+                            regularization_lambda=0.0 if kind == "l2" else 0.1, gradient_clipping={"clipglobalnorm": None})
+        fit(model, task_for([(x, y)]), cfg, log=lambda _: None)
+        trained[kind] = model.weight.detach()
+    torch.testing.assert_close(trained["l1"], trained["l2"] - 0.1 * torch.sign(start))
+
+
+def test_reduce_on_plateau_lowers_the_learning_rate():
+    x, y = data()
+    lines = []
+    fit(fresh_model(), task_for([(x, y)], lambda m: {"combined": {"loss": 1.0}}),
+        TrainerConfig(epochs=4, learning_rate=0.1, early_stop=-1, checkpoints_per_epoch=0,
+                      learning_rate_scheduler={"reduce_on_plateau": 1, "reduce_rate": 0.5}), log=lines.append)
+    assert [line.split("x")[-1] for line in lines if "learning rate" in line] == ["0.5", "0.25", "0.125"]

@@ -20,20 +20,37 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+INITIALIZERS = {"xavier_uniform": nn.init.xavier_uniform_, "xavier_normal": nn.init.xavier_normal_,
+                "kaiming_uniform": nn.init.kaiming_uniform_, "kaiming_normal": nn.init.kaiming_normal_,
+                "normal": nn.init.normal_, "uniform": nn.init.uniform_, "zeros": nn.init.zeros_, "ones": nn.init.ones_}
+
+
+def linear(in_size: int, out_size: int, use_bias: bool = True, weights_initializer: Optional[str] = None,
+           bias_initializer: Optional[str] = None) -> nn.Linear:
+    """nn.Linear, with Ludwig's named initializers when given (torch's defaults otherwise)."""
+    layer = nn.Linear(in_size, out_size, bias=use_bias)
+    if weights_initializer:
+        INITIALIZERS[weights_initializer](layer.weight)
+    if use_bias and bias_initializer:
+        INITIALIZERS[bias_initializer](layer.bias)
+    return layer
+
+
 def mlp(in_size: int, layers: list[dict], default_activation: str, default_dropout: float,
-        norm: Optional[str], residual: bool = False) -> tuple[nn.Sequential, int]:
+        norm: Optional[str], residual: bool = False, norm_params: Optional[dict] = None,
+        **linear_options) -> tuple[nn.Sequential, int]:
     """Fully connected layers. With `residual`, a layer whose input and output widths match adds its input to
-    its output (Ludwig's concat combiner `residual: true`)."""
+    its output (Ludwig's concat combiner `residual: true`). `linear_options` go to `linear`."""
     modules: list[nn.Module] = []
     size = in_size
     for layer in layers:
         out = layer.get("output_size", 256)
-        block: list[nn.Module] = [nn.Linear(size, out)]
+        block: list[nn.Module] = [linear(size, out, **linear_options)]
         kind = layer.get("norm", norm)
         if kind == "batch":
-            block.append(nn.BatchNorm1d(out))
+            block.append(nn.BatchNorm1d(out, **(norm_params or {})))
         elif kind == "layer":
-            block.append(nn.LayerNorm(out))
+            block.append(nn.LayerNorm(out, **(norm_params or {})))
         block.append(ACTIVATIONS[layer.get("activation", default_activation)]())
         dropout = layer.get("dropout", default_dropout)
         if dropout:
@@ -87,7 +104,9 @@ class EcdNet(nn.Module):
         self.input_order = list(inputs)
         width = sum(input_sizes.values())
         self.combiner, width = mlp(width, combiner_layers(combiner), combiner.activation, combiner.dropout,
-                                   combiner.norm, residual=combiner.residual)
+                                   combiner.norm, residual=combiner.residual, norm_params=combiner.norm_params,
+                                   use_bias=combiner.use_bias, weights_initializer=combiner.weights_initializer,
+                                   bias_initializer=combiner.bias_initializer)
         self.heads = nn.ModuleDict()
         for f in outputs:
             d = f.decoder
