@@ -272,3 +272,24 @@ def test_combiner_initializers_bias_and_norm_params():
     assert net[0].bias is None and bool((net[0].weight == 1).all()) and net[1].eps == 0.5
     net, _ = mlp(4, [{"output_size": 3}], "relu", 0.0, None, bias_initializer="ones")
     assert bool((net[0].bias == 1).all())
+
+
+def test_embedding_interrupted_midway_keeps_the_finished_chunks(tmp_path):
+    from cadenza.ecd.embed_cache import EmbeddingCache, cached_embeddings
+
+    texts = [f"text {i}" for i in range(10)]
+    fake = lambda batch: np.array([[float(t.split()[1]), 1.0] for t in batch], dtype=np.float32)  # noqa: E731
+    calls = []
+
+    def crashing(batch):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fake(batch)
+
+    cache = EmbeddingCache(tmp_path / "enc")
+    with pytest.raises(KeyboardInterrupt):
+        cached_embeddings(texts, cache, crashing, log=quiet, chunk=4)
+    vectors, stats = cached_embeddings(texts, cache, fake, log=quiet, chunk=4)
+    assert (stats.hits, stats.misses) == (8, 2)  # the two finished chunks came from the cache
+    np.testing.assert_array_equal(vectors, fake(texts))

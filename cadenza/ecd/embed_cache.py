@@ -84,8 +84,11 @@ def embed_texts(texts: list[str], encoder, tokenizer, max_length: int, batch_siz
     return out
 
 
+CHUNK = 8192  # texts embedded and written as one cache shard: an interrupted run keeps what it finished
+
+
 def cached_embeddings(texts: list[str], cache: EmbeddingCache, compute: Callable[[list[str]], np.ndarray],
-                      log: Callable = print) -> tuple[np.ndarray, CacheStats]:
+                      log: Callable = print, chunk: int = CHUNK) -> tuple[np.ndarray, CacheStats]:
     """Embeddings for `texts` (row order kept), computing only the distinct texts the cache lacks."""
     table = cache.load(log)
     keys = [text_key(t) for t in texts]
@@ -96,9 +99,14 @@ def cached_embeddings(texts: list[str], cache: EmbeddingCache, compute: Callable
     stats = CacheStats(hits=len(texts) - sum(1 for k in keys if k in missing), misses=len(missing))
     if missing:
         log(f"embedding {len(missing)} texts ({stats.hits} rows from cache)")
-        vectors = compute(list(missing.values()))
-        cache.add(list(missing), vectors)
-        table.update(zip(missing, vectors))
+        pending = list(missing.items())
+        for start in range(0, len(pending), chunk):
+            part = pending[start:start + chunk]
+            vectors = compute([t for _, t in part])
+            cache.add([k for k, _ in part], vectors)
+            table.update(zip((k for k, _ in part), vectors))
+            if len(pending) > chunk:
+                log(f"  {min(start + chunk, len(pending))}/{len(pending)} embedded and cached")
     else:
         log(f"embeddings: all {len(texts)} rows from cache")
     return np.stack([table[k] for k in keys]) if keys else np.zeros((0, 0), np.float32), stats
