@@ -347,5 +347,28 @@ def _serve() -> None:
         print(f"--- end of call {request['fn']}", flush=True)
 
 
+def remote_embedding_cache_runs_from_hub(output_directory: str, bert_dir: str, repo_id: str, token: str) -> list:
+    """Publish a plain encoder folder to the Hub, then train a frozen-encoder ecd model from its repo id twice:
+    [(cache hits, misses) of each run]."""
+    import pandas as pd
+    from huggingface_hub import HfApi
+
+    from cadenza import Model
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=bert_dir, ignore_patterns=[".complete"])
+    config = {"input_features": [{"name": "review", "type": "text", "preprocessing": {"max_sequence_length": 12},
+                                  "encoder": {"type": "auto_transformer", "pretrained_model_name_or_path": repo_id}}],
+              "output_features": [{"name": "sentiment", "type": "category"}], "trainer": {"epochs": 1}}
+    runs = []
+    for _ in range(2):
+        model = Model(config, log=lambda _: None)
+        model.train(pd.DataFrame(remote_ecd_frame()), output_directory=output_directory)
+        runs.append([model.model.cache_stats.hits, model.model.cache_stats.misses])
+    return runs
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     _serve()
+

@@ -398,3 +398,11 @@ def test_untrained_llm_has_nothing_to_publish(built, tmp_path):
     (model / "training_set_metadata.json").write_text(json.dumps({"weights": "base"}))
     with pytest.raises(ModelFolderError, match="not fine-tuned"):
         plan_upload("alice/m", model)
+
+
+def test_hub_encoder_embeddings_are_cached_under_its_downloaded_revision(client, hub, tiny_bert_dir, tmp_path):
+    """An ecd encoder given by Hub id: the first run downloads it before computing the cache key, so the second
+    run (same encoder, same texts) takes every embedding from the cache instead of embedding again."""
+    first, second = client.call("remote_embedding_cache_runs_from_hub", str(tmp_path / "results"),
+                                str(tiny_bert_dir), f"{ORG}/tiny-encoder", ALICE_TOKEN)
+    assert first[1] > 0 and second == [first[0] + first[1], 0]

@@ -20,7 +20,7 @@ from ..trainer import TrainResult, TrainTask, bf16_is_fast, fit, freeze_by_regex
 from . import features as FT
 from .embed_cache import EmbeddingCache, cached_embeddings, embed_texts
 from .network import CategoryEmbedding, EcdNet, output_loss
-from .text_encoder import TextEncoder, fingerprint, load_tokenizer
+from .text_encoder import TextEncoder, fingerprint, load_tokenizer, revision_known
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -122,6 +122,10 @@ class EcdModel:
 
     def _embed(self, feature, texts: list[str]) -> np.ndarray:
         meta = self.metadata[feature.name]
+        if not revision_known(feature.encoder):
+            # a hub model not downloaded yet: download it first, so the cache key names its commit
+            self._encoder(feature)
+            meta["encoder_fingerprint"] = fingerprint(feature.encoder, meta["max_length"])
         cache = EmbeddingCache(self._cache_folder() / "embeddings" / meta["encoder_fingerprint"])
 
         def compute(missing: list[str]) -> np.ndarray:

@@ -116,6 +116,12 @@ def fingerprint(encoder_cfg, max_length: int) -> str:
     return h.hexdigest()[:32]
 
 
+def revision_known(encoder_cfg) -> bool:
+    """False for a hub id not downloaded yet: its fingerprint cannot name the revision until it is."""
+    source = encoder_source(encoder_cfg)
+    return Path(source).exists() or _hub_revision(source) != "unknown"
+
+
 def _hub_revision(repo_id: str) -> str:
     try:
         from huggingface_hub import try_to_load_from_cache
