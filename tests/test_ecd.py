@@ -293,3 +293,24 @@ def test_embedding_interrupted_midway_keeps_the_finished_chunks(tmp_path):
     vectors, stats = cached_embeddings(texts, cache, fake, log=quiet, chunk=4)
     assert (stats.hits, stats.misses) == (8, 2)  # the two finished chunks came from the cache
     np.testing.assert_array_equal(vectors, fake(texts))
+
+
+def test_gguf_encoder_conversion_goes_to_the_configured_cache(tiny_llama_dir, cache_dir, tmp_path, monkeypatch):
+    import cadenza.llm.load as load
+
+    asked = []
+
+    def converted(source, cache=None, log=print):  # stands in for the ~40 s dequantization of a real GGUF
+        asked.append((source, cache))
+        return str(tiny_llama_dir)
+
+    monkeypatch.setattr(load, "plain_model_dir", converted)
+    gguf = str(tmp_path / "encoder.Q4_1.gguf")
+    cfg = {"input_features": [{"name": "review", "type": "text", "preprocessing": {"max_sequence_length": 8},
+                               "encoder": {"type": "auto_transformer", "pretrained_model_name_or_path": gguf,
+                                           "reduce_output": "last"}}],
+           "output_features": [{"name": "sentiment", "type": "category"}],
+           "preprocessing": {"cache_dir": str(tmp_path / "my-cache")}, "trainer": {"epochs": 1}}
+    Model(cfg, log=quiet).train(frame(32), output_directory=tmp_path / "out")
+    assert asked and set(asked) == {(gguf, str(tmp_path / "my-cache"))}
+    assert list((tmp_path / "my-cache" / "embeddings").iterdir())  # the embeddings went there too

@@ -47,14 +47,15 @@ class EcdModel:
 
     def _encoder(self, feature):
         if feature.name not in self._encoders:
-            tokenizer = load_tokenizer(feature.encoder)
-            self._encoders[feature.name] = (TextEncoder(feature.encoder), tokenizer)
+            cache = str(self._cache_folder())  # where a GGUF encoder's converted copy goes
+            tokenizer = load_tokenizer(feature.encoder, cache)
+            self._encoders[feature.name] = (TextEncoder(feature.encoder, cache=cache), tokenizer)
         return self._encoders[feature.name]
 
     def _tokenizer(self, feature):
         if feature.name in self._encoders:
             return self._encoders[feature.name][1]
-        return load_tokenizer(feature.encoder)
+        return load_tokenizer(feature.encoder, str(self._cache_folder()))
 
     def _cache_folder(self) -> Path:
         return cache_root(configured_cache_dir(self.config))

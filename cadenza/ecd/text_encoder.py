@@ -19,21 +19,21 @@ def encoder_source(encoder_cfg) -> str:
     return resolve_model_name(name)
 
 
-def _load_kwargs(encoder_cfg, source: str) -> tuple[str, dict]:
+def _load_kwargs(encoder_cfg, source: str, cache: Optional[str] = None) -> tuple[str, dict]:
     kwargs = dict(encoder_cfg.pretrained_kwargs or {})
     kwargs["trust_remote_code"] = encoder_cfg.trust_remote_code
     if source.lower().endswith(".gguf"):
         from ..llm.load import plain_model_dir
 
         # dequantized once and cached as safetensors (the same copy the llm path uses)
-        return plain_model_dir(source), kwargs
+        return plain_model_dir(source, cache), kwargs
     return source, kwargs
 
 
-def load_tokenizer(encoder_cfg):
+def load_tokenizer(encoder_cfg, cache: Optional[str] = None):
     from transformers import AutoTokenizer
 
-    path, kwargs = _load_kwargs(encoder_cfg, encoder_source(encoder_cfg))
+    path, kwargs = _load_kwargs(encoder_cfg, encoder_source(encoder_cfg), cache)
     kwargs.pop("dtype", None)
     tok = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k in ("trust_remote_code", "revision")})
     if tok.pad_token is None:
@@ -43,11 +43,11 @@ def load_tokenizer(encoder_cfg):
     return tok
 
 
-def load_backbone(encoder_cfg) -> nn.Module:
+def load_backbone(encoder_cfg, cache: Optional[str] = None) -> nn.Module:
     """AutoModel gives the base transformer (LlamaModel, BertModel, ...) without any LM head."""
     from transformers import AutoConfig, AutoModel
 
-    path, kwargs = _load_kwargs(encoder_cfg, encoder_source(encoder_cfg))
+    path, kwargs = _load_kwargs(encoder_cfg, encoder_source(encoder_cfg), cache)
     if getattr(encoder_cfg, "use_pretrained", True):
         model = AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
     else:
@@ -75,10 +75,10 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 class TextEncoder(nn.Module):
     """token ids → pooled vector. Frozen unless `trainable`; an adapter makes only its own weights trainable."""
 
-    def __init__(self, encoder_cfg, backbone: Optional[nn.Module] = None):
+    def __init__(self, encoder_cfg, backbone: Optional[nn.Module] = None, cache: Optional[str] = None):
         super().__init__()
         self.cfg = encoder_cfg
-        self.backbone = backbone if backbone is not None else load_backbone(encoder_cfg)
+        self.backbone = backbone if backbone is not None else load_backbone(encoder_cfg, cache)
         if encoder_cfg.adapter is not None:
             self.backbone = apply_adapter(self.backbone, encoder_cfg.adapter, "FEATURE_EXTRACTION")
         elif not encoder_cfg.trainable:
