@@ -96,7 +96,7 @@ input_features:
     type: text
     encoder:
       type: auto_transformer
-      pretrained_model_name_or_path: bert-base-uncased
+      pretrained_model_name_or_path: bert-base-uncased   # validated offline, never loaded
       trainable: false
       reduce_output: mean
     preprocessing:

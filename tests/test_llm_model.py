@@ -389,8 +389,8 @@ def test_ludwig_llm_config_runs_unchanged(tiny_llama_dir, tmp_path, cache_dir):
 
     from cadenza import Model
 
-    raw = yaml.safe_load((Path(__file__).parent / "data" / "ludwig_llm_lora.yaml").read_text())
-    raw["base_model"] = str(tiny_llama_dir)  # the only change: a model reachable offline
+    text = (Path(__file__).parent / "data" / "ludwig_llm_lora.yaml").read_text()
+    raw = yaml.safe_load(text.replace("TINY_LLAMA", str(tiny_llama_dir)))  # the only change: a local model
     df = pd.DataFrame({"instruction": [f"name colour {i}" for i in range(40)],
                        "input": ["red green blue"[i % 9:] for i in range(40)],
                        "output": [["red", "green", "blue"][i % 3] for i in range(40)]})
