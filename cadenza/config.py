@@ -161,8 +161,7 @@ def _check_ecd(config: CadenzaConfig, add) -> None:
     if config.prompt.template or config.prompt.task:
         add("prompt", "prompts are for model_type: llm")
     for i, f in enumerate(config.output_features):
-        loss = getattr(f, "loss", None)
-        if loss is not None and (loss.class_similarities or loss.class_similarities_temperature):
+        if f.loss.class_similarities or f.loss.class_similarities_temperature:
             add(f"output_features[{i}].loss.class_similarities_temperature",
                 "class similarities are not supported; use label_smoothing or class_weights")
 

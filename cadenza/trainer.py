@@ -369,8 +369,8 @@ def _validation_round(accelerator, model, task: TrainTask, cfg: TrainerConfig, r
     if task.evaluate and not cfg.skip_all_evaluation:
         metrics = _evaluate(accelerator, model, task.evaluate)
         if metrics:
-            value, field_name, metric = _watched(metrics, cfg)
-            text = f"validation {field_name}.{metric} {value:.4f}"
+            value, _, metric = _watched(metrics, cfg)
+            text = f"validation {_summary_metric(metrics, cfg)}"
             improved = result.best_value is None or _better(value, result.best_value, metric)
             if improved:
                 result.best_value = value

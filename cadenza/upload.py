@@ -29,9 +29,9 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Optional, Union
 
 from . import model_card
-from .cache import cache_root
 from .artifacts import (CONFIG_FILE, ECD_WEIGHTS, LLM_WEIGHTS, MODEL_DIR, MODEL_INFO, METADATA_FILE, atomic_dir,
                         find_model_dir)
+from .cache import cache_root
 from .errors import CadenzaError, ModelFolderError
 
 CARD = "README.md"
@@ -493,8 +493,6 @@ def _refuse_remote_code(config, repo_id: str, key_path: str = "") -> None:
             raise HubError(f"{repo_id}: its config sets {where}: true, so loading it would run Python code from "
                            "the Hub; pass trust_remote_code=True only if you trust that code")
         _refuse_remote_code(value, repo_id, where)
-
-
 
 
 def _snapshot(repo_id: str, revision: Optional[str], token: Optional[str], cache_dir, repo_type: str) -> Path:

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import metrics as M
-from ..cache import cache_root, configured_cache_dir
 from ..artifacts import ECD_WEIGHTS, METADATA_FILE, read_json, write_json
+from ..cache import cache_root, configured_cache_dir
 from ..data import check_not_empty, require_columns
 from ..errors import DataError, ModelFolderError
 from ..trainer import TrainResult, TrainTask, bf16_is_fast, fit, freeze_by_regex, process_state

@@ -130,5 +130,3 @@ def _hub_revision(repo_id: str) -> str:
         return str(Path(found).parent.name) if isinstance(found, str) else "unknown"
     except Exception:  # an odd id is not fatal here: loading the model reports it properly
         return "unknown"
-
-

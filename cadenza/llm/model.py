@@ -13,13 +13,13 @@ import torch
 from .. import trainer as trainer_mod
 from ..adapters import apply_adapter, load_adapter
 from ..artifacts import LLM_WEIGHTS, METADATA_FILE, read_json, write_json
+from ..cache import cache_root, configured_cache_dir
 from ..data import require_columns
 from ..errors import DataError, ModelFolderError
 from ..schema import CadenzaConfig
 from . import batching
 from .generate import generate as generate_ids
 from .generate import hf_generation_config
-from ..cache import cache_root, configured_cache_dir
 from .load import default_dtype, load_causal_lm, load_tokenizer, plain_model_dir, fix_special_tokens
 from .loss import TargetLoss, can_share_prefix, causal_lm_of
 from .outputs import category_scores, extract_label, text_scores
