@@ -11,7 +11,7 @@ Part 1, training (same model, data, adapter, epoch, machine; measured back to ba
             chat-templated prompt + answer + EOS with the prompt labelled -100, length-grouped right-padded
             batches of 8 (transformers' get_length_grouped_indices, as Trainer(group_by_length=True), batch
             order shuffled), model(input_ids, attention_mask, labels).loss, AdamW lr 2e-4, fp32. No Cadenza
-            code besides the packaged GGUF's path and the data (cadenza.assets).
+            code besides the packaged GGUF's path and the data (cadenza.data.assets).
   cadenza   `cadenza.Model` with model_type llm, base_model smollm2, the same LoRA r=8 and trainer
             {epochs 1, batch_size 8, learning_rate 2e-4}, everything else Cadenza's defaults.
   Each variant runs in its own process (`--variant baseline|cadenza`), so peak RSS is its own; the parent
@@ -33,7 +33,7 @@ Counting and MFU (see docs in the printed header):
             backward's activation gradients 2N, no weight gradients for frozen matrices; attention term as in
             nanoGPT's estimate_mfu, whose backward is needed whether or not weights are trained),
             N = parameters of the base model (134.5M, tied embedding counted once: it is the LM head matmul).
-            Peak = cadenza.trainer.peak_flops(bf16) for the precision each variant computes in (measured by a
+            Peak = cadenza.device.peak_flops(bf16) for the precision each variant computes in (measured by a
             2048x2048 matmul on a CPU). MFU counts the work the rows stand for; Cadenza skips part of it
             (shared prompt prefix, LM head on prompt positions), so its hardware utilisation is lower than its MFU.
 """
@@ -74,7 +74,7 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------------ data
 def chat_pairs(rows: int, val: int):
     """Shuffled chatterbot pairs: the first `rows` train, the next `val` are held out (same split everywhere)."""
-    from cadenza import assets
+    from cadenza.data import assets
 
     pairs = assets.chatterbot_pairs().sample(frac=1.0, random_state=SEED).reset_index(drop=True)
     if rows + val > len(pairs):
@@ -84,7 +84,7 @@ def chat_pairs(rows: int, val: int):
 
 
 def review_splits(train_rows: int, test_rows: int):
-    from cadenza import assets
+    from cadenza.data import assets
 
     df = assets.rotten_tomatoes_sentiment().sample(frac=1.0, random_state=SEED).reset_index(drop=True)
     return df.iloc[:train_rows].reset_index(drop=True), df.iloc[train_rows:train_rows + test_rows].reset_index(drop=True)
@@ -130,7 +130,7 @@ def convert_gguf(dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cadenza import assets
+    from cadenza.data import assets
 
     gguf = assets.smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -210,7 +210,7 @@ def child_baseline(a) -> dict:
 
 def child_cadenza(a) -> dict:
     from cadenza import Model
-    from cadenza.trainer import bf16_is_fast
+    from cadenza.device import hardware
 
     train, _ = chat_pairs(a.rows, a.val)
     config = {"model_type": "llm", "base_model": "smollm2",
@@ -240,7 +240,7 @@ def child_cadenza(a) -> dict:
     return {"train_seconds": seconds, "tokens": tokens, "target_tokens": target, "computed_tokens": computed,
             "reported_tokens_per_second": out.throughput.get("tokens_per_second"),
             "reported_mfu": out.throughput.get("mfu"), "steps": out.statistics.get("steps"),
-            "bf16": bf16_is_fast(), "peak_rss_mb": rss, "adapter": str(adapter),
+            "bf16": bool(hardware().bf16_units), "peak_rss_mb": rss, "adapter": str(adapter),
             "adapter_config": {k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}}
 
 
@@ -398,7 +398,7 @@ def main() -> None:
 
     import torch
 
-    from cadenza.trainer import bf16_is_fast, peak_flops
+    from cadenza.device import hardware, peak_flops
 
     skip = set(filter(None, a.skip.split(",")))
     own_workdir = a.workdir is None
@@ -408,12 +408,12 @@ def main() -> None:
            "CADENZA_CACHE_DIR": str(Path(a.workdir) / "cadenza_cache")}
     started = time.perf_counter()
     try:
-        fast_bf16 = bf16_is_fast()
+        fast_bf16 = bool(hardware().bf16_units)
         peak32 = peak_flops(False)
         peaks = {False: peak32, True: peak_flops(True) if fast_bf16 else None}
         print(f"Cadenza LLM benchmark  |  {os.cpu_count()} CPUs, torch {torch.__version__} "
               f"({torch.get_num_threads()} threads), bf16 fast: {fast_bf16}; fp32 matmul peak "
-              f"{peak32 / 1e9:.0f} GFLOPS (cadenza.trainer.peak_flops)")
+              f"{peak32 / 1e9:.0f} GFLOPS (cadenza.device.peak_flops)")
         prep = run_child("prepare", a, env)
         print(f"setup: GGUF -> fp32 folder for the baseline {prep['baseline_conversion_s']:.1f} s, "
               f"Cadenza's converted-model cache {prep['cadenza_cache_s']:.1f} s (outside all timings)")

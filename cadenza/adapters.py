@@ -11,7 +11,7 @@ import torch
 if TYPE_CHECKING:
     import peft
 
-from .schema import AdaloraConfig, IA3Config, LohaConfig, LokrConfig, LoraConfig, OftConfig, VeraConfig
+from .config.schema import AdaloraConfig, IA3Config, LohaConfig, LokrConfig, LoraConfig, OftConfig, VeraConfig
 
 
 def peft_config(adapter, task_type: Optional[str], total_steps: Optional[int] = None) -> "peft.PeftConfig":

@@ -17,10 +17,10 @@ import pandas as pd
 from . import __version__
 from .artifacts import (CONFIG_FILE, FORMAT_VERSION, MODEL_DIR, MODEL_INFO, atomic_dir, find_model_dir,
                         new_run_dir, read_json, write_json)
-from .config import ConfigSource, load_config
-from .data import DatasetSource, check_not_empty, read_dataset, sample, split_dataset
+from .config.load import ConfigSource, load_config
+from .data.read import DatasetSource, check_not_empty, read_dataset, sample, split_dataset
 from .errors import CadenzaError, ModelFolderError
-from .trainer import CHECKPOINT, process_state
+from .train.loop import CHECKPOINT, process_state
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Model:
         started = time.perf_counter()
         result = self.model.fit(splits, run_dir=run_dir, resume=bool(resume), seed=random_seed, log=log)
         statistics = {**result.statistics, "best_epoch": result.best_epoch, "best_step": result.best_step,
-                      "steps": result.steps,
+                      "steps": result.steps, "precision": result.precision,
                       "throughput": result.throughput, "seconds": time.perf_counter() - started}
         model_dir = None if skip_save_model else run_dir / MODEL_DIR
         if dist.is_main_process:
@@ -198,7 +198,7 @@ class Model:
     @staticmethod
     def upload_to_hf_hub(repo_id: str, model_path: Union[str, Path], **kwargs) -> str:
         """Publish a trained model (run or model folder) with a model card; see docs/upload.md."""
-        from .upload import upload_to_hf_hub
+        from .share.hub import upload_to_hf_hub
 
         return upload_to_hf_hub(repo_id, model_path, **kwargs)
 
@@ -206,7 +206,7 @@ class Model:
     def from_pretrained(cls, repo_id: str, *, revision: Optional[str] = None, token: Optional[str] = None,
                         **download_kwargs) -> "Model":
         """Download a Cadenza model from the Hub (or HF_ENDPOINT) and load it. download_kwargs go to
-        cadenza.upload.download_model (cache_dir, repo_type, trust_remote_code)."""
-        from .upload import download_model
+        cadenza.share.hub.download_model (cache_dir, repo_type, trust_remote_code)."""
+        from .share.hub import download_model
 
         return cls.load(download_model(repo_id, revision=revision, token=token, **download_kwargs))

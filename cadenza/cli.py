@@ -88,7 +88,7 @@ def cmd_generate(a) -> None:
 
 
 def cmd_render_config(a) -> None:
-    from .config import render_config, to_yaml
+    from .config.load import render_config, to_yaml
 
     text = to_yaml(render_config(a.config))
     if a.output:
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_render_config)
 
-    from .upload import register_cli
+    from .share.hub import register_cli
 
     register_cli(sub)
     return parser

@@ -37,7 +37,7 @@ def _build_once(name: str, build) -> Path:
 def _llama_tokenizer(folder: Path) -> None:
     from transformers import AutoTokenizer
 
-    from cadenza import assets
+    from cadenza.data import assets
 
     gguf = assets.smollm2_gguf()
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
@@ -76,7 +76,7 @@ def tiny_bert_dir() -> Path:
         import torch
         from transformers import AutoTokenizer, BertConfig, BertModel
 
-        from cadenza import assets
+        from cadenza.data import assets
 
         tok = AutoTokenizer.from_pretrained(str(assets.minilm_dir()))
         torch.manual_seed(0)

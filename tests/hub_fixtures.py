@@ -38,7 +38,7 @@ class RemoteError(Exception):
 
 
 class HubClient:
-    """Calls functions in the client process: `call("cadenza.upload:upload_to_hf_hub", ...)` or the name of a
+    """Calls functions in the client process: `call("cadenza.share.hub:upload_to_hf_hub", ...)` or the name of a
     `remote_*` helper below. Arguments and results travel as JSON."""
 
     def __init__(self, endpoint: str, home: Path, python: str = sys.executable):
@@ -144,7 +144,7 @@ def remote_build_llm(run_dir: str, base_dir: str, kind: str) -> str:
 
 
 def _llm_config(base_dir: str, kind: str) -> dict:
-    from cadenza.config import render_config
+    from cadenza.config.load import render_config
 
     config = {"model_type": "llm", "base_model": base_dir,
               "input_features": [{"name": "question", "type": "text"}],
@@ -162,7 +162,7 @@ def remote_build_ecd(run_dir: str, bert_dir: str) -> str:
     from safetensors.torch import save_file
     from transformers import AutoModel
 
-    from cadenza.config import render_config
+    from cadenza.config.load import render_config
 
     run, model_dir = Path(run_dir), Path(run_dir) / "model"
     (model_dir / "encoders").mkdir(parents=True)
@@ -291,7 +291,7 @@ def remote_cli(argv: list[str]) -> Any:
     """`cadenza upload ...` through the parser `register_cli` builds (cadenza.cli may add more commands)."""
     import argparse
 
-    from cadenza.upload import register_cli
+    from cadenza.share.hub import register_cli
 
     parser = argparse.ArgumentParser(prog="cadenza")
     register_cli(parser.add_subparsers(dest="command", required=True))

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from cadenza.config import load_config, render_config
+from cadenza.config.load import load_config, render_config
 from cadenza.errors import ConfigError
 
 
@@ -128,7 +128,7 @@ def test_yaml_error_names_line(tmp_path):
 
 
 def test_render_is_valid_yaml_and_reloads():
-    from cadenza.config import to_yaml
+    from cadenza.config.load import to_yaml
 
     text = to_yaml(render_config(ecd()))
     assert load_config(yaml.safe_load(text)).model_dump() == load_config(ecd()).model_dump()

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cadenza.data import read_dataset, split_dataset
+from cadenza.data.read import read_dataset, split_dataset
 from cadenza.errors import DataError
-from cadenza.schema import SplitConfig
+from cadenza.config.schema import SplitConfig
 
 FRAME = pd.DataFrame({"text": ["a b", "c d", "e f"], "label": ["x", "y", "x"]})
 

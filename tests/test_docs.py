@@ -5,7 +5,8 @@ import typing
 import pytest
 from pydantic import BaseModel
 
-from cadenza import config, docs_gen, schema
+from cadenza import docs_gen
+from cadenza.config import load as config, schema
 
 
 @pytest.fixture(scope="module")

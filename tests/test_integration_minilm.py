@@ -3,7 +3,7 @@
 import pytest
 
 from cadenza import Model
-from cadenza.data import read_dataset
+from cadenza.data.read import read_dataset
 
 
 @pytest.mark.integration

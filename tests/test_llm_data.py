@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cadenza.config import load_config
+from cadenza.config.load import load_config
 from cadenza.errors import ConfigError
 from cadenza.llm import batching
 from cadenza.llm.outputs import extract_label, rouge_l, text_scores

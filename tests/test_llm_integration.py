@@ -2,8 +2,8 @@
 
 import pytest
 
-from cadenza import assets
-from cadenza.config import load_config
+from cadenza.data import assets
+from cadenza.config.load import load_config
 from cadenza.llm import LlmModel
 
 

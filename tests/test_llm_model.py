@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cadenza.config import load_config
+from cadenza.config.load import load_config
 from cadenza.llm import LlmModel, batching
 from cadenza.llm.load import load_causal_lm, load_tokenizer
 from cadenza.llm.loss import TargetLoss

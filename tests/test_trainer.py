@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cadenza.schema import TrainerConfig
-from cadenza.trainer import TrainTask, _lr_lambda, fit
+from cadenza.config.schema import TrainerConfig
+from cadenza.train.loop import TrainTask, _lr_lambda, fit
 
 
 def data(n=12, seed=0):
@@ -78,7 +78,7 @@ def test_compile_trains_the_same_model():
 
 
 def test_learning_rate_scaling_with_processes():
-    from cadenza.trainer import scaled_learning_rate
+    from cadenza.train.loop import scaled_learning_rate
 
     lr = lambda scaling, world: scaled_learning_rate(  # noqa: E731
         TrainerConfig(learning_rate=0.01, learning_rate_scaling=scaling), world)
@@ -109,7 +109,7 @@ def test_eval_steps_evaluate_within_epochs_and_drive_early_stopping():
 
 
 def test_effective_batch_size_sets_accumulation():
-    from cadenza.trainer import accumulation_steps
+    from cadenza.train.loop import accumulation_steps
 
     cfg = TrainerConfig(gradient_accumulation_steps="auto", effective_batch_size=16)
     assert accumulation_steps(cfg, 4, 1) == 4 and accumulation_steps(cfg, 4, 2) == 2

@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from cadenza.errors import ModelFolderError
-from cadenza.upload import HubError, plan_upload, upload_to_hf_hub
+from cadenza.share.hub import HubError, plan_upload, upload_to_hf_hub
 from hub_fixtures import ALICE_TOKEN, BOB_TOKEN, ORG, RemoteError, client, hub  # noqa: F401  (fixtures)
 
-UPLOAD = "cadenza.upload:upload_to_hf_hub"
-DOWNLOAD = "cadenza.upload:download_model"
+UPLOAD = "cadenza.share.hub:upload_to_hf_hub"
+DOWNLOAD = "cadenza.share.hub:download_model"
 CADENZA_FILES = {"cadenza_model.json", "model_hyperparameters.json", "training_set_metadata.json"}
 
 
@@ -136,7 +136,7 @@ def test_token_found_in_a_file_is_not_uploaded(client, built, hub, tmp_path):
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64])
 def test_token_scan_finds_it_across_read_boundaries(chunk, tmp_path):
-    from cadenza.upload import _file_contains
+    from cadenza.share.hub import _file_contains
 
     path = tmp_path / "weights.safetensors"
     path.write_bytes(b"x" * 10 + ALICE_TOKEN.encode() + b"y" * 5)

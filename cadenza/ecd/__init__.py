@@ -13,10 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from .. import metrics as M
 from ..artifacts import ECD_WEIGHTS, METADATA_FILE, read_json, write_json
-from ..cache import cache_root, configured_cache_dir
-from ..data import check_not_empty, require_columns
+from ..data.cache import cache_root, configured_cache_dir
+from ..data.read import check_not_empty, require_columns
 from ..errors import DataError, ModelFolderError
-from ..trainer import TrainResult, TrainTask, bf16_is_fast, fit, freeze_by_regex, process_state
+from .. import device
+from ..train.loop import TrainResult, TrainTask, fit, freeze_by_regex, process_state
 from . import features as FT
 from .embed_cache import EmbeddingCache, cached_embeddings, embed_texts
 from .network import CategoryEmbedding, EcdNet, output_loss
@@ -131,12 +132,19 @@ class EcdModel:
 
         def compute(missing: list[str]) -> np.ndarray:
             encoder, tokenizer = self._encoder(feature)
-            return embed_texts(missing, encoder, tokenizer, meta["max_length"])
+            return embed_texts(missing, encoder, tokenizer, meta["max_length"], self._embed_precision())
 
         # under `accelerate launch` the main process embeds first; the others then read its cache entries
         with process_state().main_process_first():
             vectors, self.cache_stats = cached_embeddings(texts, cache, compute, self.log)
         return vectors
+
+    def _embed_precision(self) -> device.Precision:
+        precision = device.precision(self.config.trainer.use_mixed_precision, "embed")
+        if not getattr(self, "_said_embed_precision", False):
+            self.log(precision.describe("embed"))
+            self._said_embed_precision = True
+        return precision
 
     # ------------------------------------------------------------------------------------------- network
     def _build_net(self) -> EcdNet:
@@ -227,10 +235,12 @@ class EcdModel:
             evaluate_training=lambda net: self._evaluate_prepared(train_data)[0],
             micro_batch_rows=self.batch_size,
         )
-        mixed = cfg.use_mixed_precision
-        if mixed is None:  # the head alone is too small for bf16 to pay; a trained encoder is not
-            mixed = bf16_is_fast() and any(not self.metadata[f.name]["cached"] for f in self._text_inputs())
-        result = fit(self.net, task, cfg, run_dir=run_dir, resume=resume, seed=seed, mixed_precision=mixed, log=log)
+        # the head alone is too small for bf16 to pay; a trained encoder is not
+        part = "train" if any(not self.metadata[f.name]["cached"] for f in self._text_inputs()) else "head"
+        precision = device.precision(cfg.use_mixed_precision, part)
+        log(precision.describe(part))
+        result = fit(self.net, task, cfg, run_dir=run_dir, resume=resume, seed=seed, precision=precision, log=log)
+        result.precision = {"part": part, "precision": precision.name, "reason": precision.reason}
         self.net = self.net.cpu().eval()
         return result
 

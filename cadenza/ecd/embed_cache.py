@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..trainer import bf16_is_fast
+from ..device import Precision
 
 
 @dataclass
@@ -65,8 +65,9 @@ class EmbeddingCache:
         os.replace(tmp, self.folder / name)
 
 
-def embed_texts(texts: list[str], encoder, tokenizer, max_length: int, batch_size: int = 128) -> np.ndarray:
-    """Embed with no grad, in length-sorted batches (little padding), bf16 where the hardware runs it fast."""
+def embed_texts(texts: list[str], encoder, tokenizer, max_length: int, precision: Precision,
+                batch_size: int = 128) -> np.ndarray:
+    """Embed with no grad, in length-sorted batches (little padding), in the given precision."""
     if not texts:
         return np.zeros((0, encoder.output_size), dtype=np.float32)
     ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
@@ -74,8 +75,7 @@ def embed_texts(texts: list[str], encoder, tokenizer, max_length: int, batch_siz
     device = next(encoder.parameters()).device
     out = np.zeros((len(texts), encoder.output_size), dtype=np.float32)
     encoder.eval()
-    use_bf16 = bf16_is_fast()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with torch.no_grad(), precision.autocast(device.type):
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
             batch = tokenizer.pad({"input_ids": [ids[i] for i in index]}, return_tensors="pt")

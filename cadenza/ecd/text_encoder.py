@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..adapters import apply_adapter
-from ..assets import resolve_model_name
+from ..data.assets import resolve_model_name
 
 
 def encoder_source(encoder_cfg) -> str:

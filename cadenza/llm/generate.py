@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..schema import GenerationConfig as GenerationSection
+from ..config.schema import GenerationConfig as GenerationSection
 
 _SAMPLING_ONLY = ("temperature", "top_p", "top_k")
 

@@ -16,9 +16,8 @@ from typing import Optional
 
 import torch
 
-from .. import assets
-from ..cache import cache_root
-from ..trainer import bf16_is_fast
+from ..data import assets
+from ..data.cache import cache_root
 
 CONVERTED_MARKER = ".cadenza-complete"
 
@@ -79,11 +78,6 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def default_dtype() -> torch.dtype:
-    """bf16 where matmuls run natively in it; fp32 elsewhere (emulated bf16 is hundreds of times slower)."""
-    return torch.bfloat16 if bf16_is_fast() else torch.float32
-
-
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -103,12 +97,12 @@ def fix_special_tokens(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token_id is not None else tokenizer.eos_token
 
 
-def load_causal_lm(source: str, *, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False,
+def load_causal_lm(source: str, *, dtype: torch.dtype, trust_remote_code: bool = False,
                    quantization=None, attn_implementation: Optional[str] = None, rope_scaling: Optional[dict] = None):
     """A causal LM from a plain folder or hub id (see `plain_model_dir`), optionally 4/8-bit via bitsandbytes."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype or default_dtype(), "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if rope_scaling:
         kwargs["config"] = scaled_rope_config(source, rope_scaling, trust_remote_code)
     if attn_implementation:

@@ -10,17 +10,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import trainer as trainer_mod
+from .. import device
+from ..train import loop as trainer_mod
 from ..adapters import apply_adapter, load_adapter
 from ..artifacts import LLM_WEIGHTS, METADATA_FILE, read_json, write_json
-from ..cache import cache_root, configured_cache_dir
-from ..data import require_columns
+from ..data.cache import cache_root, configured_cache_dir
+from ..data.read import require_columns
 from ..errors import DataError, ModelFolderError
-from ..schema import CadenzaConfig
+from ..config.schema import CadenzaConfig
 from . import batching
 from .generate import generate as generate_ids
 from .generate import hf_generation_config
-from .load import default_dtype, load_causal_lm, load_tokenizer, plain_model_dir, fix_special_tokens
+from .load import fix_special_tokens, load_causal_lm, load_tokenizer, plain_model_dir
 from .loss import TargetLoss, can_share_prefix, causal_lm_of
 from .outputs import category_scores, extract_label, text_scores
 from .prompt import PromptBuilder
@@ -53,9 +54,9 @@ class LlmModel:
         return cache_root(configured_cache_dir(self.config))
 
     def _dtype(self) -> torch.dtype:
-        # full fine-tuning keeps fp32 master weights (bf16 autocast does the fast part); frozen bases go bf16
+        # full fine-tuning keeps fp32 master weights (bf16 autocast does the fast part); frozen bases may go bf16
         training_full = self.config.trainer.type != "none" and self.config.adapter is None
-        return torch.float32 if training_full else default_dtype()
+        return torch.float32 if training_full else _weights_precision(self.config).dtype
 
     def _ensure_base(self, log=print) -> None:
         if self.model is not None:
@@ -64,7 +65,9 @@ class LlmModel:
         self.tokenizer = load_tokenizer(source, self.config.trust_remote_code)
         self.model = load_causal_lm(source, dtype=self._dtype(), trust_remote_code=self.config.trust_remote_code,
                                     quantization=self.config.quantization, rope_scaling=self._rope_scaling())
-        if torch.cuda.is_available() and self.config.quantization is None:
+        log(f"base model weights in {str(self._dtype()).replace('torch.', '')} "
+            f"({_weights_precision(self.config).reason})")
+        if device.is_cuda() and self.config.quantization is None:
             self.model.to("cuda")
         self._ensure_builder()
 
@@ -135,7 +138,7 @@ class LlmModel:
     def _auto_batch_size(self) -> int:
         """CPU: a fixed 8 rows. CUDA: the largest power of two (<= max_batch_size, 64) whose forward/backward
         on the longest training rows fits in memory."""
-        if not torch.cuda.is_available() or not getattr(self, "_train_rows", None) or not self._prepared:
+        if not device.is_cuda() or not getattr(self, "_train_rows", None) or not self._prepared:
             return CPU_AUTO_BATCH  # (before the adapter is applied a probe would measure the wrong model)
         if getattr(self, "_auto_size", None):
             return self._auto_size
@@ -220,7 +223,7 @@ class LlmModel:
         self._prepare_for_training(log)
         params = self.config.model_parameters
         module = TargetLoss(self.model, neftune_noise_alpha=params.neftune_noise_alpha if params else 0.0)
-        if torch.cuda.is_available() and t.batch_size == "auto":
+        if device.is_cuda() and t.batch_size == "auto":
             size = self._auto_batch_size()
             log(f"batch_size auto: {size} rows per micro-batch")
         groups0 = self._train_groups(rows, 0, seed, size)
@@ -251,12 +254,14 @@ class LlmModel:
             # scale so MFU reports the work really done
             flops_per_unit=per_token * computed / max(target_tokens, 1),
             tokens=lambda b: b["num_tokens"], micro_batch_rows=self._rows_per_micro_batch(size))
-        mixed = t.use_mixed_precision if t.use_mixed_precision is not None else trainer_mod.bf16_is_fast()
+        precision = device.precision(t.use_mixed_precision, "train")
+        log(precision.describe("train"))
         log(f"training on {len(rows)} rows, {total_tokens:,} tokens ({target_tokens:,} target tokens), "
             f"{'packed' if packed else 'padded'} micro-batches of {size} rows"
             + (f" / {t.max_tokens_per_batch} tokens" if packed and t.max_tokens_per_batch else ""))
         result = trainer_mod.fit(module, task, t, run_dir=run_dir, resume=resume, seed=seed,
-                                 mixed_precision=mixed, log=log)
+                                 precision=precision, log=log)
+        result.precision = {"part": "train", "precision": precision.name, "reason": precision.reason}
         self.model.eval()
         if self._should_merge():
             self._merge(log)
@@ -449,16 +454,16 @@ class LlmModel:
         trust = config.trust_remote_code
         if self.weights_kind in ("merged", "full"):
             self.tokenizer = load_tokenizer(str(weights), trust)
-            self.model = load_causal_lm(str(weights), dtype=default_dtype(), trust_remote_code=trust)
+            self.model = load_causal_lm(str(weights), dtype=_weights_precision(config).dtype, trust_remote_code=trust)
         else:
             source = plain_model_dir(config.base_model, str(self._cache()))
             self.tokenizer = load_tokenizer(str(weights), trust)
-            self.model = load_causal_lm(source, dtype=default_dtype(), trust_remote_code=trust,
+            self.model = load_causal_lm(source, dtype=_weights_precision(config).dtype, trust_remote_code=trust,
                                         quantization=config.quantization, rope_scaling=self._rope_scaling())
             if self.weights_kind == "adapter":
                 self.model = load_adapter(self.model, weights, is_trainable=False)
         fix_special_tokens(self.tokenizer)
-        if torch.cuda.is_available() and config.quantization is None:
+        if device.is_cuda() and config.quantization is None:
             self.model.to("cuda")
         self.model.eval()
         self._ensure_builder()
@@ -468,6 +473,11 @@ class LlmModel:
             texts = [self.builder.user_text(x) for x in examples]
             self.retriever = Retriever(r.type, r.k, examples, texts, model_name=r.model_name)
         return self
+
+
+def _weights_precision(config: CadenzaConfig) -> device.Precision:
+    """The dtype of frozen (or inference-only) base weights, from trainer.use_mixed_precision and the hardware."""
+    return device.precision(config.trainer.use_mixed_precision, "weights")
 
 
 def _adapter_folder(path: str) -> Path:

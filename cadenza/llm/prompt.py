@@ -11,7 +11,7 @@ import json
 import string
 from typing import Optional
 
-from ..schema import CadenzaConfig
+from ..config.schema import CadenzaConfig
 
 DEFAULT_TASK_TEMPLATE = "{__context__}Task: {__task__}\n\nInput: {__sample__}\n\nAnswer:"
 CONTEXT_HEADER = "Examples:\n\n"

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import assets
+from ..data import assets
 
 
 class Retriever:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import re
 import time
@@ -26,8 +25,9 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_dir, write_json
-from .schema import TrainerConfig
+from ..artifacts import atomic_dir, write_json
+from ..config.schema import TrainerConfig
+from ..device import Precision, is_cuda, peak_flops
 
 HIGHER_IS_BETTER = {"accuracy", "macro_f1", "roc_auc", "r2", "jaccard", "hits_at_k", "token_accuracy",
                     "exact_match", "rouge_l", "average_precision"}
@@ -61,31 +61,20 @@ class TrainResult:
     stopped_early: bool = False
     seconds: float = 0.0
     throughput: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)  # filled by the model type: part, precision, reason
 
 
 def process_state():
     """This process's place in a distributed run (`accelerate launch` / `torchrun`); one process otherwise."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not is_cuda())
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def bf16_is_fast() -> bool:
-    """bf16 pays off on CUDA GPUs with bf16 units and on CPUs with bf16 matrix instructions (AMX, AVX512-BF16);
-    elsewhere (e.g. AVX2-only CPUs) a bf16 matmul is emulated and hundreds of times slower than fp32."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
 
 
 def freeze_by_regex(model: torch.nn.Module, pattern: Optional[str]) -> int:
@@ -100,10 +89,13 @@ def freeze_by_regex(model: torch.nn.Module, pattern: Optional[str]) -> int:
 
 
 def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir: Optional[Path] = None,
-        resume: bool = False, seed: int = 42, mixed_precision: bool = False, log: Callable = print) -> TrainResult:
+        resume: bool = False, seed: int = 42, precision: Precision = Precision(False, "fp32"),
+        log: Callable = print) -> TrainResult:
     seed_everything(seed)
-    accelerator = Accelerator(mixed_precision="bf16" if mixed_precision else "no",
-                              cpu=not torch.cuda.is_available())
+    # Accelerate's state is global to the process and refuses a second, different mixed_precision: keep it
+    # constant ("no") and apply this run's precision with our own autocast, so runs in one process stay independent
+    accelerator = Accelerator(mixed_precision="no", cpu=not is_cuda())
+    autocast = lambda: precision.autocast(accelerator.device.type)  # noqa: E731
     model = model.to(accelerator.device)
     if cfg.compile:
         # in place (nn.Module.compile): parameter names and checkpoints stay those of the eager module
@@ -134,7 +126,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     if result.best_value is not None and ckpt_dir and (ckpt_dir / "best.safetensors").exists():
         best_weights = load_file(str(ckpt_dir / "best.safetensors"))
 
-    peak = peak_flops(mixed_precision) if task.flops_per_unit else None
+    peak = peak_flops(precision.bf16) if task.flops_per_unit else None
     started = time.perf_counter()
     units_done = tokens_done = 0
     train_seconds = 0.0
@@ -158,7 +150,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                 group_loss = 0.0
                 for j, batch in enumerate(group):
                     sync = contextlib.nullcontext() if j == len(group) - 1 else accelerator.no_sync(model)
-                    with sync, accelerator.autocast():
+                    with sync, autocast():
                         loss = task.loss_sum(model, batch)
                     accelerator.backward(loss * world / total.clamp_min(1.0))
                     group_loss += float(loss.detach())
@@ -180,7 +172,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                                 lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 last_step = state["step_in_epoch"] >= steps_per_epoch or state["global_step"] >= total_steps
                 if cfg.eval_steps and state["global_step"] % cfg.eval_steps == 0 and not last_step:
-                    improved, text, metrics = _validation_round(accelerator, model, task, cfg, result, state, epoch)
+                    improved, text, metrics = _validation_round(accelerator, model, task, cfg, result, state, epoch, autocast)
                     if metrics:
                         result.statistics["validation_steps"].append(
                             {"epoch": epoch + 1, "step": state["global_step"], **metrics})
@@ -213,10 +205,10 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                 line += f", MFU {100 * train_stats['mfu']:.1f}% of {peak / 1e12:.2f} TFLOPS"
 
             if cfg.evaluate_training_set and task.evaluate_training and not cfg.skip_all_evaluation:
-                train_stats["metrics"] = _evaluate(accelerator, model, task.evaluate_training)
+                train_stats["metrics"] = _evaluate(accelerator, model, task.evaluate_training, autocast)
                 line += f", training set {_summary_metric(train_stats['metrics'], cfg)}"
 
-            improved, text, metrics = _validation_round(accelerator, model, task, cfg, result, state, epoch)
+            improved, text, metrics = _validation_round(accelerator, model, task, cfg, result, state, epoch, autocast)
             if metrics:
                 result.statistics["validation"].append(metrics)
                 line += f", {text}"
@@ -353,21 +345,21 @@ def accumulation_steps(cfg: TrainerConfig, micro_batch_rows: Optional[int], worl
     return 1
 
 
-def _evaluate(accelerator, model, evaluate: Callable) -> dict:
+def _evaluate(accelerator, model, evaluate: Callable, autocast: Callable) -> dict:
     model.eval()
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), autocast():
         metrics = evaluate(accelerator.unwrap_model(model))
     model.train()
     return metrics
 
 
 def _validation_round(accelerator, model, task: TrainTask, cfg: TrainerConfig, result: TrainResult, state: dict,
-                      epoch: int) -> tuple[bool, str, Optional[dict]]:
+                      epoch: int, autocast: Callable) -> tuple[bool, str, Optional[dict]]:
     """Evaluate on the validation split (if any) and track the best value: (improved, log text, metrics).
     Without validation every round counts as an improvement, so the last weights are kept."""
     improved, text, metrics = True, "", None
     if task.evaluate and not cfg.skip_all_evaluation:
-        metrics = _evaluate(accelerator, model, task.evaluate)
+        metrics = _evaluate(accelerator, model, task.evaluate, autocast)
         if metrics:
             value, _, metric = _watched(metrics, cfg)
             text = f"validation {_summary_metric(metrics, cfg)}"
@@ -451,26 +443,3 @@ def _load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, result: TrainR
     result.best_epoch, result.best_value = saved["best_epoch"], saved["best_value"]
     result.best_step = saved.get("best_step", 0)
     return saved["state"], result
-
-
-_PEAK: dict[bool, float] = {}
-
-
-def peak_flops(bf16: bool) -> float:
-    """Peak FLOP/s for MFU: CADENZA_PEAK_TFLOPS if set, a table for known GPUs, else a quick matmul measurement."""
-    if os.environ.get("CADENZA_PEAK_TFLOPS"):
-        return float(os.environ["CADENZA_PEAK_TFLOPS"]) * 1e12
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L4", 121), ("A10", 125), ("T4", 65)):
-            if key in name:
-                return tflops * 1e12 if bf16 else tflops * 1e12 / 2
-    if bf16 not in _PEAK:
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        a = torch.randn(2048, 2048, dtype=dtype)
-        a @ a  # warm-up
-        t0, reps = time.perf_counter(), 4
-        for _ in range(reps):
-            a @ a
-        _PEAK[bf16] = 2 * 2048**3 * reps / (time.perf_counter() - t0)
-    return _PEAK[bf16]

@@ -8,8 +8,8 @@ from typing import Optional, Union
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
-from .schema import SplitConfig
+from ..errors import DataError
+from ..config.schema import SplitConfig
 
 DatasetSource = Union[str, Path, pd.DataFrame]
 SPLITS = ("training", "validation", "test")

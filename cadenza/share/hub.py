@@ -7,7 +7,7 @@ Repo layout, chosen so the repo is usable without Cadenza and converts back to a
           `AutoModelForCausalLM.from_pretrained(repo)` / `PeftModel.from_pretrained(base, repo)` work), next to
           cadenza_model.json, model_hyperparameters.json and training_set_metadata.json
     ecd   the model folder as it is: model_weights.safetensors, encoders/<feature>/ (PEFT adapters), the json files
-    both  README.md, the model card (cadenza.model_card)
+    both  README.md, the model card (cadenza.share.model_card)
 
 Everything that can be checked locally is checked before the first request: the repo id, the model folder
 (complete, readable, safetensors only), a token, and that huggingface_hub is not in offline mode. The token is
@@ -29,10 +29,10 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Optional, Union
 
 from . import model_card
-from .artifacts import (CONFIG_FILE, ECD_WEIGHTS, LLM_WEIGHTS, MODEL_DIR, MODEL_INFO, METADATA_FILE, atomic_dir,
+from ..artifacts import (CONFIG_FILE, ECD_WEIGHTS, LLM_WEIGHTS, MODEL_DIR, MODEL_INFO, METADATA_FILE, atomic_dir,
                         find_model_dir)
-from .cache import cache_root
-from .errors import CadenzaError, ModelFolderError
+from ..data.cache import cache_root
+from ..errors import CadenzaError, ModelFolderError
 
 CARD = "README.md"
 CADENZA_FILES = (MODEL_INFO, CONFIG_FILE, METADATA_FILE)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-# Packaged short names (cadenza.assets) and the public models they are copies of. The SmolLM2 asset is a 4-bit
+# Packaged short names (cadenza.data.assets) and the public models they are copies of. The SmolLM2 asset is a 4-bit
 # GGUF dequantized locally, so an adapter trained on it matches the Hub original closely but not bit for bit.
 KNOWN_BASE_MODELS = {
     "smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),

@@ -15,7 +15,7 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .schema import CadenzaConfig
 
 ConfigSource = Union[dict, str, Path, CadenzaConfig]
@@ -189,9 +189,9 @@ def _check_llm(config: CadenzaConfig, add) -> None:
         elif config.adapter.postprocessor.merge_adapter_into_base_model:
             add("adapter.postprocessor.merge_adapter_into_base_model", "an adapter cannot be merged into a 4/8-bit "
                 "quantized base model; save the adapter alone or train without quantization")
-        import torch
+        from ..device import is_cuda
 
-        if not torch.cuda.is_available():
+        if not is_cuda():
             add("quantization", "bitsandbytes 4/8-bit quantization needs a CUDA GPU, and none is available here; "
                 "remove `quantization` to train in bf16/fp32")
     for ph in _placeholders(config.prompt.template or ""):

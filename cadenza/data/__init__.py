@@ -1,0 +1,1 @@
+"""Data in: reading files and frames, splits, packaged offline assets, the cache folder rule."""

@@ -1,0 +1,148 @@
+"""The one place that looks at the machine: the device, its bf16 units, the precision of each part of a run, and
+peak FLOPS for MFU. Everything else asks here, so tests can force every branch (see tests/test_device.py).
+
+Precision follows Ludwig's `trainer.use_mixed_precision`: true means bf16 everywhere it applies, false means fp32
+everywhere, unset (auto) means bf16 only for the parts that run faster in it on this hardware. A bf16 matmul is
+native on CUDA GPUs with bf16 (compute capability 8.0+) and on CPUs with AMX or AVX512-BF16; elsewhere (an
+AVX2-only CPU, say) it is emulated and hundreds of times slower than fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# The parts of a run whose precision is chosen separately. In auto mode a part runs bf16 when the hardware has bf16
+# units and the part is listed as gaining from it: "head" (a small MLP on cached embeddings) gains nothing; a
+# frozen encoder's embedding pass, a frozen base's dtype and training a transformer do.
+PARTS = {
+    "train": "training (bf16 autocast, fp32 master weights)",
+    "embed": "the frozen encoder's embedding pass",
+    "weights": "frozen pretrained weights (loaded in bf16)",
+    "head": "training a head on cached embeddings",
+}
+AUTO_BF16_PARTS = {"train", "embed", "weights"}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str  # "cuda" or "cpu"
+    name: str  # GPU name or CPU model
+    bf16_units: Optional[str]  # e.g. "AMX", "AVX512-BF16", "CUDA sm_90"; None when bf16 would be emulated
+
+
+@dataclass(frozen=True)
+class Precision:
+    bf16: bool
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def autocast(self, device_type: str):
+        """bf16 autocast for this part, or a disabled one (fp32)."""
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def describe(self, part: str) -> str:
+        """One line for the start of a run."""
+        how = "bf16 autocast" if self.bf16 and part == "train" else self.name
+        switch = "false for fp32" if self.bf16 else "true to force bf16"
+        return f"precision: {how} for {PARTS[part]} — {self.reason}; set trainer.use_mixed_precision: {switch}"
+
+
+def cpu_bf16_units(cpuinfo: str) -> Optional[str]:
+    """The CPU's bf16 matrix instructions named in /proc/cpuinfo's flags, or None."""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return None
+
+
+def _cpu_model(cpuinfo: str) -> str:
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[-1].strip()
+    return "CPU"
+
+
+def cuda_bf16_units(capability: tuple[int, int]) -> Optional[str]:
+    """bf16 tensor cores arrived with Ampere (compute capability 8.0)."""
+    return f"CUDA sm_{capability[0]}{capability[1]}" if capability >= (8, 0) else None
+
+
+@functools.cache
+def hardware() -> Hardware:
+    """This machine, looked at once per process."""
+    if torch.cuda.is_available():
+        return Hardware("cuda", torch.cuda.get_device_name(), cuda_bf16_units(torch.cuda.get_device_capability()))
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no flags to read, so no claim of bf16 units
+        cpuinfo = ""
+    return Hardware("cpu", _cpu_model(cpuinfo), cpu_bf16_units(cpuinfo))
+
+
+def precision(requested: Optional[bool], part: str, hw: Optional[Hardware] = None) -> Precision:
+    """The precision of one part of a run: `requested` is trainer.use_mixed_precision (None: auto)."""
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; one of {sorted(PARTS)}")
+    hw = hw or hardware()
+    if requested is True:
+        slow = "" if hw.bf16_units else f" (no bf16 units on this {hw.device}: emulated, slow)"
+        return Precision(True, "trainer.use_mixed_precision: true" + slow)
+    if requested is False:
+        return Precision(False, "trainer.use_mixed_precision: false")
+    if not hw.bf16_units:
+        return Precision(False, f"auto: this {hw.device} has no bf16 units ({hw.name})")
+    if part not in AUTO_BF16_PARTS:
+        return Precision(False, f"auto: {PARTS[part]} is too small to gain from bf16")
+    return Precision(True, f"auto: {hw.device} has {hw.bf16_units}")
+
+
+def is_cuda() -> bool:
+    return hardware().device == "cuda"
+
+
+def torch_device() -> torch.device:
+    return torch.device(hardware().device)
+
+
+_MEASURED_PEAK: dict[bool, float] = {}
+# bf16 dense tensor-core TFLOPS of common GPUs (fp32 runs at about half through TF32 or worse)
+GPU_PEAK_TFLOPS = (("H200", 989), ("H100", 989), ("A100", 312), ("L40", 181), ("L4", 121), ("A10", 125), ("T4", 65))
+
+
+def peak_flops(bf16: bool) -> float:
+    """Peak FLOP/s for MFU: CADENZA_PEAK_TFLOPS if set, a table for known GPUs, else a quick matmul measurement."""
+    if os.environ.get("CADENZA_PEAK_TFLOPS"):
+        return float(os.environ["CADENZA_PEAK_TFLOPS"]) * 1e12
+    hw = hardware()
+    if hw.device == "cuda":
+        for key, tflops in GPU_PEAK_TFLOPS:
+            if key in hw.name:
+                return tflops * 1e12 if bf16 else tflops * 1e12 / 2
+    if bf16 not in _MEASURED_PEAK:
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        a = torch.randn(2048, 2048, dtype=dtype)
+        a @ a  # warm-up
+        t0, reps = time.perf_counter(), 4
+        for _ in range(reps):
+            a @ a
+        _MEASURED_PEAK[bf16] = 2 * 2048**3 * reps / (time.perf_counter() - t0)
+    return _MEASURED_PEAK[bf16]

@@ -1,0 +1,1 @@
+"""Sharing: Hugging Face Hub upload/download and model cards."""
