@@ -1,4 +1,8 @@
-"""Errors a user can act on. Each names the key, column, file or row at fault."""
+"""Errors a user can act on. Each names the key, column, file or row at fault and says how to fix it.
+
+The `cadenza` command prints a CadenzaError as one paragraph and exits 2; any other exception is a bug in Cadenza
+(or a library) and exits 1 (see cli.main).
+"""
 
 
 class CadenzaError(Exception):
@@ -21,3 +25,11 @@ class DataError(CadenzaError, ValueError):
 
 class ModelFolderError(CadenzaError, FileNotFoundError):
     """A saved model folder is missing, incomplete or not Cadenza's."""
+
+
+class HubError(CadenzaError):
+    """The Hugging Face Hub (or HF_ENDPOINT) refused or could not serve a request: repo, revision or token named."""
+
+
+class HardwareError(CadenzaError):
+    """The machine cannot run what the config asks for (no GPU, no bf16, out of memory), and what to change."""
