@@ -94,3 +94,27 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "cadenza-cache"
     monkeypatch.setenv("CADENZA_CACHE_DIR", str(path))
     return path
+
+
+# ------------------------------------------------------------------------------------------ precision
+# Modules that train or embed mark themselves with `pytestmark = pytest.mark.usefixtures("simulated_hardware")`:
+# each of their tests then runs twice, as on a CPU without bf16 units (auto precision: fp32 everywhere) and as on
+# one with AVX512-BF16 (auto: bf16 autocast for training and embedding, bf16 frozen weights), whatever this machine
+# has. bf16 runs on any x86 CPU (emulated where there are no bf16 units: slower, same code path), so CI on an
+# AVX2-only machine covers what users with bf16 units run, and the reverse.
+SIMULATED_CPUS = {"cpu-fp32": None, "cpu-bf16": "AVX512-BF16"}
+
+
+@pytest.fixture(params=sorted(SIMULATED_CPUS))
+def simulated_hardware(request, monkeypatch):
+    from cadenza import device
+
+    units = SIMULATED_CPUS[request.param]
+    hw = device.Hardware("cpu", f"simulated CPU ({units or 'no bf16 units'})", units)
+    monkeypatch.setattr(device, "hardware", lambda: hw)
+    return hw
+
+
+def tolerance(hw, fp32: float, bf16: float) -> float:
+    """A numeric tolerance for the precision that auto mode picks on `hw`."""
+    return bf16 if hw is not None and hw.bf16_units else fp32

@@ -11,6 +11,8 @@ from cadenza.errors import DataError
 
 WORDS = ["good", "great", "fine", "bad", "awful", "dull", "plot", "actor", "scene", "music"]
 
+pytestmark = pytest.mark.usefixtures("simulated_hardware")  # every test runs as fp32 and as bf16 hardware
+
 
 def frame(n=160, seed=0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)

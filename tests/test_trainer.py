@@ -7,6 +7,8 @@ from cadenza.config.schema import TrainerConfig
 from cadenza.train.loop import TrainTask, _lr_lambda, fit
 
 
+pytestmark = pytest.mark.usefixtures("simulated_hardware")  # every test runs as fp32 and as bf16 hardware
+
 def data(n=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, generator=g), torch.randn(n, generator=g)
