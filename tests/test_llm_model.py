@@ -14,8 +14,8 @@ from cadenza.llm.load import load_causal_lm, load_tokenizer
 from cadenza.llm.loss import TargetLoss
 from cadenza.llm.tokenize import tokenize_rows
 
-
 pytestmark = pytest.mark.usefixtures("simulated_hardware")  # every test runs as fp32 and as bf16 hardware
+
 
 def make_config(base, **extra):
     cfg = {"model_type": "llm", "base_model": str(base),

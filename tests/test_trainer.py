@@ -6,8 +6,8 @@ import torch
 from cadenza.config.schema import TrainerConfig
 from cadenza.train.loop import TrainTask, _lr_lambda, fit
 
-
 pytestmark = pytest.mark.usefixtures("simulated_hardware")  # every test runs as fp32 and as bf16 hardware
+
 
 def data(n=12, seed=0):
     g = torch.Generator().manual_seed(seed)
