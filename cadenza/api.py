@@ -18,7 +18,8 @@ from . import __version__
 from .artifacts import (CONFIG_FILE, FORMAT_VERSION, MODEL_DIR, MODEL_INFO, atomic_dir, find_model_dir,
                         new_run_dir, read_json, write_json)
 from .config.load import ConfigSource, load_config
-from .data.read import DatasetSource, check_not_empty, read_dataset, sample, split_dataset
+from .data.read import (DatasetSource, check_not_empty, read_dataset, sample, split_dataset,
+                        warn_empty_splits)
 from .errors import CadenzaError, ModelFolderError
 from .train.loop import CHECKPOINT, process_state
 
@@ -106,6 +107,7 @@ class Model:
             df = sample(read_dataset(dataset), pre.sample_ratio, pre.sample_size, seed)
             check_not_empty(df, f"data set {dataset if not isinstance(dataset, pd.DataFrame) else '(DataFrame)'}")
             splits = split_dataset(df, pre.split, seed)
+            warn_empty_splits(splits, pre.split, log)
         elif training_set is not None:
             empty = pd.DataFrame()
             splits = {"training": read_dataset(training_set),

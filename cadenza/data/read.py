@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -14,28 +15,55 @@ from ..config.schema import SplitConfig
 DatasetSource = Union[str, Path, pd.DataFrame]
 SPLITS = ("training", "validation", "test")
 
+# text formats take pandas' encoding_errors: "strict" to read, "replace" to find an undecodable cell
 _READERS = {
-    ".csv": lambda p: pd.read_csv(p),
-    ".tsv": lambda p: pd.read_csv(p, sep="\t"),
-    ".json": lambda p: pd.read_json(p),
-    ".jsonl": lambda p: pd.read_json(p, lines=True),
-    ".parquet": lambda p: pd.read_parquet(p),
+    ".csv": lambda p, errors: pd.read_csv(p, encoding_errors=errors),
+    ".tsv": lambda p, errors: pd.read_csv(p, sep="\t", encoding_errors=errors),
+    ".json": lambda p, errors: pd.read_json(p, encoding_errors=errors),
+    ".jsonl": lambda p, errors: pd.read_json(p, lines=True, encoding_errors=errors),
+    ".parquet": lambda p, errors: pd.read_parquet(p),
 }
 _COMPRESSION = {".bz2", ".gz", ".xz", ".zip", ".zst"}
 
 
 def read_dataset(source: DatasetSource) -> pd.DataFrame:
     """A DataFrame from a DataFrame, a file (csv, tsv, json, jsonl, parquet, optionally compressed) or a packaged
-    data set's short name (`rotten_tomatoes`, `chatterbot`)."""
+    data set's short name (`rotten_tomatoes`, `chatterbot`). A file that cannot give rows raises a DataError that
+    names it and says why: missing, empty, not UTF-8, malformed, or a header without rows."""
     if isinstance(source, pd.DataFrame):
         return source.reset_index(drop=True)
     from .assets import DATASET_SHORT_NAMES
 
     if isinstance(source, str) and source in DATASET_SHORT_NAMES and not Path(source).exists():
         return DATASET_SHORT_NAMES[source]()
+    path = _existing_file(source, sorted(DATASET_SHORT_NAMES))
+    kind = _format(path)
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes); write the data set into it, or check the path")
+    df = _read(path, kind)
+    if not isinstance(df, pd.DataFrame):
+        raise DataError(f"{path}: does not hold a table of rows")
+    if len(df) == 0 and len(df.columns):
+        raise DataError(f"{path}: the file has a header ({', '.join(map(str, df.columns))}) but no data rows; "
+                        "add rows below the header")
+    if len(df) == 0:
+        raise DataError(f"{path}: the file holds no rows")
+    return df.reset_index(drop=True)
+
+
+def _existing_file(source, short_names: list[str]) -> Path:
     path = Path(source)
-    if not path.exists():
-        raise DataError(f"data set file {str(path)!r} does not exist")
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise DataError(f"data set {str(path)!r} is a folder; give one csv/tsv/json/jsonl/parquet file")
+    close = difflib.get_close_matches(str(source), short_names, n=1)
+    hint = (f"; did you mean the packaged data set {close[0]!r}?" if close
+            else f"; relative paths start from {Path.cwd()}")
+    raise DataError(f"data set file {str(path)!r} does not exist{hint}")
+
+
+def _format(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in _COMPRESSION:
         suffixes = suffixes[:-1]
@@ -43,13 +71,39 @@ def read_dataset(source: DatasetSource) -> pd.DataFrame:
     if kind not in _READERS:
         raise DataError(f"{path}: unknown data format {kind or '(no extension)'!r}; "
                         f"use one of {', '.join(sorted(_READERS))}")
+    return kind
+
+
+def _read(path: Path, kind: str) -> pd.DataFrame:
     try:
-        df = _READERS[kind](path)
-    except Exception as e:  # pandas raises many types; the user needs the file and the reason
+        return _READERS[kind](path, "strict")
+    except UnicodeDecodeError as e:
+        raise DataError(_not_utf8_message(path, kind, e)) from None
+    except pd.errors.ParserError as e:
+        reason = str(e).replace("Error tokenizing data. C error: ", "").strip()
+        raise DataError(f"{path}: cannot be read as {kind[1:]}: {reason}; a text containing the separator must be "
+                        'in double quotes ("a, b")') from None
+    except Exception as e:  # pandas and pyarrow raise many types; the user needs the file and the reason
         raise DataError(f"{path}: cannot be read as {kind[1:]}: {e}") from None
-    if not isinstance(df, pd.DataFrame):
-        raise DataError(f"{path}: does not hold a table of rows")
-    return df.reset_index(drop=True)
+
+
+def _not_utf8_message(path: Path, kind: str, error: UnicodeDecodeError) -> str:
+    """Name the first undecodable byte and, by reading again with replacement characters, its row and column."""
+    byte = error.object[error.start:error.start + 1].hex()
+    where = ""
+    try:
+        df = _READERS[kind](path, "replace")
+        hits = df.astype(str).apply(lambda col: col.str.contains("\ufffd", regex=False))
+        rows, cols = np.nonzero(hits.to_numpy())
+        if len(rows):
+            r, c = int(rows[0]), int(cols[0])
+            where = f" in row {r}, column {df.columns[c]!r} ({df.iloc[r, c]!r})"
+    except Exception:  # the locating read is best effort: the message stands without row and column
+        pass
+    return (f"{path}: not UTF-8 text: byte 0x{byte}{where} is not valid UTF-8 (files saved by spreadsheets and "
+            "older tools are often Windows-1252 or Latin-1). Re-save it as UTF-8 (a spreadsheet's 'CSV UTF-8', or "
+            "`iconv -f cp1252 -t utf-8 old.csv > new.csv`), or read it with pandas and the right "
+            "encoding= and pass the DataFrame")
 
 
 def require_columns(df: pd.DataFrame, columns: dict[str, str], where: str) -> None:
@@ -95,6 +149,25 @@ def split_dataset(df: pd.DataFrame, split: SplitConfig, seed: int) -> dict[str, 
     else:
         assignment = _assign(len(df), split.probabilities, rng)
     return {name: df[assignment == name].reset_index(drop=True) for name in SPLITS}
+
+
+def warn_empty_splits(splits: dict[str, pd.DataFrame], split: SplitConfig, log: Callable[[str], None]) -> None:
+    """An empty validation or test split (a tiny data set, or a fixed split column without that value) changes
+    what a run does; say so instead of letting it pass silently. A split given probability 0 is empty on purpose."""
+    consequences = {"validation": "no validation metrics and no early stopping; the last epoch's weights are kept",
+                    "test": "`experiment` will have nothing to evaluate"}
+    total = sum(len(frame) for frame in splits.values())
+    for index, name in enumerate(SPLITS[1:], start=1):
+        if len(splits[name]):
+            continue
+        if split.type == "fixed":
+            cause = f"split column {split.column!r} has no {name} rows"
+        elif split.probabilities[index] > 0:
+            cause = f"{total} rows split by probabilities {list(split.probabilities)}"
+        else:
+            continue
+        log(f"warning: the {name} split is empty ({cause}): {consequences[name]}; add rows, change "
+            "preprocessing.split, or give training_set/validation_set/test_set instead of one dataset")
 
 
 def _assign(n: int, probabilities, rng) -> np.ndarray:
