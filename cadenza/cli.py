@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+DEBUG_HINT = "rerun with --debug (or CADENZA_DEBUG=1) for the full traceback"
 
 
 def _data_args(p: argparse.ArgumentParser, split_sets: bool = True) -> None:
@@ -133,22 +136,52 @@ def build_parser() -> argparse.ArgumentParser:
     from .share.hub import register_cli
 
     register_cli(sub)
+    _add_debug_flag(parser, sub)
     return parser
 
 
+def _add_debug_flag(parser: argparse.ArgumentParser, sub) -> None:
+    """--debug before or after the sub-command. The sub-commands' copy defaults to SUPPRESS so that an absent
+    flag after the sub-command does not overwrite one given before it."""
+    help_text = "on any error, raise it with its full traceback (also: CADENZA_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=help_text)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=help_text)
+
+
+def _debug_requested(args) -> bool:
+    return args.debug or os.environ.get("CADENZA_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 a user error (CadenzaError: config, data, model folder, Hub, hardware) printed as
+    one paragraph, 1 anything else (a bug: one line and how to see the traceback), 130 interrupted."""
     from .errors import CadenzaError
 
     args = build_parser().parse_args(argv)
+    debug = _debug_requested(args)
     try:
         args.func(args)
-    except CadenzaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except CadenzaError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if debug:
+            raise
+        print(f"unexpected error (a bug in Cadenza or a library it uses): {_one_line(e)}\n{DEBUG_HINT}",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 if __name__ == "__main__":
