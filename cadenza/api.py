@@ -107,7 +107,6 @@ class Model:
             df = sample(read_dataset(dataset), pre.sample_ratio, pre.sample_size, seed)
             check_not_empty(df, f"data set {dataset if not isinstance(dataset, pd.DataFrame) else '(DataFrame)'}")
             splits = split_dataset(df, pre.split, seed)
-            warn_empty_splits(splits, pre.split, log)
         elif training_set is not None:
             empty = pd.DataFrame()
             splits = {"training": read_dataset(training_set),
@@ -117,6 +116,8 @@ class Model:
             raise CadenzaError("no data: pass dataset=... or training_set=...")
         check_not_empty(splits["training"], "training split")
         log("rows: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+        if dataset is not None:
+            warn_empty_splits(splits, pre.split, log)
         return splits
 
     def _run_dir(self, output_directory, experiment_name, model_name, resume) -> Path:

@@ -88,7 +88,7 @@ class EcdModel:
         features += [("output", f) for f in self.config.output_features] if with_targets else []
         require_columns(df, {FT.column(f): f"{kind} feature {f.name!r}" for kind, f in features}, where)
         for _, f in features:
-            df = FT.fill_missing(df, f, self.metadata[f.name])
+            df = FT.fill_missing(df, f, self.metadata[f.name], where, self.log)
         return df
 
     def _prepare(self, frames: dict[str, pd.DataFrame], with_targets: bool) -> dict[str, dict]:
@@ -223,6 +223,10 @@ class EcdModel:
         self.net = self._build_net()
         freeze_by_regex(self.net, self.config.trainer.layers_to_freeze_regex)
         validation = data.get("validation")
+        if validation is not None and validation["n"] == 0:
+            log("warning: validation: no rows left after dropping rows with missing values; training runs without "
+                "validation (no early stopping, the last epoch's weights are kept)")
+            validation = None
         train_data = data["training"]
         cfg = self.config.trainer
         task = TrainTask(
@@ -291,6 +295,9 @@ class EcdModel:
         self._require_fitted()
         check_not_empty(df, "evaluation data")
         data = self._prepare({"evaluate": df}, with_targets=True)["evaluate"]
+        if data["n"] == 0:
+            raise DataError("evaluation data: no rows left after dropping rows with missing values (see the "
+                            "warnings above); evaluation needs rows with labels")
         results, raw = self._evaluate_prepared(data)
         return results, self._predictions(raw, index=None)
 

@@ -4,7 +4,7 @@ stored as plain JSON metadata, applied identically at train, evaluate and predic
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -22,8 +22,10 @@ def column(feature) -> str:
 
 
 # ------------------------------------------------------------------------------------------ missing values
-def fill_missing(df: pd.DataFrame, feature, fitted: dict) -> pd.DataFrame:
-    """Apply the feature's missing_value_strategy; `fitted` holds the training-split fill value."""
+def fill_missing(df: pd.DataFrame, feature, fitted: dict, where: str = "",
+                 log: Optional[Callable[[str], None]] = None) -> pd.DataFrame:
+    """Apply the feature's missing_value_strategy; `fitted` holds the training-split fill value. With `log`, say
+    how many rows of `where` (a split's name) were dropped or filled, and with what."""
     col = column(feature)
     series = df[col]
     # an empty text or an empty set is a value; an empty cell of any other type is missing
@@ -32,6 +34,8 @@ def fill_missing(df: pd.DataFrame, feature, fitted: dict) -> pd.DataFrame:
     if not missing.any():
         return df
     strategy = feature.preprocessing.missing_value_strategy
+    if log is not None:
+        log(_missing_note(feature, strategy, fitted, int(missing.sum()), len(df), where))
     df = df.copy()
     if strategy == "drop_row":
         return df[~missing].reset_index(drop=True)
@@ -42,6 +46,16 @@ def fill_missing(df: pd.DataFrame, feature, fitted: dict) -> pd.DataFrame:
     else:
         df[col] = series.mask(missing, fitted["fill_value"])
     return df
+
+
+def _missing_note(feature, strategy: str, fitted: dict, count: int, total: int, where: str) -> str:
+    rows = f"{where + ': ' if where else ''}{count} of {total} rows have no value in column {column(feature)!r}"
+    if strategy == "drop_row":
+        return (f"warning: {rows}: dropped (feature {feature.name!r}, missing_value_strategy: drop_row); "
+                "fill those cells, or set the feature's preprocessing.missing_value_strategy to keep them")
+    if strategy in ("bfill", "ffill"):
+        return f"{rows}: filled from the {'next' if strategy == 'bfill' else 'previous'} row ({strategy})"
+    return f"{rows}: filled with {fitted['fill_value']!r} ({strategy})"
 
 
 def fit_fill_value(series: pd.Series, feature) -> Any:
@@ -74,6 +88,8 @@ def fit_feature(train: pd.DataFrame, feature, is_output: bool) -> dict:
                     median=float(np.median(values)), normalization=feature.preprocessing.normalization)
     elif feature.type == "category":
         values = _category_strings(filled, feature)
+        if is_output:
+            _require_two_classes(values, feature)
         counts = values.value_counts(sort=True)
         vocab = sorted(counts.index[: feature.preprocessing.most_common], key=lambda v: (-counts[v], v))
         if not is_output:
@@ -81,6 +97,8 @@ def fit_feature(train: pd.DataFrame, feature, is_output: bool) -> dict:
         meta.update(vocab=vocab, counts={k: int(counts[k]) for k in vocab if k in counts})
     elif feature.type == "binary":
         meta.update(fallback_true_label=feature.preprocessing.fallback_true_label)
+        if is_output:
+            _require_two_classes(filled.map(lambda v: str(v).strip()), feature)
         meta["labels"] = _binary_labels(filled, meta["fallback_true_label"], col)
     elif feature.type == "set":
         tokens = _set_tokens(filled, feature)
@@ -88,6 +106,19 @@ def fit_feature(train: pd.DataFrame, feature, is_output: bool) -> dict:
         meta.update(vocab=sorted(counts.index[: feature.preprocessing.most_common],
                                  key=lambda v: (-counts[v], v)))
     return meta
+
+
+def _require_two_classes(labels: pd.Series, feature) -> None:
+    """A classifier trained on one class is trivial: it predicts that class whatever the input (for a category
+    output the loss is zero from the first step), so its metrics mean nothing. That is an error, not a warning:
+    it almost always means the wrong column, data filtered to one class, or a sample too small to hold both."""
+    classes = labels.unique()
+    if len(classes) < 2:
+        only = f" ({classes[0]!r})" if len(classes) else ""
+        raise DataError(f"output column {column(feature)!r} has a single class{only} in the training data: a "
+                        f"{feature.type} classifier needs at least two. Check that {column(feature)!r} is the label "
+                        "column and the data was not filtered to one class; with a small data set, raise "
+                        "preprocessing.sample_size or use a stratified split (preprocessing.split.type: stratify)")
 
 
 def _plain(value):
