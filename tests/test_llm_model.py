@@ -13,6 +13,7 @@ from cadenza.llm import LlmModel, batching
 from cadenza.llm.load import load_causal_lm, load_tokenizer
 from cadenza.llm.loss import TargetLoss
 from cadenza.llm.tokenize import tokenize_rows
+from conftest import tolerance
 
 pytestmark = pytest.mark.usefixtures("simulated_hardware")  # every test runs as fp32 and as bf16 hardware
 
@@ -63,8 +64,9 @@ def test_packed_loss_equals_unpacked(tiny_llama_dir, rows_and_model, attn):
     assert not torch.allclose(packed, crossed, rtol=1e-4, atol=1e-3)
 
 
-def test_token_weighted_accumulation_equals_big_batch(tiny_llama_dir):
-    """Two micro-batches of 2 rows with accumulation == one micro-batch of 4 rows, through the real trainer."""
+def test_token_weighted_accumulation_equals_big_batch(tiny_llama_dir, simulated_hardware):
+    """Two micro-batches of 2 rows with accumulation == one micro-batch of 4 rows, through the real trainer
+    (in bf16 up to bf16 rounding: the two batch shapes round differently)."""
     df = qa_frame(4)
     trained = []
     for batch_size, accum in ((2, 2), (4, 1)):
@@ -80,8 +82,9 @@ def test_token_weighted_accumulation_equals_big_batch(tiny_llama_dir):
     assert trained[0].keys() == trained[1].keys() and len(trained[0]) > 0
     moved = max((trained[0][k] - 0).abs().max().item() for k in trained[0] if "lora_B" in k)
     assert moved > 1e-4  # the step did change the adapter
+    rtol = tolerance(simulated_hardware, fp32=1e-4, bf16=3e-2)
     for k in trained[0]:
-        assert torch.allclose(trained[0][k], trained[1][k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(trained[0][k], trained[1][k], rtol=rtol, atol=rtol * 1e-2), k
 
 
 def test_mean_of_means_would_differ(tiny_llama_dir, rows_and_model):
@@ -110,7 +113,7 @@ def train_small(tiny_llama_dir, tmp_path, epochs=60, **extra):
 
 
 def test_full_finetune_learns_answers_that_stop_at_eos(tiny_llama_dir, tmp_path, cache_dir):
-    m, df, cfg = train_small(tiny_llama_dir, tmp_path)
+    m, df, cfg = train_small(tiny_llama_dir, tmp_path, epochs=80)  # bf16 autocast needs ~70 to memorise them all
     preds = m.predict(df)
     assert list(preds["answer_predictions"]) == list(df.answer)  # memorised, and stopped right after
     metrics, _ = m.evaluate(df)
