@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from . import metrics as M
 from .config import load as config_module
 from .config import schema as S
 
@@ -183,29 +184,15 @@ def _one_of(values: list[Any]) -> str:
 
 
 def _bounds(field: FieldInfo) -> tuple[str, str]:
-    """(numeric bound, list length bound) from ge/gt/le/lt/min_length metadata, e.g. ('in [0, 1)', '')."""
-    low = high = None
-    length = ""
-    for meta in field.metadata:  # pydantic keeps Field(ge=...) etc. as annotated_types.Ge(ge=...) and the like
-        for attr, bracket in (("ge", "["), ("gt", "("), ("le", "]"), ("lt", ")")):
-            if getattr(meta, attr, None) is not None:
-                if attr[0] == "g":
-                    low = (bracket, getattr(meta, attr))
-                else:
-                    high = (bracket, getattr(meta, attr))
-        if getattr(meta, "min_length", None):
-            length = f"at least {meta.min_length} item" + ("s" if meta.min_length != 1 else "")
-    if low and high:  # interval notation reads best when both ends are bounded
-        return f"in {low[0]}{_yaml(low[1])}, {_yaml(high[1])}{high[0]}", length
-    if low:
-        return f"{'≥' if low[0] == '[' else '>'} {_yaml(low[1])}", length
-    if high:
-        return f"{'≤' if high[0] == ']' else '<'} {_yaml(high[1])}", length
-    return "", length
+    """(numeric range, list length bound) from the field's metadata, e.g. ('in [0, 1)', '')."""
+    length = next((f"at least {m.min_length} item" + ("s" if m.min_length != 1 else "")
+                   for m in field.metadata if getattr(m, "min_length", None)), "")
+    return S.range_text(field.metadata), length
 
 
 def type_text(annotation: Any, links: dict[type[BaseModel], str], bound: str = "") -> str:
     """A readable type: `int ≥ 1`, `one of: mean, last`, `list[str] | str | null`, or a link to a section."""
+    bound = S.annotated_range(annotation) if typing.get_origin(annotation) is Annotated else bound
     annotation = _unwrap(annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is type(None):
@@ -346,19 +333,46 @@ def ludwig_rows(sections) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------ metrics
+def metrics_section() -> list[str]:
+    """Which metrics each output reports and what each means, from the table in cadenza/metrics.py."""
+    model_types = list(config_module.OUTPUT_TYPES)
+
+    def cell(output: str, model_type: str) -> str:
+        if output != M.COMBINED and output not in config_module.OUTPUT_TYPES[model_type]:
+            return "—"
+        names = M.metric_names(output, model_type)
+        watched = M.validation_metric_names(output, model_type)
+        return ", ".join(f"`{n}`" if n in watched else f"`{n}`*" for n in names)
+
+    outputs = [*M.OUTPUT_TYPES, M.COMBINED]
+    by_output = [(output, *(cell(output, t) for t in model_types)) for output in outputs]
+    by_metric = [(m.name, "higher" if m.higher_is_better else "lower", ", ".join(f"`{a}`" for a in m.aliases) or "—",
+                  m.description) for m in M.METRICS]
+    return [
+        "## Metrics", "",
+        "What `evaluate` reports for each output feature (and in `training_statistics.json` for each validation round), "
+        "from the table in `cadenza/metrics.py`. `trainer.validation_metric` names one that `trainer.validation_field` "
+        "computes while training; those marked * need generated text, so only `evaluate` computes them.", "",
+        *_table(by_output, ("output", *model_types)), "",
+        *_table(by_metric, ("metric", "better", "also accepted as", "meaning")), "",
+    ]
+
+
 # ------------------------------------------------------------------------------------------ document
 def render() -> str:
     sections = all_sections()
     lines = [HEADER]
     lines += ["## Contents", ""]
     lines += ["  " * (level - 2) + f"- [{title}](#{_anchor(title)})" for level, title, _, _ in sections]
-    lines += ["- [Defaults that differ from Ludwig](#defaults-that-differ-from-ludwig)", ""]
+    lines += ["- [Metrics](#metrics)", "- [Defaults that differ from Ludwig](#defaults-that-differ-from-ludwig)", ""]
     for level, title, intro, rows in sections:
         lines += ["#" * level + " " + title, ""]
         for paragraph in intro:
             lines += [paragraph, ""]
         if rows:
             lines += _table(rows) + [""]
+    lines += metrics_section()
     lines += [
         "## Defaults that differ from Ludwig", "",
         "Keys whose description above mentions Ludwig's default:", "",

@@ -5,7 +5,7 @@ import typing
 import pytest
 from pydantic import BaseModel
 
-from cadenza import docs_gen
+from cadenza import docs_gen, metrics
 from cadenza.config import load as config, schema
 
 
@@ -71,7 +71,9 @@ def test_known_rows(text):
     assert kind == "one of: " + ", ".join(f"`{v}`" for v in typing.get_args(schema.Reduce))
     assert _row(text, "adapter.target_modules", "Adapter `lora`")[1] == r"list[str] \| str \| null"
     assert _row(text, "adapter.dropout", "Adapter `lora`")[1] == "float in [0, 1)"
-    assert _row(text, "trainer.batch_size")[1:3] == [r"int \| `auto`", "`auto`"]
+    assert _row(text, "trainer.batch_size")[1:3] == [r"int ≥ 1 \| `auto`", "`auto`"]  # a range inside a union shows
+    assert _row(text, "trainer.gradient_clipping.clipvalue")[1] == r"float > 0 \| null"
+    assert _row(text, "trainer.optimizer.betas")[1] == "[float in [0, 1), float in [0, 1)]"
     assert _row(text, "output_features[].match.<label>.value")[2] == "**required**"
 
 
@@ -93,6 +95,18 @@ def test_header_and_ludwig_differences(text):
                                                          for k in ("ecd", "llm_full", "llm_adapter")]
     assert _row(ludwig, "trainer.type")[2:] == ["`finetune`", "`none`", "`none`"]
     assert _row(ludwig, "trainer.early_stop")[3] == "`-1`"
+
+
+def test_metrics_section_follows_the_metrics_table(text):
+    section = text.split("## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    for output in (*metrics.OUTPUT_TYPES, metrics.COMBINED):
+        for model_type, listed in zip(config.OUTPUT_TYPES, _row(section, output)[1:]):
+            if output == metrics.COMBINED or output in config.OUTPUT_TYPES[model_type]:
+                names = [name.strip("`*") for name in listed.split(", ")]
+                assert names == metrics.metric_names(output, model_type), (output, model_type)
+    assert _row(section, "text")[2].endswith("`rouge_l`*")  # generation metrics are marked: not watchable in training
+    for m in metrics.METRICS:
+        assert _row(section, m.name)[1] == ("higher" if m.higher_is_better else "lower")
 
 
 def test_links_point_at_headings(text):

@@ -1,26 +1,32 @@
 """Load a config (dict or YAML file), validate it against `schema.CadenzaConfig`, fill model-type defaults.
 
-Every problem is collected and reported at once with its key path and, for a misspelt key, a suggestion.
-Validation never touches the network: a base model is only looked at when it is loaded.
+Every problem is collected and reported at once with its key path and, for a misspelt key, a suggestion: the
+schema's own checks (types, ranges, unknown keys) and the cross-field checks, which run on the config with the
+failing values set aside. Validation never touches the network: a base model is only looked at when it is loaded.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from .. import metrics
 from ..errors import ConfigError
-from .schema import CadenzaConfig
+from .schema import CadenzaConfig, field_range
+
+Problem = tuple[str, str]  # (key path, message)
 
 ConfigSource = Union[dict, str, Path, CadenzaConfig]
 
 _DEFAULT_LR = {"ecd": 1e-3, "llm_adapter": 2e-4, "llm_full": 2e-5}
+OUTPUT_TYPES = {"ecd": ("category", "binary", "number", "set"), "llm": ("text", "category")}
 
 
 def load_config(source: ConfigSource) -> CadenzaConfig:
@@ -31,14 +37,35 @@ def load_config(source: ConfigSource) -> CadenzaConfig:
     if not isinstance(raw, dict):
         raise ConfigError([("", f"a config is a mapping of keys, got {type(raw).__name__}")])
     raw = _merge_type_defaults(raw)
-    try:
-        config = CadenzaConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_merge_union_alternatives([_describe(err, raw) for err in e.errors()])) from None
-    problems = check_semantics(config)
+    problems, config = validate_schema(raw)
+    if config is not None:
+        problems += [p for p in check_semantics(config) if p not in problems]
     if problems:
         raise ConfigError(problems)
     return fill_model_type_defaults(config)
+
+
+def validate_schema(raw: dict) -> tuple[list[Problem], Optional[CadenzaConfig]]:
+    """The schema's problems, and a config for the cross-field checks: the config itself when it is valid, else the
+    config validated again with each failing value set aside (so its default stands in), which lets one run report
+    every problem. None when a failure has nothing to stand in for it (a required key, a section's unknown type)."""
+    problems: list[Problem] = []
+    data: Optional[dict] = raw
+    for _ in range(_ROUNDS):
+        try:
+            return problems, CadenzaConfig.model_validate(data)
+        except ValidationError as e:
+            errors = e.errors()
+        problems += [p for p in _merge_union_alternatives([_describe(err, data) for err in errors]) if p not in problems]
+        data = _set_aside(data, errors)
+        if data is None:
+            break
+    return problems, None
+
+
+# A corrected section `type` lets pydantic look inside that section, which can reveal further problems: a few rounds
+# of setting aside report those too.
+_ROUNDS = 3
 
 
 def read_config_file(path: Union[str, Path]) -> Any:
@@ -102,7 +129,80 @@ def fill_model_type_defaults(config: CadenzaConfig) -> CadenzaConfig:
             trainer.learning_rate = _DEFAULT_LR["ecd"]
         else:
             trainer.learning_rate = _DEFAULT_LR["llm_adapter" if config.adapter else "llm_full"]
+    target = validation_target(config)
+    trainer.validation_field, trainer.validation_metric = target.field, target.metric
     return config
+
+
+# ------------------------------------------------------------------------- validation field and metric
+class ValidationTarget(NamedTuple):
+    field: str  # an output feature's name or "combined"
+    metric: str  # the metrics table's name (an alias given in the config is replaced by it)
+    problems: list[Problem]
+
+
+def validation_target(config: CadenzaConfig) -> ValidationTarget:
+    """What the training loop watches, by Ludwig's rule: a metric given without a field picks the output feature
+    that computes it (an error when several do); a field given without a metric watches its loss. The metric must
+    be one the field computes while training, as the metrics table says."""
+    trainer = config.trainer
+    given_field = trainer.validation_field if "validation_field" in trainer.model_fields_set else None
+    given_metric = trainer.validation_metric if "validation_metric" in trainer.model_fields_set else None
+    types = {f.name: f.type for f in config.output_features}
+    metric = metrics.canonical_name(given_metric) if given_metric else "loss"
+    if metric is None:
+        return ValidationTarget(given_field or metrics.COMBINED, given_metric,
+                                [("trainer.validation_metric", _unknown_metric(given_metric, types, config.model_type))])
+    field, no_field = (given_field, None) if given_field else _field_computing(metric, types, config.model_type)
+    if no_field:
+        return ValidationTarget(field, metric, [("trainer.validation_metric", no_field)])
+    if field != metrics.COMBINED and field not in types:
+        hint = difflib.get_close_matches(field, list(types), n=1)
+        return ValidationTarget(field, metric, [("trainer.validation_field", f"{field!r} is not an output feature; "
+                                + (f"did you mean {hint[0]!r}?" if hint else f"choose one of {_choices(types)}"))])
+    watchable = metrics.validation_metric_names(types.get(field, metrics.COMBINED), config.model_type)
+    if metric not in watchable:
+        return ValidationTarget(field, metric, [("trainer.validation_metric",
+                                                 _not_watchable(metric, field, types, config.model_type))])
+    return ValidationTarget(field, metric, [])
+
+
+def _field_computing(metric: str, types: dict[str, str], model_type: str) -> tuple[str, Optional[str]]:
+    """(the one output feature that computes `metric` during training, None), or ("combined", why there is none)."""
+    if metric == "loss":
+        return metrics.COMBINED, None
+    found = [name for name, kind in types.items() if metric in metrics.validation_metric_names(kind, model_type)]
+    if len(found) == 1:
+        return found[0], None
+    if found:
+        return metrics.COMBINED, (f"{metric!r} is computed by several output features ({', '.join(found)}); set "
+                                  f"trainer.validation_field to the one to watch")
+    return metrics.COMBINED, f"no output feature computes {metric!r} during training; {_offers(types, model_type)}"
+
+
+def _unknown_metric(metric: str, types: dict[str, str], model_type: str) -> str:
+    known = [m.name for m in metrics.METRICS] + [a for m in metrics.METRICS for a in m.aliases]
+    hint = difflib.get_close_matches(metric, known, n=1)
+    return f"unknown metric {metric!r}" + (f"; did you mean {hint[0]!r}?" if hint else f"; {_offers(types, model_type)}")
+
+
+def _not_watchable(metric: str, field: str, types: dict[str, str], model_type: str) -> str:
+    kind = types.get(field, metrics.COMBINED)
+    watchable = ", ".join(metrics.validation_metric_names(kind, model_type))
+    what = field if field == metrics.COMBINED else f"{field!r} ({kind})"
+    if metric in metrics.metric_names(kind, model_type):  # an llm's generation metrics come from evaluate only
+        return (f"{metric!r} needs generated text, so only evaluate computes it; while training {what} computes: "
+                f"{watchable}")
+    return f"{what} does not compute {metric!r}; choose one of: {watchable}"
+
+
+def _offers(types: dict[str, str], model_type: str) -> str:
+    return "; ".join(f"{name} ({kind}) computes: {', '.join(metrics.validation_metric_names(kind, model_type))}"
+                     for name, kind in types.items())
+
+
+def _choices(types: dict[str, str]) -> str:
+    return ", ".join(repr(name) for name in [*types, metrics.COMBINED])
 
 
 # ------------------------------------------------------------------------------------ semantic checks
@@ -125,10 +225,7 @@ def check_semantics(config: CadenzaConfig) -> list[tuple[str, str]]:
         if (f.column or f.name) in input_columns:
             add(f"output_features[{i}].name", f"column {(f.column or f.name)!r} is both an input and an output")
 
-    outputs = [f.name for f in config.output_features]
-    if config.trainer.validation_field and config.trainer.validation_field not in outputs + ["combined"]:
-        add("trainer.validation_field", f"{config.trainer.validation_field!r} is not an output feature; "
-            f"choose one of {outputs}")
+    problems += validation_target(config).problems
     pre = config.preprocessing
     for key in ("oversample_minority", "undersample_majority"):
         if getattr(pre, key) is not None:
@@ -154,8 +251,8 @@ def _check_ecd(config: CadenzaConfig, add) -> None:
             add(f"input_features[{i}].encoder", "an ecd text input needs an encoder, e.g. "
                 "{type: auto_transformer, pretrained_model_name_or_path: minilm}")
     for i, f in enumerate(config.output_features):
-        if f.type == "text":
-            add(f"output_features[{i}].type", "text outputs need model_type: llm")
+        if f.type not in OUTPUT_TYPES["ecd"]:
+            add(f"output_features[{i}].type", f"{f.type} outputs need model_type: llm")
         if f.type == "category" and (f.match or f.fallback_label):
             add(f"output_features[{i}].match", "match/fallback_label extract labels from generated text: llm only")
     if config.prompt.template or config.prompt.task:
@@ -178,7 +275,7 @@ def _check_llm(config: CadenzaConfig, add) -> None:
     if len(config.output_features) != 1:
         add("output_features", "model_type: llm takes exactly one output feature (text or category)")
     for i, f in enumerate(config.output_features):
-        if f.type not in ("text", "category"):
+        if f.type not in OUTPUT_TYPES["llm"]:
             add(f"output_features[{i}].type", f"llm outputs are text or category, not {f.type}")
     if config.trainer.type == "finetune" and config.output_features and config.output_features[0].type != "text" \
             and "type" in config.trainer.model_fields_set:
@@ -204,6 +301,9 @@ def _check_llm(config: CadenzaConfig, add) -> None:
             hint = difflib.get_close_matches(ph, sorted(columns | specials), n=1)
             add("prompt.template", f"placeholder {{{ph}}} names no input feature"
                 + (f"; did you mean {{{hint[0]}}}?" if hint else f"; inputs are {sorted(columns)}"))
+    if config.generation.do_sample and config.generation.temperature == 0:
+        add("generation.temperature", "temperature 0 means greedy decoding: set do_sample: false, or a temperature "
+            "> 0 to sample")
     rope = config.model_parameters.rope_scaling if config.model_parameters else None
     if rope is not None:
         kind = rope.get("rope_type", rope.get("type"))
@@ -226,63 +326,111 @@ def _placeholders(template: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- pydantic error -> path
-def _describe(err: dict, raw: dict) -> tuple[str, str]:
+class Location(NamedTuple):
+    path: str  # as the user reads it: `trainer.optimizer.betas[0]`
+    schema_loc: tuple  # keys and list indices, with ("tag", x) where a union member was picked by its type x
+    raw_keys: tuple  # the keys and indices that exist in the user's data, outermost first
+
+
+# What a value must be, by pydantic error type. A union's members each fail; their expectations are joined with "or"
+# ("must be ≥ 1 or 'auto', got 0"). A range is looked up on the field, so both ends show ("must be in [0, 1)").
+_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "a whole number",
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "bool_type": "true or false", "bool_parsing": "true or false", "string_type": "a string",
+    "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
+    "model_attributes_type": "a mapping", "none_required": "null",
+}
+_RANGE_ERRORS = {"greater_than_equal": "≥", "greater_than": ">", "less_than_equal": "≤", "less_than": "<"}
+
+
+class Described(NamedTuple):
+    path: str
+    message: str
+    expected: Optional[str] = None  # set for "must be ..." problems, which merge across union members
+    given: Any = None
+
+
+def _describe(err: dict, raw: dict) -> Described:
     loc = err["loc"]
-    path, schema_loc = _clean_path(loc, raw)
-    kind = err["type"]
+    where = _locate(loc, raw)
+    path, kind, ctx, given = where.path, err["type"], err.get("ctx", {}), err.get("input")
     if kind == "extra_forbidden":
-        key = loc[-1]
-        allowed = _allowed_keys(schema_loc[:-1])
-        hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-        msg = f"unknown key {key!r}"
-        msg += f"; did you mean {hint[0]!r}?" if hint else (f"; allowed here: {', '.join(allowed)}" if allowed else "")
-        return path, msg
+        return Described(path, _unknown_key(str(loc[-1]), where.schema_loc[:-1]))
     if kind == "union_tag_invalid":
-        ctx = err.get("ctx", {})
         tag, expected = ctx.get("tag"), ctx.get("expected_tags", "")
-        options = [t.strip().strip("'") for t in str(expected).split(",")]
-        hint = difflib.get_close_matches(str(tag), options, n=1)
-        return path + ".type", f"unknown type {tag!r}" + (f"; did you mean {hint[0]!r}?" if hint else "") + \
-            f" (one of {expected})"
+        hint = _suggest(tag, str(expected))
+        return Described(path + ".type", f"unknown type {tag!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                         + f" (one of {expected})")
     if kind == "union_tag_not_found":
-        return path + ".type", "missing `type`"
+        return Described(path + ".type", "missing `type`")
     if kind == "missing":
-        return path, "required key is missing"
+        return Described(path, "required key is missing")
     if kind == "literal_error":
-        given = err.get("input")
-        expected = err.get("ctx", {}).get("expected", "")
-        options = [t.strip().strip("'") for t in str(expected).replace(" or ", ",").split(",")]
-        hint = difflib.get_close_matches(str(given), options, n=1)
-        return path, f"{given!r} is not allowed; expected {expected}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-    return path, err["msg"]
+        expected = ctx.get("expected", "")
+        hint = _suggest(given, expected)
+        return Described(path, f"{given!r} is not allowed; expected {expected}"
+                         + (f"; did you mean {hint!r}?" if hint else ""), expected, given)
+    if kind in _RANGE_ERRORS:
+        bound = next(v for v in ctx.values())
+        expected = _range_at(where.schema_loc) or f"{_RANGE_ERRORS[kind]} {bound}"
+        return Described(path, f"must be {expected}, got {given!r}", expected, given)
+    if kind in _EXPECTED:
+        return Described(path, f"must be {_EXPECTED[kind]}, got {given!r}", _EXPECTED[kind], given)
+    if kind == "value_error":  # our own validators' messages, without pydantic's "Value error, " prefix
+        return Described(path, str(ctx.get("error", err["msg"])))
+    return Described(path, err["msg"])
 
 
-def _merge_union_alternatives(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _suggest(given: Any, expected: str) -> Optional[str]:
+    """The allowed choice closest to a misspelt one, from pydantic's "'a', 'b' or 'c'"."""
+    options = [t.strip().strip("'") for t in str(expected).replace(" or ", ",").split(",")]
+    hint = difflib.get_close_matches(str(given), options, n=1)
+    return hint[0] if hint else None
+
+
+def _merge_union_alternatives(described: list[Described]) -> list[Problem]:
     """A value that fits no member of a union yields one error per member: report them as one line."""
-    merged: dict[str, list[str]] = {}
-    for path, msg in problems:
-        merged.setdefault(path, [])
-        if msg not in merged[path]:
-            merged[path].append(msg)
-    return [(path, " — or — ".join(msgs)) for path, msgs in merged.items()]
+    merged: dict[str, list[Described]] = {}
+    for d in described:
+        merged.setdefault(d.path, [])
+        if d not in merged[d.path]:
+            merged[d.path].append(d)
+    problems = []
+    for path, ds in merged.items():
+        if _went_deeper(path, merged) and all(d.expected in _EXPECTED.values() for d in ds):
+            continue  # a union member for scalars rejected a list or mapping that another member looked into
+        if len(ds) > 1 and all(d.expected for d in ds):
+            expected = " or ".join(dict.fromkeys(d.expected for d in ds))
+            problems.append((path, f"must be {expected}, got {ds[0].given!r}"))
+        else:
+            problems.append((path, " — or — ".join(d.message for d in ds)))
+    return problems
 
 
-def _clean_path(loc: tuple, raw: Any) -> tuple[str, tuple]:
-    """Drop pydantic's union-tag entries from a location by walking the raw data alongside it."""
-    parts, kept, node = [], [], raw
+def _went_deeper(path: str, paths) -> bool:
+    return any(other.startswith(path + "[") or other.startswith(path + ".") for other in paths)
+
+
+def _locate(loc: tuple, raw: Any) -> Location:
+    """Drop pydantic's union entries from a location by walking the raw data alongside it."""
+    parts, kept, raw_keys, node = [], [], [], raw
     for item in loc:
         if isinstance(node, list) and isinstance(item, int):
             parts.append(f"[{item}]")
             kept.append(item)
-            node = node[item] if item < len(node) else None
+            exists = item < len(node)
+            raw_keys += [item] * exists
+            node = node[item] if exists else None
         elif isinstance(node, dict) and item in node:
             parts.append(("." if parts else "") + str(item))
             kept.append(item)
+            raw_keys.append(item)
             node = node[item]
         elif isinstance(node, dict) and isinstance(item, str) and node.get("type") == item:
             kept.append(("tag", item))  # discriminator tag: not part of the user's path
-        elif node is not None and not isinstance(node, (dict, list)):
-            continue  # a scalar value: what follows names union members (int, literal[...]), not keys
+        elif node is not None and not isinstance(node, dict):
+            continue  # in a scalar or list value, a string names a union member (int, list[int]), not a key
         elif isinstance(item, str):
             parts.append(("." if parts else "") + item)
             kept.append(item)
@@ -291,10 +439,54 @@ def _clean_path(loc: tuple, raw: Any) -> tuple[str, tuple]:
             parts.append(f"[{item}]")
             kept.append(item)
             node = None
-    return "".join(parts), tuple(kept)
+    return Location("".join(parts), tuple(kept), tuple(raw_keys))
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
+# ------------------------------------------------------------------------ set aside what failed
+def _set_aside(raw: dict, errors: list[dict]) -> Optional[dict]:
+    """A copy of `raw` without the values that failed, so their defaults stand in for the cross-field checks.
+    A misspelt choice of variant (`model_type`, a feature's or adapter's `type`) is replaced by its suggestion
+    instead, since a default would run another variant's checks; without a suggestion, or where a required key is
+    missing, the cross-field checks wait for the next run (None)."""
+    patched = copy.deepcopy(raw)
+    for err in errors:
+        kind, keys = err["type"], _locate(err["loc"], raw).raw_keys
+        if kind in ("missing", "union_tag_not_found"):
+            return None
+        if kind == "union_tag_invalid" or keys == ("model_type",):
+            ctx = err.get("ctx", {})
+            hint = _suggest(ctx.get("tag", err["input"]), ctx.get("expected_tags", ctx.get("expected", "")))
+            if hint is None:
+                return None
+            holder, key = (_walk(patched, keys), "type") if kind == "union_tag_invalid" else (patched, "model_type")
+            holder[key] = hint
+        else:
+            _drop_nearest_key(patched, keys)
+    return patched
+
+
+def _walk(node: Any, keys: tuple) -> Any:
+    for key in keys:
+        node = node[key]
+    return node
+
+
+def _drop_nearest_key(data: dict, keys: tuple) -> None:
+    """Delete the innermost mapping key on the path (a list item is dropped with the key that holds its list, so
+    that the indices in other problems' paths stay right)."""
+    for depth in range(len(keys), 0, -1):
+        try:
+            holder = _walk(data, keys[: depth - 1])
+        except (KeyError, IndexError, TypeError):
+            continue  # an outer key went already
+        if isinstance(holder, dict):
+            holder.pop(keys[depth - 1], None)
+            return
+
+
+# ------------------------------------------------------------------------ the schema at a location
+def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+    """The section model at a schema location (None where it is not one section)."""
     ann: Any = CadenzaConfig
     for item in loc:
         models = _models(ann)
@@ -305,11 +497,58 @@ def _allowed_keys(loc: tuple) -> list[str]:
         elif len(models) >= 1 and item in models[0].model_fields:
             ann = models[0].model_fields[item].annotation
         else:
-            return []
+            return None
         if ann is None:
-            return []
+            return None
     models = _models(ann)
-    return sorted(models[0].model_fields) if len(models) == 1 else []
+    return models[0] if len(models) == 1 else None
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model = _model_at(loc)
+    return sorted(model.model_fields) if model else []
+
+
+def _range_at(loc: tuple) -> str:
+    """The range of the number field at a schema location (list indices of a tuple/list value dropped)."""
+    while loc and isinstance(loc[-1], int):
+        loc = loc[:-1]
+    model = _model_at(loc[:-1]) if loc else None
+    field = model.model_fields.get(loc[-1]) if model and isinstance(loc[-1], str) else None
+    return field_range(field) if field else ""
+
+
+def _unknown_key(key: str, section_loc: tuple) -> str:
+    """'unknown key', with the closest key of this section, else the sections where the key belongs."""
+    allowed = _allowed_keys(section_loc)
+    hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    if hint:
+        return f"unknown key {key!r}; did you mean {hint[0]!r}?"
+    homes = _key_homes().get(key)
+    if homes:
+        return f"unknown key {key!r} here; it belongs under {' or '.join(homes[:3])}"
+    return f"unknown key {key!r}" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+
+
+@functools.cache
+def _key_homes() -> dict[str, list[str]]:
+    """Every key name -> the sections that take it (`trainer`, `input_features[].preprocessing`), shallowest first,
+    for telling a misplaced key where it goes."""
+    homes: dict[str, list[str]] = {}
+    seen, queue = set(), [(CadenzaConfig, "")]
+    while queue:
+        model, prefix = queue.pop(0)
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            home = prefix or "the top level"
+            if home not in homes.setdefault(name, []):
+                homes[name].append(home)
+            suffix = "[]" if _list_item(field.annotation) is not None and not _models(field.annotation) else ""
+            key = f"{prefix}.{name}" if prefix else name
+            queue += [(m, key + suffix) for m in _models(field.annotation) + _models(_list_item(field.annotation))]
+    return homes
 
 
 def _models(ann) -> list[type[BaseModel]]:

@@ -8,9 +8,54 @@ Where Ludwig's default is poor for LLMs, ours differs; `Field(description=...)` 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+import typing
+from typing import Annotated, Any, ClassVar, Iterable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+
+def range_text(metadata: Iterable[Any]) -> str:
+    """A number's range as the docs and the error messages say it ('in [0, 1)', '≥ 1', '> 0'), from the ge/gt/le/lt
+    metadata pydantic keeps for Field(ge=...); '' when unbounded."""
+    low = high = None
+    for meta in metadata:
+        for attr, bracket in (("ge", "["), ("gt", "("), ("le", "]"), ("lt", ")")):
+            value = getattr(meta, attr, None)
+            if value is not None and attr.startswith("g"):
+                low = (bracket, value)
+            elif value is not None:
+                high = (bracket, value)
+    if low and high:  # interval notation reads best when both ends are bounded
+        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    if low:
+        return f"{'≥' if low[0] == '[' else '>'} {low[1]:g}"
+    if high:
+        return f"{'≤' if high[0] == ']' else '<'} {high[1]:g}"
+    return ""
+
+
+def annotated_range(annotation: Any) -> str:
+    """The range stated inside a type (`Optional[AtLeastOne]`, `Union[AtLeastOne, Literal["auto"]]`)."""
+    if typing.get_origin(annotation) is Annotated:
+        metadata = typing.get_args(annotation)[1:]
+        return range_text([m for item in metadata for m in getattr(item, "metadata", [item])])
+    return next(filter(None, map(annotated_range, typing.get_args(annotation))), "")
+
+
+def field_range(field: FieldInfo) -> str:
+    """A number field's range, stated on the field or inside its type."""
+    return range_text(field.metadata) or annotated_range(field.annotation)
+
+
+# Kinds of numbers that recur, each with its range stated once; the docs and the error messages show the ranges.
+AtLeastOne = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+DropoutRate = Annotated[float, Field(ge=0, lt=1)]  # 1 would drop everything
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class Section(BaseModel):
@@ -23,7 +68,7 @@ class Section(BaseModel):
 class LoraConfig(Section):
     type: Literal["lora"] = "lora"
     r: int = Field(8, ge=1, description="LoRA rank.")
-    alpha: Optional[float] = Field(None, description="LoRA scaling alpha; null means 2 * r (Ludwig's default).")
+    alpha: Optional[PositiveFloat] = Field(None, description="LoRA scaling alpha; null means 2 * r (Ludwig's default).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: Optional[Union[list[str], str]] = Field(
         None, description="Module names (or a regex) to adapt; null lets PEFT pick the architecture's default."
@@ -48,10 +93,10 @@ class AdaloraConfig(LoraConfig):
     type: Literal["adalora"] = "adalora"  # type: ignore[assignment]
     target_r: int = Field(8, ge=1)
     init_r: int = Field(12, ge=1)
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    total_step: Optional[int] = Field(None, description="Total training steps; null fills it from the trainer.")
+    tinit: int = Field(0, ge=0)
+    tfinal: int = Field(0, ge=0)
+    deltaT: int = Field(1, ge=1)
+    total_step: Optional[AtLeastOne] = Field(None, description="Total training steps; null fills it from the trainer.")
 
 
 class IA3Config(Section):
@@ -65,9 +110,9 @@ class IA3Config(Section):
 class LohaConfig(Section):
     type: Literal["loha"] = "loha"
     r: int = Field(8, ge=1)
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
+    alpha: float = Field(8, gt=0)
+    rank_dropout: DropoutRate = 0.0
+    module_dropout: DropoutRate = 0.0
     target_modules: Optional[Union[list[str], str]] = None
     postprocessor: AdapterPostprocessor = Field(default_factory=AdapterPostprocessor)
     pretrained_adapter_weights: Optional[str] = None
@@ -76,14 +121,14 @@ class LohaConfig(Section):
 class LokrConfig(LohaConfig):
     type: Literal["lokr"] = "lokr"  # type: ignore[assignment]
     decompose_both: bool = False
-    decompose_factor: int = -1
+    decompose_factor: int = Field(-1, ge=-1)
 
 
 class VeraConfig(Section):
     type: Literal["vera"] = "vera"
     r: int = Field(256, ge=1)
     target_modules: Optional[Union[list[str], str]] = None
-    vera_dropout: float = 0.0
+    vera_dropout: DropoutRate = 0.0
     postprocessor: AdapterPostprocessor = Field(default_factory=AdapterPostprocessor)
     pretrained_adapter_weights: Optional[str] = None
 
@@ -92,7 +137,7 @@ class OftConfig(Section):
     type: Literal["oft"] = "oft"
     r: int = Field(0, ge=0, description="Number of OFT blocks (0: derived from oft_block_size).")
     oft_block_size: int = Field(32, ge=0)
-    module_dropout: float = 0.0
+    module_dropout: DropoutRate = 0.0
     target_modules: Optional[Union[list[str], str]] = None
     postprocessor: AdapterPostprocessor = Field(default_factory=AdapterPostprocessor)
     pretrained_adapter_weights: Optional[str] = None
@@ -109,7 +154,7 @@ class QuantizationConfig(Section):
 
     backend: Literal["bitsandbytes"] = Field("bitsandbytes", description="Quantization library (only bitsandbytes).")
     bits: Literal[4, 8] = 4
-    llm_int8_threshold: float = 6.0
+    llm_int8_threshold: float = Field(6.0, gt=0)
     llm_int8_has_fp16_weight: bool = False
     bnb_4bit_compute_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "bfloat16", description="Ludwig: float16. bfloat16 does not overflow and is native on Ampere+."
@@ -142,7 +187,7 @@ class AutoTransformerEncoder(Section):
     pretrained_kwargs: Optional[dict[str, Any]] = Field(None, description="Extra kwargs for from_pretrained.")
     trust_remote_code: bool = False
     adapter: Optional[Adapter] = Field(None, description="A PEFT adapter trained on the encoder.")
-    vocab_size: Optional[int] = Field(None, description="Accepted for Ludwig compatibility; taken from the model.")
+    vocab_size: Optional[AtLeastOne] = Field(None, description="Accepted for Ludwig compatibility; taken from the model.")
     saved_weights_in_checkpoint: bool = Field(
         False, description="Accepted for Ludwig compatibility; Cadenza saves trained encoder weights always."
     )
@@ -170,7 +215,7 @@ class DenseEncoder(Section):
 class CategoryEncoder(Section):
     type: Literal["dense", "onehot", "sparse"] = "dense"
     embedding_size: int = Field(50, ge=1)
-    dropout: float = 0.0
+    dropout: DropoutRate = 0.0
 
 
 TextEncoder = Annotated[Union[AutoTransformerEncoder, LLMEncoder], Field(discriminator="type")]
@@ -298,7 +343,7 @@ class Decoder(Section):
     )
     num_fc_layers: int = Field(0, ge=0, description="Hidden layers between the combiner and the projection.")
     fc_output_size: int = Field(256, ge=1)
-    fc_dropout: float = 0.0
+    fc_dropout: DropoutRate = 0.0
     fc_activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
 
 
@@ -316,10 +361,19 @@ class Loss(Section):
     ] = Field(None, description="null: the feature type's natural loss.")
     class_weights: Optional[Union[list[float], dict[str, float]]] = None
     weight: float = Field(1.0, ge=0, description="This output's weight in the total loss.")
-    positive_class_weight: Optional[float] = None
+    positive_class_weight: Optional[PositiveFloat] = None
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_similarities: Optional[list[list[float]]] = Field(None, description="Not supported: must stay null.")
     class_similarities_temperature: float = Field(0, ge=0, description="Not supported: must stay 0 (off).")
+
+    @field_validator("class_weights")
+    @classmethod
+    def _non_negative_weights(cls, weights):
+        # Checked here rather than typed per item, so the message names class_weights and not a union member
+        values = weights.values() if isinstance(weights, dict) else weights or []
+        if any(w < 0 for w in values):
+            raise ValueError(f"class weights must be ≥ 0, got {weights}")
+        return weights
 
 
 class OutputBase(FeatureBase):
@@ -409,19 +463,19 @@ class ConcatCombiner(Section):
 # ---------------------------------------------------------------------------------------------- trainer
 class Optimizer(Section):
     type: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Ludwig: adam. AdamW decouples weight decay.")
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    momentum: float = 0.0
+    betas: tuple[DropoutRate, DropoutRate] = (0.9, 0.999)  # a moment coefficient lies in [0, 1) like a dropout rate
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
 
 
 class LRScheduler(Section):
     decay: Optional[Literal["linear", "cosine", "exponential", "constant"]] = Field(
         None, description="null: constant after warm-up."
     )
-    warmup_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of all steps spent warming up.")
+    warmup_fraction: float = Field(0.0, ge=0, le=1, description="Fraction of all steps spent warming up.")
     warmup_evaluations: float = Field(0, ge=0, description="Warm-up length in epochs (Ludwig name).")
-    decay_rate: float = Field(0.96, gt=0, description="exponential: factor per epoch.")
+    decay_rate: float = Field(0.96, gt=0, le=1, description="exponential: factor per epoch.")
     min_lr_fraction: float = Field(0.0, ge=0, le=1, description="cosine/linear floor as a fraction of the peak.")
     reduce_on_plateau: int = Field(
         0, ge=0, description="Multiply the learning rate by reduce_rate after this many validation evaluations "
@@ -430,9 +484,9 @@ class LRScheduler(Section):
 
 
 class GradientClipping(Section):
-    clipglobalnorm: Optional[float] = Field(0.5, description="Max global grad norm; null disables.")
-    clipnorm: Optional[float] = None
-    clipvalue: Optional[float] = None
+    clipglobalnorm: Optional[PositiveFloat] = Field(0.5, description="Max global grad norm; null disables.")
+    clipnorm: Optional[PositiveFloat] = None
+    clipvalue: Optional[PositiveFloat] = None
 
 
 class TrainerConfig(Section):
@@ -441,13 +495,13 @@ class TrainerConfig(Section):
     )
     epochs: int = Field(10, ge=1, description="Ludwig: 100.")
     train_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: Union[int, Literal["auto"]] = Field(
+    batch_size: Union[AtLeastOne, Literal["auto"]] = Field(
         "auto", description="Rows per micro-batch; auto picks 64 for ecd and a memory-fitted size for llm."
     )
-    eval_batch_size: Optional[Union[int, Literal["auto"]]] = Field(
+    eval_batch_size: Optional[Union[AtLeastOne, Literal["auto"]]] = Field(
         None, description="Rows per evaluation/prediction batch; null or auto: 2 * batch_size (ecd: at least 256).")
     max_batch_size: int = Field(1024, ge=1, description="Upper bound for batch_size: auto.")
-    gradient_accumulation_steps: Union[int, Literal["auto"]] = Field(
+    gradient_accumulation_steps: Union[AtLeastOne, Literal["auto"]] = Field(
         1, description="Micro-batches per optimizer step; the loss is weighted by rows (ecd) or tokens (llm)."
     )
     learning_rate: Optional[float] = Field(
@@ -461,16 +515,23 @@ class TrainerConfig(Section):
         "l1_l2: both.")
     increase_batch_size_on_plateau: int = Field(0, ge=0, description="Not supported: must stay 0 (off).")
     gradient_clipping: GradientClipping = Field(default_factory=GradientClipping)
-    early_stop: int = Field(5, description="Evaluations without improvement before stopping (one per epoch, "
+    early_stop: int = Field(5, ge=-1, description="Evaluations without improvement before stopping (one per epoch, "
                             "more with eval_steps); -1 disables.")
     eval_steps: Optional[int] = Field(
         None, ge=1, description="Also evaluate on the validation split every this many optimizer steps (null: at "
         "each epoch end only). The best weights and early stopping then follow these evaluations too.")
-    effective_batch_size: Union[int, Literal["auto"]] = Field(
+    effective_batch_size: Union[AtLeastOne, Literal["auto"]] = Field(
         "auto", description="Rows per optimizer step over all processes. An int sets gradient_accumulation_steps "
         "(when that is auto) to effective_batch_size / (batch_size x processes).")
-    validation_field: Optional[str] = Field(None, description="Output feature to watch; null: the first.")
-    validation_metric: Optional[str] = Field(None, description="null: loss.")
+    validation_field: Optional[str] = Field(
+        "combined", description="The output feature whose validation_metric picks the best weights and drives early "
+        "stopping and reduce_on_plateau, or `combined` (the loss-weighted sum of the output losses). Left out (or "
+        "null) while validation_metric names another metric than loss: the output feature that computes it "
+        "(Ludwig's rule; an error when several do). Ludwig: the first output feature.")
+    validation_metric: Optional[str] = Field(
+        "loss", description="A metric that validation_field computes while training, see [Metrics](#metrics); "
+        "Ludwig's long names (mean_squared_error, ...) work too; null: loss. Ludwig: the first output type's own "
+        "default (accuracy, roc_auc, mean_squared_error, jaccard; loss for text).")
     evaluate_training_set: bool = Field(
         False, description="Also compute the validation metrics on the training split each epoch (written under "
         "`metrics` in training_statistics.json). Ludwig: true; costs a full extra pass per epoch.")
@@ -504,7 +565,7 @@ class SplitConfig(Section):
         "random", description="random: shuffled by the seed; fixed: read from `column`; stratify: random within each "
         "value of `column`, so every split keeps its proportions."
     )
-    probabilities: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    probabilities: tuple[Probability, Probability, Probability] = (0.7, 0.1, 0.2)
     column: Optional[str] = Field(
         None, description="fixed: the split column (0/1/2 or train/validation/test); stratify: the label column."
     )
@@ -558,23 +619,25 @@ class GenerationConfig(Section):
     """Mirrors transformers.GenerationConfig. Ludwig samples at temperature 0.1 by default; we decode greedily."""
 
     max_new_tokens: int = Field(64, ge=1, description="Most tokens generated per row. Ludwig: 32.")
-    min_new_tokens: Optional[int] = None
+    min_new_tokens: Optional[NonNegativeInt] = None
     do_sample: bool = Field(
         False, description="Sample instead of greedy/beam decoding. Ludwig: true (at temperature 0.1); greedy "
         "decoding makes predictions reproducible."
     )
-    temperature: Optional[float] = Field(None, gt=0, description="Sampling temperature (with do_sample). Ludwig: 0.1.")
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
+    temperature: Optional[NonNegativeFloat] = Field(
+        None, description="Sampling temperature (with do_sample; 0 means greedy, so it needs do_sample: false). "
+        "Ludwig: 0.1.")
+    top_k: Optional[NonNegativeInt] = Field(None, description="Sample among the k likeliest tokens (0: no limit).")
+    top_p: Optional[float] = Field(None, gt=0, le=1)
     num_beams: int = Field(1, ge=1)
-    repetition_penalty: Optional[float] = None
-    no_repeat_ngram_size: Optional[int] = None
+    repetition_penalty: Optional[PositiveFloat] = None
+    no_repeat_ngram_size: Optional[NonNegativeInt] = None
     length_penalty: Optional[float] = None
     early_stopping: Optional[bool] = None
-    num_return_sequences: int = 1
-    pad_token_id: Optional[int] = None
-    eos_token_id: Optional[Union[int, list[int]]] = None
-    bos_token_id: Optional[int] = None
+    num_return_sequences: int = Field(1, ge=1)
+    pad_token_id: Optional[TokenId] = None
+    eos_token_id: Optional[Union[TokenId, list[TokenId]]] = None
+    bos_token_id: Optional[TokenId] = None
 
 
 class ModelParameters(Section):
