@@ -1,0 +1,77 @@
+"""Hardware detection and the precision table (cadenza/device.py), against sample /proc/cpuinfo texts and CUDA
+capabilities: every branch, whatever machine runs the suite."""
+
+import pytest
+import torch
+
+from cadenza import device
+from cadenza.device import Hardware, Precision, cpu_bf16_units, cuda_bf16_units, precision
+
+# flags lines as three real CPUs print them (trimmed to the flags that matter and a few neighbours)
+AVX2_ONLY = "model name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
+AVX512_BF16 = ("model name\t: AMD EPYC 9B14\n"
+               "flags\t\t: fpu avx avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n")
+SAPPHIRE_RAPIDS = ("model name\t: Intel(R) Xeon(R) Platinum 8481C\n"
+                   "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n")
+
+
+@pytest.mark.parametrize("cpuinfo, units", [(AVX2_ONLY, None), (AVX512_BF16, "AVX512-BF16"),
+                                            (SAPPHIRE_RAPIDS, "AMX"), ("", None)])
+def test_cpu_bf16_units_from_cpuinfo(cpuinfo, units):
+    assert cpu_bf16_units(cpuinfo) == units
+
+
+def test_a_flag_name_inside_another_is_not_taken_for_it():
+    assert cpu_bf16_units("flags\t: avx512_bf16x avx2\n") is None
+
+
+@pytest.mark.parametrize("capability, has", [((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True)])
+def test_cuda_bf16_units_from_capability(capability, has):
+    assert (cuda_bf16_units(capability) is not None) == has
+
+
+AVX2 = Hardware("cpu", "AVX2 CPU", None)
+AMX = Hardware("cpu", "Xeon", "AMX")
+A100 = Hardware("cuda", "NVIDIA A100", "CUDA sm_80")
+T4 = Hardware("cuda", "Tesla T4", None)
+
+
+@pytest.mark.parametrize("hw", [AVX2, AMX, A100, T4])
+@pytest.mark.parametrize("part", sorted(device.PARTS))
+def test_precision_table(hw, part):
+    auto = precision(None, part, hw)
+    assert auto.bf16 == (hw.bf16_units is not None and part in device.AUTO_BF16_PARTS)
+    assert precision(True, part, hw).bf16 and not precision(False, part, hw).bf16  # the config always wins
+    assert "use_mixed_precision" in auto.describe(part)
+
+
+def test_reasons_say_why():
+    assert precision(None, "train", AMX).describe("train") == (
+        "precision: bf16 autocast for training (bf16 autocast, fp32 master weights) — auto: cpu has AMX; "
+        "set trainer.use_mixed_precision: false for fp32")
+    assert "no bf16 units" in precision(None, "train", AVX2).reason
+    assert "emulated" in precision(True, "train", AVX2).reason
+    assert "too small" in precision(None, "head", AMX).reason
+
+
+def test_unknown_part_is_a_bug():
+    with pytest.raises(ValueError):
+        precision(None, "everything", AVX2)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_autocast_computes_in_the_chosen_dtype(bf16):
+    a = torch.randn(4, 4)
+    with Precision(bf16, "test").autocast("cpu"):
+        out = a @ a
+    assert out.dtype == (torch.bfloat16 if bf16 else torch.float32)
+
+
+def test_this_machine_is_detected_once():
+    hw = device.hardware()
+    assert hw.device in ("cpu", "cuda") and device.hardware() is hw
+
+
+def test_peak_flops_override(monkeypatch):
+    monkeypatch.setenv("CADENZA_PEAK_TFLOPS", "2.5")
+    assert device.peak_flops(True) == 2.5e12
