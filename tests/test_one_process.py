@@ -59,6 +59,9 @@ def remote_many_models(workdir: str, llama: str, bert: str, repo_id: str, token:
                        ("ecd cached, reloaded", Model.load(models[1][1], log=quiet))):
         out["predictions"][label] = ecd.predict(ecd_rows.head(4))["sentiment_probability"].tolist()
     out["upload"] = Model.upload_to_hf_hub(repo_id, first_run, token=token, log=quiet)
+    from cadenza.share.hub import plan_upload
+
+    out["card"] = plan_upload(repo_id, first_run).card
     return out
 
 
@@ -74,3 +77,4 @@ def test_four_trainings_in_one_process_then_the_first_model_again(client, hub, t
     assert p["first, after the others"] == p["first, reloaded"] and len(p["first, reloaded"]) == 4
     assert p["ecd cached, after the others"] == pytest.approx(p["ecd cached, reloaded"], abs=1e-6)
     assert "adapter_model.safetensors" in hub.files(f"{ORG}/first-of-four")
+    assert "Precision: bf16 (trainer.use_mixed_precision: true" in out["card"]  # the model card says how it trained

@@ -187,6 +187,10 @@ def _training_data(inputs: CardInputs) -> str:
     if rows:
         lines.append("Rows per split: " + ", ".join(f"{k} {v}" for k, v in rows.items()) + ".")
         lines.append("")
+    precision = (inputs.training_statistics or {}).get("precision") or {}
+    if precision.get("precision"):
+        lines.append(f"Precision: {precision['precision']} ({precision.get('reason', '')}).")
+        lines.append("")
     lines.append("| feature | role | type | details |")
     lines.append("|---|---|---|---|")
     for role, key in (("input", "input_features"), ("output", "output_features")):
