@@ -155,7 +155,7 @@ def set_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     jaccard = np.where(union == 0, 1.0, inter / np.maximum(union, 1))
     tp = int((y_true & y_pred).sum())
     precision, recall = _ratio(tp, int(y_pred.sum())), _ratio(tp, int(y_true.sum()))
-    return {"jaccard": _mean(jaccard), "precision": precision, "recall": recall, "f1": _f1(precision, recall)}
+    return {"precision": precision, "recall": recall, "f1": _f1(precision, recall), "jaccard": _mean(jaccard)}
 
 
 # ------------------------------------------------------------------------------------------ building blocks
