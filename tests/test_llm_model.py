@@ -219,7 +219,7 @@ def test_zero_shot_category_without_fit(tiny_llama_dir, cache_dir):
     assert np.allclose(probs[0], torch.softmax(torch.stack(logps), 0).numpy(), atol=1e-4)
     metrics, _ = m.evaluate(df)
     assert metrics["label"]["accuracy"] == pytest.approx(2 / 3)
-    assert metrics["label"]["macro_f1"] == pytest.approx((0 + 0.8) / 2)
+    assert metrics["label"]["f1"] == pytest.approx((0 + 0.8) / 2)
     assert metrics["label"]["hits_at_k"] == 1.0  # two labels, top-3
 
 
