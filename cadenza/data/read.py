@@ -119,6 +119,19 @@ def check_not_empty(df: pd.DataFrame, where: str) -> None:
         raise DataError(f"{where}: the data set has no rows")
 
 
+def require_two_classes(labels: pd.Series, column: str, kind: str) -> None:
+    """A classifier trained on one class is trivial: it predicts that class whatever the input (for a category
+    output the loss is zero from the first step), so its metrics mean nothing. That is an error, not a warning:
+    it almost always means the wrong column, data filtered to one class, or a sample too small to hold both."""
+    classes = labels.unique()
+    if len(classes) < 2:
+        only = f" ({classes[0]!r})" if len(classes) else ""
+        raise DataError(f"output column {column!r} has a single class{only} in the training data: a {kind} "
+                        f"classifier needs at least two. Check that {column!r} is the label column and the data was "
+                        "not filtered to one class; with a small data set, raise preprocessing.sample_size or use "
+                        "a stratified split (preprocessing.split.type: stratify)")
+
+
 def sample(df: pd.DataFrame, ratio: float, size: Optional[int], seed: int) -> pd.DataFrame:
     if size is not None and size < len(df):
         return df.sample(n=size, random_state=seed).reset_index(drop=True)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pandas as pd
 
+from ..data.read import require_two_classes
 from ..errors import DataError
 
 TRUE_STRINGS = {"true", "t", "yes", "y", "1", "1.0", "on", "positive", "pos"}
@@ -89,7 +90,7 @@ def fit_feature(train: pd.DataFrame, feature, is_output: bool) -> dict:
     elif feature.type == "category":
         values = _category_strings(filled, feature)
         if is_output:
-            _require_two_classes(values, feature)
+            require_two_classes(values, col, "category")
         counts = values.value_counts(sort=True)
         vocab = sorted(counts.index[: feature.preprocessing.most_common], key=lambda v: (-counts[v], v))
         if not is_output:
@@ -98,7 +99,7 @@ def fit_feature(train: pd.DataFrame, feature, is_output: bool) -> dict:
     elif feature.type == "binary":
         meta.update(fallback_true_label=feature.preprocessing.fallback_true_label)
         if is_output:
-            _require_two_classes(filled.map(lambda v: str(v).strip()), feature)
+            require_two_classes(filled.map(lambda v: str(v).strip()), col, "binary")
         meta["labels"] = _binary_labels(filled, meta["fallback_true_label"], col)
     elif feature.type == "set":
         tokens = _set_tokens(filled, feature)
@@ -106,19 +107,6 @@ def fit_feature(train: pd.DataFrame, feature, is_output: bool) -> dict:
         meta.update(vocab=sorted(counts.index[: feature.preprocessing.most_common],
                                  key=lambda v: (-counts[v], v)))
     return meta
-
-
-def _require_two_classes(labels: pd.Series, feature) -> None:
-    """A classifier trained on one class is trivial: it predicts that class whatever the input (for a category
-    output the loss is zero from the first step), so its metrics mean nothing. That is an error, not a warning:
-    it almost always means the wrong column, data filtered to one class, or a sample too small to hold both."""
-    classes = labels.unique()
-    if len(classes) < 2:
-        only = f" ({classes[0]!r})" if len(classes) else ""
-        raise DataError(f"output column {column(feature)!r} has a single class{only} in the training data: a "
-                        f"{feature.type} classifier needs at least two. Check that {column(feature)!r} is the label "
-                        "column and the data was not filtered to one class; with a small data set, raise "
-                        "preprocessing.sample_size or use a stratified split (preprocessing.split.type: stratify)")
 
 
 def _plain(value):

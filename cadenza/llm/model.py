@@ -87,6 +87,24 @@ class LlmModel:
         require_columns(df, cols, "llm data")
         return df.to_dict("records")
 
+    def _answered_records(self, df: pd.DataFrame, where: str, log) -> list[dict]:
+        """The rows to learn from (training, validation, few-shot examples). A row without an answer would teach
+        the model to answer nothing (its target is the end-of-sequence token alone): it is dropped and counted."""
+        records = self._records(df, need_output=True)
+        answers = [r.get(self.output_column) for r in records]
+        kept = [r for r, a in zip(records, answers) if not _is_blank(a)]
+        if len(kept) < len(records):
+            missing = sum(_is_missing(a) for a in answers)
+            log(f"warning: {where}: dropped {len(records) - len(kept)} of {len(records)} rows with no answer in "
+                f"output column {self.output_column!r} ({missing} missing, {len(records) - len(kept) - missing} "
+                "empty text); fill them or remove those rows")
+        for column in self.inputs:
+            blank = sum(_is_blank(r.get(column)) for r in kept)
+            if blank:
+                log(f"warning: {where}: {blank} of {len(kept)} rows have no value in input column {column!r}; "
+                    "their prompts carry an empty text for it")
+        return kept
+
     def _prompts(self, records: list[dict], self_index: bool = False) -> list[str]:
         contexts = [""] * len(records)
         if self.retriever is not None:
@@ -195,11 +213,18 @@ class LlmModel:
             log=print) -> trainer_mod.TrainResult:
         t = self.config.trainer
         trainer_mod.seed_everything(seed)
-        self._ensure_base(log)
-        self._build_labels(splits)
+        # the data is checked before the base model loads: a bad data set fails in seconds, not minutes
         train_df = splits["training"]
         # zero-shot needs no answers, unless few-shot examples are drawn from the training rows
-        train_records = self._records(train_df, need_output=t.type != "none" or bool(self.config.prompt.retrieval.type))
+        if t.type != "none" or self.config.prompt.retrieval.type:
+            train_records = self._answered_records(train_df, "training", log)
+            if not train_records:
+                raise DataError(f"training: no row has an answer in output column {self.output_column!r} (every "
+                                "value is missing or empty); check that it is the column of answers")
+        else:
+            train_records = self._records(train_df, need_output=False)
+        self._ensure_base(log)
+        self._build_labels(splits)
         self._build_retriever(train_records, seed)
         if t.type == "none":
             log("trainer.type: none: no training (zero/few-shot); the base model is used as is")
@@ -214,7 +239,11 @@ class LlmModel:
         val_df = splits.get("validation")
         val_rows = None
         if val_df is not None and len(val_df) and not t.skip_all_evaluation:
-            val_rows = self._tokenize(self._records(val_df, need_output=True), with_targets=True)
+            val_records = self._answered_records(val_df, "validation", log)
+            if val_records:
+                val_rows = self._tokenize(val_records, with_targets=True)
+            else:
+                log("warning: validation: no row has an answer; training runs without validation")
 
         size = self._batch_size()
         groups0 = self._train_groups(rows, 0, seed, size)
@@ -473,6 +502,16 @@ class LlmModel:
             texts = [self.builder.user_text(x) for x in examples]
             self.retriever = Retriever(r.type, r.k, examples, texts, model_name=r.model_name)
         return self
+
+
+def _is_missing(value) -> bool:
+    """None, NaN, NaT or pd.NA: a cell with no value."""
+    return value is None or (pd.api.types.is_scalar(value) and not isinstance(value, str) and bool(pd.isna(value)))
+
+
+def _is_blank(value) -> bool:
+    """A missing cell or a text of only white space: nothing to put in a prompt or to learn as an answer."""
+    return _is_missing(value) or not str(value).strip()
 
 
 def _weights_precision(config: CadenzaConfig) -> device.Precision:
