@@ -168,16 +168,17 @@ def validation_target(config: CadenzaConfig) -> ValidationTarget:
 
 
 def _field_computing(metric: str, types: dict[str, str], model_type: str) -> tuple[str, Optional[str]]:
-    """(the one output feature that computes `metric` during training, None), or ("combined", why there is none)."""
+    """(the one output feature that computes `metric`, None), or ("combined", why there is not one)."""
     if metric == "loss":
         return metrics.COMBINED, None
-    found = [name for name, kind in types.items() if metric in metrics.validation_metric_names(kind, model_type)]
+    # Searched among everything evaluate computes, so that a metric only evaluate has is explained afterwards
+    found = [name for name, kind in types.items() if metric in metrics.metric_names(kind, model_type)]
     if len(found) == 1:
         return found[0], None
     if found:
         return metrics.COMBINED, (f"{metric!r} is computed by several output features ({', '.join(found)}); set "
                                   f"trainer.validation_field to the one to watch")
-    return metrics.COMBINED, f"no output feature computes {metric!r} during training; {_offers(types, model_type)}"
+    return metrics.COMBINED, f"no output feature computes {metric!r}; {_offers(types, model_type)}"
 
 
 def _unknown_metric(metric: str, types: dict[str, str], model_type: str) -> str:
