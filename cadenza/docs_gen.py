@@ -351,9 +351,10 @@ def metrics_section() -> list[str]:
                   m.description) for m in M.METRICS]
     return [
         "## Metrics", "",
-        "What `evaluate` reports for each output feature (and in `training_statistics.json` for each validation round), "
-        "from the table in `cadenza/metrics.py`. `trainer.validation_metric` names one that `trainer.validation_field` "
-        "computes while training; those marked * need generated text, so only `evaluate` computes them.", "",
+        "What `evaluate` reports for each output feature (and `training_statistics.json` for each validation "
+        "round), from the table in `cadenza/metrics.py`. `trainer.validation_metric` names one that "
+        "`trainer.validation_field` computes while training; those marked * need generated text, so only `evaluate` "
+        "computes them. A metric that is undefined on a split (roc_auc with one class) is NaN.", "",
         *_table(by_output, ("output", *model_types)), "",
         *_table(by_metric, ("metric", "better", "also accepted as", "meaning")), "",
     ]

@@ -226,7 +226,8 @@ def test_range_messages_show_both_ends_and_the_alternatives():
     weights = ecd()
     weights["output_features"][0]["loss"] = {"class_weights": {"pos": 2, "neg": -1}}
     assert "must be ≥ 0" in problems(weights)["output_features[0].loss.class_weights"]
-    assert "sum to 1" in problems(ecd(preprocessing={"split": {"probabilities": [0.6, 0.6, 0.1]}}))["preprocessing.split"]
+    split = ecd(preprocessing={"split": {"probabilities": [0.6, 0.6, 0.1]}})
+    assert problems(split)["preprocessing.split"] == "split probabilities must sum to 1, got 1.3"
 
 
 # Numbers that are values rather than settings, or keys that must stay null: no range to check

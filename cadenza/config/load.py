@@ -56,7 +56,8 @@ def validate_schema(raw: dict) -> tuple[list[Problem], Optional[CadenzaConfig]]:
             return problems, CadenzaConfig.model_validate(data)
         except ValidationError as e:
             errors = e.errors()
-        problems += [p for p in _merge_union_alternatives([_describe(err, data) for err in errors]) if p not in problems]
+        found = _merge_union_alternatives([_describe(err, data) for err in errors])
+        problems += [p for p in found if p not in problems]
         data = _set_aside(data, errors)
         if data is None:
             break
@@ -151,8 +152,8 @@ def validation_target(config: CadenzaConfig) -> ValidationTarget:
     types = {f.name: f.type for f in config.output_features}
     metric = metrics.canonical_name(given_metric) if given_metric else "loss"
     if metric is None:
-        return ValidationTarget(given_field or metrics.COMBINED, given_metric,
-                                [("trainer.validation_metric", _unknown_metric(given_metric, types, config.model_type))])
+        problem = ("trainer.validation_metric", _unknown_metric(given_metric, types, config.model_type))
+        return ValidationTarget(given_field or metrics.COMBINED, given_metric, [problem])
     field, no_field = (given_field, None) if given_field else _field_computing(metric, types, config.model_type)
     if no_field:
         return ValidationTarget(field, metric, [("trainer.validation_metric", no_field)])
@@ -184,7 +185,7 @@ def _field_computing(metric: str, types: dict[str, str], model_type: str) -> tup
 def _unknown_metric(metric: str, types: dict[str, str], model_type: str) -> str:
     known = [m.name for m in metrics.METRICS] + [a for m in metrics.METRICS for a in m.aliases]
     hint = difflib.get_close_matches(metric, known, n=1)
-    return f"unknown metric {metric!r}" + (f"; did you mean {hint[0]!r}?" if hint else f"; {_offers(types, model_type)}")
+    return f"unknown metric {metric!r}; " + (f"did you mean {hint[0]!r}?" if hint else _offers(types, model_type))
 
 
 def _not_watchable(metric: str, field: str, types: dict[str, str], model_type: str) -> str:
@@ -459,8 +460,10 @@ def _set_aside(raw: dict, errors: list[dict]) -> Optional[dict]:
             hint = _suggest(ctx.get("tag", err["input"]), ctx.get("expected_tags", ctx.get("expected", "")))
             if hint is None:
                 return None
-            holder, key = (_walk(patched, keys), "type") if kind == "union_tag_invalid" else (patched, "model_type")
-            holder[key] = hint
+            if kind == "union_tag_invalid":
+                _walk(patched, keys)["type"] = hint
+            else:
+                patched["model_type"] = hint
         else:
             _drop_nearest_key(patched, keys)
     return patched

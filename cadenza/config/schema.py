@@ -187,7 +187,8 @@ class AutoTransformerEncoder(Section):
     pretrained_kwargs: Optional[dict[str, Any]] = Field(None, description="Extra kwargs for from_pretrained.")
     trust_remote_code: bool = False
     adapter: Optional[Adapter] = Field(None, description="A PEFT adapter trained on the encoder.")
-    vocab_size: Optional[AtLeastOne] = Field(None, description="Accepted for Ludwig compatibility; taken from the model.")
+    vocab_size: Optional[AtLeastOne] = Field(
+        None, description="Accepted for Ludwig compatibility; taken from the model.")
     saved_weights_in_checkpoint: bool = Field(
         False, description="Accepted for Ludwig compatibility; Cadenza saves trained encoder weights always."
     )
