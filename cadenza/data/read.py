@@ -133,15 +133,17 @@ def require_two_classes(labels: pd.Series, column: str, kind: str) -> None:
 
 
 def sample(df: pd.DataFrame, ratio: float, size: Optional[int], seed: int) -> pd.DataFrame:
+    """A random subset; rows keep their data set row numbers (see split_dataset)."""
     if size is not None and size < len(df):
-        return df.sample(n=size, random_state=seed).reset_index(drop=True)
+        return df.sample(n=size, random_state=seed)
     if ratio < 1.0:
-        return df.sample(frac=ratio, random_state=seed).reset_index(drop=True)
+        return df.sample(frac=ratio, random_state=seed)
     return df
 
 
 def split_dataset(df: pd.DataFrame, split: SplitConfig, seed: int) -> dict[str, pd.DataFrame]:
-    """training/validation/test frames by `preprocessing.split` (random, fixed column, or stratified)."""
+    """training/validation/test frames by `preprocessing.split` (random, fixed column, or stratified). Each keeps
+    the data set's row numbers as its index, so an error about a row names the row of the user's file."""
     rng = np.random.default_rng(seed)
     if split.type == "fixed":
         require_columns(df, {split.column: "preprocessing.split.column"}, "split")
@@ -150,10 +152,10 @@ def split_dataset(df: pd.DataFrame, split: SplitConfig, seed: int) -> dict[str, 
         labels = df[split.column].astype(str).str.strip().str.lower().map(lambda v: names.get(v.split(".")[0]))
         bad = labels.isna()
         if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(f"split column {split.column!r}, row {row}: value {df[split.column].iloc[row]!r} is "
-                            "not one of 0/1/2 or train/validation/test")
-        return {name: df[labels == name].reset_index(drop=True) for name in SPLITS}
+            first = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"split column {split.column!r}, row {df.index[first]}: value "
+                            f"{df[split.column].iloc[first]!r} is not one of 0/1/2 or train/validation/test")
+        return {name: df[labels == name] for name in SPLITS}
     if split.type == "stratify":
         require_columns(df, {split.column: "preprocessing.split.column"}, "split")
         assignment = np.empty(len(df), dtype=object)
@@ -161,7 +163,7 @@ def split_dataset(df: pd.DataFrame, split: SplitConfig, seed: int) -> dict[str, 
             assignment[index] = _assign(len(index), split.probabilities, rng)
     else:
         assignment = _assign(len(df), split.probabilities, rng)
-    return {name: df[assignment == name].reset_index(drop=True) for name in SPLITS}
+    return {name: df[assignment == name] for name in SPLITS}
 
 
 def warn_empty_splits(splits: dict[str, pd.DataFrame], split: SplitConfig, log: Callable[[str], None]) -> None:

@@ -39,7 +39,7 @@ def fill_missing(df: pd.DataFrame, feature, fitted: dict, where: str = "",
         log(_missing_note(feature, strategy, fitted, int(missing.sum()), len(df), where))
     df = df.copy()
     if strategy == "drop_row":
-        return df[~missing].reset_index(drop=True)
+        return df[~missing]  # the kept rows keep their data set row numbers, for errors that name a row
     if strategy == "bfill":
         df[col] = series.mask(missing).bfill().ffill()
     elif strategy == "ffill":
@@ -180,8 +180,9 @@ def _to_number(values: pd.Series, col: str) -> np.ndarray:
     numbers = pd.to_numeric(values, errors="coerce")
     bad = numbers.isna() & values.notna()
     if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"column {col!r}, row {row}: {values.iloc[row]!r} is not a number")
+        first = int(np.flatnonzero(bad.to_numpy())[0])  # named by its data set row number (the index)
+        raise DataError(f"column {col!r}, row {values.index[first]}: {values.iloc[first]!r} is not a number; fix "
+                        "the cell or leave it empty (a missing value)")
     return numbers.to_numpy(dtype=np.float64)
 
 
@@ -211,7 +212,7 @@ def _binary_labels(values: pd.Series, fallback_true_label, col: str) -> list[str
 def _to_binary(values: pd.Series, meta: dict, col: str) -> np.ndarray:
     labels, fallback = meta.get("labels") or [], meta.get("fallback_true_label")
     out = np.empty(len(values), dtype=np.float64)
-    for i, v in enumerate(values):
+    for i, (row, v) in enumerate(values.items()):  # row: the data set row number, for the error
         if isinstance(v, (bool, np.bool_)):
             out[i] = float(v)
             continue
@@ -225,7 +226,8 @@ def _to_binary(values: pd.Series, meta: dict, col: str) -> np.ndarray:
         elif s.lower() in FALSE_STRINGS:
             out[i] = 0.0
         else:
-            raise DataError(f"binary column {col!r}, row {i}: {v!r} is not true/false-like")
+            raise DataError(f"binary column {col!r}, row {row}: {v!r} is not true/false-like; use true/false, "
+                            "yes/no or 1/0, or set preprocessing.fallback_true_label")
     return out
 
 
