@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-DEBUG_HINT = "rerun with --debug (or CADENZA_DEBUG=1) for the full traceback"
+DEBUG_HINT = "rerun with --debug (or CADENZA_DEBUG=1) for the full traceback, and include it if you report a bug"
 
 
 def _data_args(p: argparse.ArgumentParser, split_sets: bool = True) -> None:
@@ -157,11 +157,15 @@ def main(argv=None) -> int:
     """Exit codes: 0 done, 2 a user error (CadenzaError: config, data, model folder, Hub, hardware) printed as
     one paragraph, 1 anything else (a bug: one line and how to see the traceback), 130 interrupted."""
     from .errors import CadenzaError
+    from .train.interrupt import TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     debug = _debug_requested(args)
     try:
         args.func(args)
+    except TrainingInterrupted as e:  # SIGINT/SIGTERM during training: where the checkpoint is, 128 + signal
+        print(e, file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -173,8 +177,7 @@ def main(argv=None) -> int:
     except Exception as e:
         if debug:
             raise
-        print(f"unexpected error (a bug in Cadenza or a library it uses): {_one_line(e)}\n{DEBUG_HINT}",
-              file=sys.stderr)
+        print(f"unexpected error: {_one_line(e)}\n{DEBUG_HINT}", file=sys.stderr)
         return 1
     return 0
 
