@@ -13,7 +13,7 @@ import yaml
 
 from cadenza import Model
 from cadenza.config.schema import SplitConfig
-from cadenza.data.read import read_dataset, split_dataset
+from cadenza.data.read import read_dataset, split_dataset, warn_empty_splits
 from cadenza.errors import DataError
 
 WORDS = ["good", "great", "bad", "awful", "plot", "actor"]
@@ -138,6 +138,16 @@ def test_split_with_zero_probability_is_empty_without_a_warning(tiny_bert_dir, c
     assert log.warnings() == []
 
 
+def test_fixed_split_without_test_rows_warns():
+    df = pd.DataFrame({"v": range(4), "fold": ["train", "train", "validation", "train"]})
+    log = Log()
+    warn_empty_splits(split_dataset(df, SplitConfig(type="fixed", column="fold"), seed=0),
+                      SplitConfig(type="fixed", column="fold"), log)
+    assert log == ["warning: the test split is empty (split column 'fold' has no test rows): `experiment` will have "
+                   "nothing to evaluate; add rows, change preprocessing.split, or give "
+                   "training_set/validation_set/test_set instead of one dataset"]
+
+
 def test_split_frames_keep_the_data_set_row_numbers():
     df = pd.DataFrame({"v": range(10), "fold": [0, 1, 2, 0, 0, 1, 0, 0, 2, 0]})
     fixed = split_dataset(df, SplitConfig(type="fixed", column="fold"), seed=0)
@@ -212,6 +222,18 @@ def test_bad_cell_is_named_by_its_data_set_row_after_splitting(tiny_bert_dir, ca
         Model(cfg, log=Log()).train(df, output_directory=tmp_path)
     assert str(e.value) == "column 'x', row 6: 'twelve' is not a number; fix the cell or leave it empty " \
                            "(a missing value)"
+
+
+def test_binary_cell_that_is_not_true_false_like_is_named(tiny_bert_dir, cache_dir, tmp_path):
+    cfg = ecd_config(tiny_bert_dir)
+    cfg["input_features"].append({"name": "flag", "type": "binary"})
+    model = Model(cfg, log=Log())
+    train = reviews(16).assign(flag=["yes", "no"] * 8)
+    model.train(training_set=train, output_directory=tmp_path)
+    with pytest.raises(DataError) as e:
+        model.predict(train.assign(flag=["yes", "no", "no", "maybe"] * 4))
+    assert str(e.value) == "binary column 'flag', row 3: 'maybe' is not true/false-like; use true/false, yes/no " \
+                           "or 1/0, or set preprocessing.fallback_true_label"
 
 
 # ------------------------------------------------------------------------------------------- llm answers
