@@ -108,6 +108,13 @@ def test_latin1_file_is_an_error_naming_byte_row_and_column(tmp_path, name):
     assert "Re-save it as UTF-8" in message and "iconv -f cp1252 -t utf-8" in message
 
 
+def test_latin1_header_is_named(tmp_path):
+    path = tmp_path / "header.csv"
+    path.write_bytes("année,label\n2020,a\n".encode("latin-1"))
+    with pytest.raises(DataError, match="header.csv: not UTF-8 text: byte 0xe9 in the header \\('ann\ufffde'\\)"):
+        read_dataset(path)
+
+
 def test_malformed_csv_line_is_named_with_the_quoting_hint(tmp_path):
     path = tmp_path / "ragged.csv"
     path.write_text("review,sentiment\ngood film,pos\ngood, but long,neg\n")
@@ -209,8 +216,8 @@ def test_single_class_label_is_an_error(tiny_bert_dir, cache_dir, tmp_path, outp
     assert str(e.value) == (
         f"output column 'sentiment' has a single class ({shown}) in the training data: a {output_type} classifier "
         "needs at least two. Check that 'sentiment' is the label column and the data was not filtered to one class; "
-        "with a small data set, raise preprocessing.sample_size or use a stratified split "
-        "(preprocessing.split.type: stratify)")
+        "with few rows, check preprocessing.sample_size/sample_ratio, or split with preprocessing.split.type: "
+        "stratify")
 
 
 def test_bad_cell_is_named_by_its_data_set_row_after_splitting(tiny_bert_dir, cache_dir, tmp_path):

@@ -95,7 +95,10 @@ def _not_utf8_message(path: Path, kind: str, error: UnicodeDecodeError) -> str:
         df = _READERS[kind](path, "replace")
         hits = df.astype(str).apply(lambda col: col.str.contains("\ufffd", regex=False))
         rows, cols = np.nonzero(hits.to_numpy())
-        if len(rows):
+        header = [name for name in df.columns if "\ufffd" in str(name)]
+        if header:
+            where = f" in the header ({header[0]!r})"
+        elif len(rows):
             r, c = int(rows[0]), int(cols[0])
             where = f" in row {r}, column {df.columns[c]!r} ({df.iloc[r, c]!r})"
     except Exception:  # the locating read is best effort: the message stands without row and column
@@ -128,8 +131,8 @@ def require_two_classes(labels: pd.Series, column: str, kind: str) -> None:
         only = f" ({classes[0]!r})" if len(classes) else ""
         raise DataError(f"output column {column!r} has a single class{only} in the training data: a {kind} "
                         f"classifier needs at least two. Check that {column!r} is the label column and the data was "
-                        "not filtered to one class; with a small data set, raise preprocessing.sample_size or use "
-                        "a stratified split (preprocessing.split.type: stratify)")
+                        "not filtered to one class; with few rows, check preprocessing.sample_size/sample_ratio, or "
+                        "split with preprocessing.split.type: stratify")
 
 
 def sample(df: pd.DataFrame, ratio: float, size: Optional[int], seed: int) -> pd.DataFrame:
