@@ -15,12 +15,12 @@ from typing import Callable, Optional, Union
 import pandas as pd
 
 from . import __version__
-from .artifacts import (CONFIG_FILE, FORMAT_VERSION, MODEL_DIR, MODEL_INFO, atomic_dir, find_model_dir,
-                        new_run_dir, read_json, write_json)
+from .artifacts import (CONFIG_FILE, FORMAT_VERSION, MODEL_DIR, MODEL_INFO, SavedModel, atomic_dir,
+                        check_model_folder, new_run_dir, write_json)
 from .config.load import ConfigSource, load_config
 from .data.read import (DatasetSource, check_not_empty, read_dataset, sample, split_dataset,
                         warn_empty_splits)
-from .errors import CadenzaError, ModelFolderError
+from .errors import CadenzaError, ConfigError, ModelFolderError
 from .train.loop import CHECKPOINT, process_state
 
 
@@ -54,6 +54,17 @@ def _from_main_process(value, dist):
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([value], from_process=0)[0]
+
+
+def _saved_config(saved: SavedModel):
+    """The saved config, validated; one that this Cadenza rejects names the file (a newer Cadenza may have added
+    keys)."""
+    try:
+        return load_config(saved.config)
+    except ConfigError as e:
+        raise ModelFolderError(f"{saved.model_dir / CONFIG_FILE} does not load (saved by Cadenza "
+                               f"{saved.info.get('cadenza_version', '?')}; this is {__version__}: upgrade cadenza if "
+                               f"that is newer, else retrain): {e}") from None
 
 
 class Model:
@@ -187,15 +198,14 @@ class Model:
 
     @staticmethod
     def load(model_path: Union[str, Path], log: Callable[[str], None] = _say) -> "Model":
-        """Load a run folder or its model/ folder; predictions equal the saved model's."""
-        model_dir = find_model_dir(model_path)
-        info = read_json(model_dir / MODEL_INFO)
-        if info.get("format", 0) > FORMAT_VERSION:
-            raise ModelFolderError(f"{model_dir} was written by a newer Cadenza ({info.get('cadenza_version')})")
-        config = load_config(read_json(model_dir / CONFIG_FILE))
+        """Load a run folder or its model/ folder; predictions equal the saved model's. The folder is checked first
+        (cadenza.artifacts.check_model_folder): a damaged, unsafe or newer folder is one ModelFolderError naming
+        the file."""
+        saved = check_model_folder(model_path)
+        config = _saved_config(saved)
         self = Model.__new__(Model)
-        self.config, self.log, self.model_dir = config, log, model_dir
-        self.model = _model_type_class(config.model_type).load(model_dir, config)
+        self.config, self.log, self.model_dir = config, log, saved.model_dir
+        self.model = _model_type_class(config.model_type).load(saved.model_dir, config)
         return self
 
     @staticmethod

@@ -105,7 +105,7 @@ class HubServer:
         self.orgs = dict(orgs or {})
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[RequestRecord] = []
-        self._faults: list[tuple[str, re.Pattern, int]] = []
+        self._faults: list[tuple[str, re.Pattern, int, bool]] = []
         self._lock = threading.RLock()
         self._httpd: Optional[ThreadingHTTPServer] = None
 
@@ -135,10 +135,12 @@ class HubServer:
         return f"http://{host}:{port}"
 
     # ------------------------------------------------------------------------------------- test helpers
-    def fail_next(self, method: str, path_regex: str, status: int) -> None:
-        """Answer the next request matching method and path with `status` (once), to simulate a Hub outage."""
+    def fail_next(self, method: str, path_regex: str, status: int, echo_authorization: bool = False) -> None:
+        """Answer the next request matching method and path with `status` (once), to simulate a Hub outage.
+        echo_authorization: the error message repeats the request's Authorization header, as a misconfigured
+        server or proxy might, so tests can check that clients do not relay it."""
         with self._lock:
-            self._faults.append((method, re.compile(path_regex), status))
+            self._faults.append((method, re.compile(path_regex), status, echo_authorization))
 
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
         return self.repos[(repo_type, repo_id)]
@@ -205,9 +207,10 @@ class _Handler(BaseHTTPRequestHandler):
         status = 500
         try:
             self.user = self._authenticate()
-            fault = self._take_fault(method, split.path)
+            fault, echo = self._take_fault(method, split.path)
             if fault:
-                raise HubError(fault, f"simulated failure {fault}")
+                sent = f"; you sent Authorization: {self.headers.get('Authorization')}" if echo else ""
+                raise HubError(fault, f"simulated failure {fault}{sent}")
             status = self._route(method, split.path)
         except HubError as e:
             status = e.status
@@ -243,13 +246,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(401, "Invalid credentials in Authorization header")
         return user
 
-    def _take_fault(self, method: str, path: str) -> Optional[int]:
+    def _take_fault(self, method: str, path: str) -> tuple[Optional[int], bool]:
+        """(status, echo_authorization) of the fault planned for this request, or (None, False)."""
         with self.hub._lock:
-            for i, (m, pattern, status) in enumerate(self.hub._faults):
+            for i, (m, pattern, status, echo) in enumerate(self.hub._faults):
                 if m == method and pattern.search(path):
                     del self.hub._faults[i]
-                    return status
-        return None
+                    return status, echo
+        return None, False
 
     def _send(self, status: int, body: bytes = b"", content_type: str = "application/json",
               headers: Optional[dict] = None) -> None:

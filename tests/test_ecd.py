@@ -308,6 +308,7 @@ def test_gguf_encoder_conversion_goes_to_the_configured_cache(tiny_llama_dir, ca
 
     monkeypatch.setattr(load, "plain_model_dir", converted)
     gguf = str(tmp_path / "encoder.Q4_1.gguf")
+    (tmp_path / "encoder.Q4_1.gguf").write_bytes(b"")  # it must exist: a missing encoder file is refused up front
     cfg = {"input_features": [{"name": "review", "type": "text", "preprocessing": {"max_sequence_length": 8},
                                "encoder": {"type": "auto_transformer", "pretrained_model_name_or_path": gguf,
                                            "reduce_output": "last"}}],

@@ -63,16 +63,28 @@ def test_bad_repo_id_is_refused_before_any_request(repo_id, built, hub):
     (lambda m: (m / "model_hyperparameters.json").unlink(), "model_hyperparameters.json is missing"),
     (lambda m: (m / "training_set_metadata.json").write_text("{not json"), "not valid JSON"),
     (lambda m: shutil.rmtree(m / "model_weights"), "model_weights/ is missing"),
-    (lambda m: (m / "model_weights" / "tokenizer_config.json").unlink(), "no tokenizer"),
+    (lambda m: (m / "model_weights" / "tokenizer_config.json").unlink(), "tokenizer_config.json is missing"),
     (lambda m: _truncate(m / "model_weights" / "adapter_model.safetensors"), "truncated or damaged"),
     (lambda m: (m / "model_weights" / "adapter_model.safetensors").rename(
-        m / "model_weights" / "adapter_model.bin"), "safetensors only"),
+        m / "model_weights" / "adapter_model.bin"), "adapter_model.bin: Cadenza loads only safetensors"),
+    (lambda m: _edit_json(m / "cadenza_model.json", format=2), "upgrade cadenza"),
+    (lambda m: _edit_json(m / "model_weights" / "tokenizer_config.json", tokenizer_class="CustomTokenizer",
+                          auto_map={"AutoTokenizer": ["tokenization.CustomTokenizer", None]}),
+     "tokenizer_config.json: auto_map asks to run Python code"),
 ])
-def test_incomplete_model_folder_is_named(damage, message, built, tmp_path):
+def test_incomplete_model_folder_is_named(damage, message, built, hub, tmp_path):
+    """The upload runs the same folder check as Model.load (cadenza.artifacts.check_model_folder), before any
+    request."""
     model = copy_model(built["adapter"], tmp_path / "run") / "model"
     damage(model)
+    hub.clear_log()
     with pytest.raises(ModelFolderError, match=message):
         upload_to_hf_hub("alice/m", model, token=ALICE_TOKEN)
+    assert hub.requests == []
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 def test_credentials_in_the_config_are_not_published(built, tmp_path):
@@ -100,7 +112,7 @@ def _truncate(path: Path) -> None:
 def test_ecd_weights_missing(built, tmp_path):
     model = copy_model(built["ecd"], tmp_path / "run") / "model"
     (model / "model_weights.safetensors").unlink()
-    with pytest.raises(ModelFolderError, match="ecd weights model_weights.safetensors is missing"):
+    with pytest.raises(ModelFolderError, match="model_weights.safetensors is missing"):
         plan_upload("alice/m", model)
 
 
@@ -304,6 +316,41 @@ def test_hub_failure_mid_upload_leaves_local_folder_alone(client, hub, built):
     assert set(hub.files(repo)) == {".gitattributes"}  # the repo was created, nothing half-committed
     client.call(UPLOAD, repo, str(built["ecd"]), token=ALICE_TOKEN)  # and a retry succeeds
     assert "model_weights.safetensors" in hub.files(repo)
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_server_message_echoing_the_token_is_relayed_scrubbed(status, client, hub, built):
+    """A server (or proxy) that echoes the Authorization header into its error: the HubError relays what the server
+    said, and the token is scrubbed from it (and from everything the client printed)."""
+    hub.fail_next("POST", r"/api/repos/create", status, echo_authorization=True)
+    with pytest.raises(RemoteError) as err:
+        client.call(UPLOAD, f"{ORG}/echo-{status}", str(built["ecd"]), token=ALICE_TOKEN)
+    message = err.value.message
+    assert f"HTTP {status}" in message and "you sent Authorization: Bearer ***" in message
+    assert ALICE_TOKEN not in str(err.value)  # the message and the client's traceback
+    assert ALICE_TOKEN not in client.output()
+
+
+def test_cli_never_prints_an_echoed_token(client, hub, built):
+    import sys
+
+    hub.fail_next("POST", r"/api/repos/create", 400, echo_authorization=True)
+    done = client.run_command([sys.executable, "-m", "cadenza", "upload", "hf_hub", "-r", f"{ORG}/echo-cli",
+                               "-m", str(built["ecd"])], HF_TOKEN=ALICE_TOKEN)
+    assert done.returncode == 2 and "you sent Authorization: Bearer ***" in done.stderr
+    assert ALICE_TOKEN not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("text, token, expected", [
+    ("Authorization: Bearer opaque-credential-123", None, "Authorization: Bearer ***"),
+    ("token hf_" + "a1" * 17 + " was echoed", None, "token hf_*** was echoed"),
+    ("custom secret s3cr3t-value in a body", "s3cr3t-value", "custom secret *** in a body"),
+    ("HTTP 403 from http://127.0.0.1/api/repos/create", "hf_x", "HTTP 403 from http://127.0.0.1/api/repos/create"),
+])
+def test_scrub_secrets(text, token, expected):
+    from cadenza.share.hub import scrub_secrets
+
+    assert scrub_secrets(text, token) == expected
 
 
 def test_unreachable_hub(client, built):

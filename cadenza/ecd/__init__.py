@@ -21,9 +21,12 @@ from ..train.loop import TrainResult, TrainTask, fit, freeze_by_regex, process_s
 from . import features as FT
 from .embed_cache import EmbeddingCache, cached_embeddings, embed_texts
 from .network import CategoryEmbedding, EcdNet, output_loss
-from .text_encoder import TextEncoder, fingerprint, load_tokenizer, revision_known
+from .text_encoder import TextEncoder, check_encoder_sources, fingerprint, load_tokenizer, revision_known
 
 DEFAULT_BATCH_SIZE = 64
+# a saved ecd model names its pretrained encoder; the encoder's pretrained weights are not in the model folder
+FROZEN_ENCODER_SOURCE = ("the model folder holds no copy of the pretrained encoder: restore that folder, or point "
+                         "model_hyperparameters.json at a copy of the same encoder")
 
 
 class EcdModel:
@@ -203,6 +206,7 @@ class EcdModel:
     def fit(self, splits: dict[str, pd.DataFrame], *, run_dir: Optional[Path], resume: bool, seed: int,
             log: Callable = print) -> TrainResult:
         self.log = log
+        check_encoder_sources(self.config)
         train = splits["training"]
         check_not_empty(train, "training data")
         require_columns(train, {FT.column(f): f"feature {f.name!r}" for f in
@@ -343,10 +347,11 @@ class EcdModel:
 
     @classmethod
     def load(cls, model_dir: Path, config) -> "EcdModel":
+        """The model in a folder that Model.load has checked (cadenza.artifacts.check_model_folder). A frozen
+        pretrained encoder is not in that folder, only its source: that must still be where the config says."""
+        check_encoder_sources(config, why=FROZEN_ENCODER_SOURCE)
         model = cls(config)
         model_dir = Path(model_dir)
-        if not (model_dir / ECD_WEIGHTS).is_file():
-            raise ModelFolderError(f"{model_dir}: missing {ECD_WEIGHTS}")
         model.metadata = read_json(model_dir / METADATA_FILE)
         model.net = model._build_net()
         state = load_file(str(model_dir / ECD_WEIGHTS))

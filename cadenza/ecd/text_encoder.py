@@ -11,12 +11,35 @@ import torch
 from torch import nn
 
 from ..adapters import apply_adapter
+from ..artifacts import check_adapter_folder, check_local_source, check_remote_code, refuse_pickled_weights
 from ..data.assets import resolve_model_name
 
 
 def encoder_source(encoder_cfg) -> str:
     name = getattr(encoder_cfg, "pretrained_model_name_or_path", None) or encoder_cfg.base_model
     return resolve_model_name(name)
+
+
+def check_encoder_sources(config, why: str = "") -> None:
+    """Before any encoder loads, for each text input: a source that looks like a local path exists, a local folder
+    runs no code its config does not trust and has safetensors weights, and a pretrained adapter folder is whole.
+    Errors name the key (input_features[0].encoder.pretrained_model_name_or_path); `why` adds what to do."""
+    for i, feature in enumerate(config.input_features):
+        encoder = getattr(feature, "encoder", None)
+        if feature.type != "text" or encoder is None:
+            continue
+        key = f"input_features[{i}].encoder"
+        field = "pretrained_model_name_or_path" if hasattr(encoder, "pretrained_model_name_or_path") else "base_model"
+        source = encoder_source(encoder)
+        check_local_source(source, f"{key}.{field}", why)
+        if Path(source).is_dir():
+            check_remote_code(Path(source), encoder.trust_remote_code, f"{key}.trust_remote_code")
+            refuse_pickled_weights(Path(source))
+        adapter_weights = encoder.adapter.pretrained_adapter_weights if encoder.adapter is not None else None
+        if adapter_weights:
+            check_local_source(adapter_weights, f"{key}.adapter.pretrained_adapter_weights")
+            if Path(adapter_weights).is_dir():
+                check_adapter_folder(Path(adapter_weights))
 
 
 def _load_kwargs(encoder_cfg, source: str, cache: Optional[str] = None) -> tuple[str, dict]:
@@ -49,6 +72,8 @@ def load_backbone(encoder_cfg, cache: Optional[str] = None) -> nn.Module:
 
     path, kwargs = _load_kwargs(encoder_cfg, encoder_source(encoder_cfg), cache)
     if getattr(encoder_cfg, "use_pretrained", True):
+        # safetensors only, whatever pretrained_kwargs say: transformers would otherwise fall back on pickled .bin
+        kwargs["use_safetensors"] = True
         model = AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
     else:
         model = AutoModel.from_config(AutoConfig.from_pretrained(path, **kwargs))

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..artifacts import check_local_source, check_remote_code, refuse_pickled_weights
 from ..data import assets
 from ..data.cache import cache_root
 
@@ -23,12 +24,12 @@ CONVERTED_MARKER = ".cadenza-complete"
 
 
 def resolve_source(base_model: str) -> tuple[str, Optional[Path]]:
-    """(what from_pretrained takes, the .gguf file or None). Short names become their packaged paths."""
+    """(what from_pretrained takes, the .gguf file or None). Short names become their packaged paths; a path that
+    does not exist is reported as such (transformers would call it a bad Hub id)."""
     name = assets.resolve_model_name(base_model)
+    check_local_source(name, "base_model")
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"base_model: GGUF file {str(path)!r} does not exist")
         return str(path), path
     return (str(path) if path.exists() else name), None
 
@@ -57,8 +58,10 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # a GGUF file carries no code; saying so keeps transformers from ever asking
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                      trust_remote_code=False)
         # save_pretrained refuses a model whose config carries the GGUF quantization entry: the weights are
         # already dequantized, so rebuild a plain model from the config without it
         config_dict = loaded.config.to_dict()
@@ -78,9 +81,18 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_local_model(source: str, trust_remote_code: bool) -> None:
+    """A local base model folder: no auto_map code the config does not trust, no pickled weights (named, refused)."""
+    folder = Path(source)
+    if folder.is_dir():
+        check_remote_code(folder, trust_remote_code, "trust_remote_code")
+        refuse_pickled_weights(folder)
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_local_model(source, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     fix_special_tokens(tokenizer)
     return tokenizer
@@ -99,10 +111,12 @@ def fix_special_tokens(tokenizer) -> None:
 
 def load_causal_lm(source: str, *, dtype: torch.dtype, trust_remote_code: bool = False,
                    quantization=None, attn_implementation: Optional[str] = None, rope_scaling: Optional[dict] = None):
-    """A causal LM from a plain folder or hub id (see `plain_model_dir`), optionally 4/8-bit via bitsandbytes."""
+    """A causal LM from a plain folder or hub id (see `plain_model_dir`), optionally 4/8-bit via bitsandbytes.
+    Safetensors weights only: transformers would otherwise fall back on pickled .bin files."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    check_local_model(source, trust_remote_code)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if rope_scaling:
         kwargs["config"] = scaled_rope_config(source, rope_scaling, trust_remote_code)
     if attn_implementation:

@@ -13,7 +13,9 @@ import torch
 from .. import device
 from ..train import loop as trainer_mod
 from ..adapters import apply_adapter, load_adapter
-from ..artifacts import LLM_WEIGHTS, METADATA_FILE, read_json, write_json
+from ..artifacts import (LLM_WEIGHTS, METADATA_FILE, MODEL_DIR, check_adapter_folder, check_local_source, read_json,
+                         write_json)
+from ..data import assets
 from ..data.cache import cache_root, configured_cache_dir
 from ..data.read import require_columns
 from ..errors import DataError, ModelFolderError
@@ -30,6 +32,9 @@ from .tokenize import TokenizedRows, tokenize_rows, tokenizer_fingerprint
 
 RETRIEVAL_FILE = "retrieval_examples.json"
 CPU_AUTO_BATCH = 8  # on CPU bigger micro-batches do not raise tokens/s; more optimizer steps help convergence
+BASE_NOT_SAVED = ("the model folder holds no copy of the base model (only the adapter trained on it): restore "
+                  "that folder, or point base_model in model_hyperparameters.json at a copy of the same model")
+
 
 
 class LlmModel:
@@ -472,11 +477,11 @@ class LlmModel:
 
     @classmethod
     def load(cls, model_dir: Path, config: CadenzaConfig) -> "LlmModel":
+        """The model in a folder that Model.load has checked (cadenza.artifacts.check_model_folder). An adapter
+        (or an untrained model) is saved without its base model: that must still be where the config says."""
         model_dir = Path(model_dir)
-        meta_path, weights = model_dir / METADATA_FILE, model_dir / LLM_WEIGHTS
-        if not meta_path.is_file() or not weights.is_dir():
-            raise ModelFolderError(f"{model_dir} is not an llm model folder (needs {METADATA_FILE} and {LLM_WEIGHTS}/)")
-        meta = read_json(meta_path)
+        weights = model_dir / LLM_WEIGHTS
+        meta = read_json(model_dir / METADATA_FILE)
         self = cls(config)
         self.labels, self.weights_kind = list(meta.get("labels") or []), meta.get("weights", "base")
         self.truncated_rows = meta.get("truncated_rows", 0)
@@ -485,6 +490,7 @@ class LlmModel:
             self.tokenizer = load_tokenizer(str(weights), trust)
             self.model = load_causal_lm(str(weights), dtype=_weights_precision(config).dtype, trust_remote_code=trust)
         else:
+            check_local_source(assets.resolve_model_name(config.base_model), "base_model", BASE_NOT_SAVED)
             source = plain_model_dir(config.base_model, str(self._cache()))
             self.tokenizer = load_tokenizer(str(weights), trust)
             self.model = load_causal_lm(source, dtype=_weights_precision(config).dtype, trust_remote_code=trust,
@@ -520,13 +526,16 @@ def _weights_precision(config: CadenzaConfig) -> device.Precision:
 
 
 def _adapter_folder(path: str) -> Path:
-    """Accept an adapter folder, a Cadenza model folder or a run folder for adapter.pretrained_adapter_weights."""
-    p = Path(path)
-    for candidate in (p, p / LLM_WEIGHTS, p / "model" / LLM_WEIGHTS):
+    """Accept an adapter folder, a Cadenza model folder or a run folder for adapter.pretrained_adapter_weights;
+    the adapter in it must be whole, with safetensors weights."""
+    check_local_source(path, "adapter.pretrained_adapter_weights")
+    p = Path(path).expanduser()
+    for candidate in (p, p / LLM_WEIGHTS, p / MODEL_DIR / LLM_WEIGHTS):
         if (candidate / "adapter_config.json").is_file():
+            check_adapter_folder(candidate)
             return candidate
     raise ModelFolderError(f"adapter.pretrained_adapter_weights: no adapter_config.json in {p}, {p / LLM_WEIGHTS} "
-                           f"or {p / 'model' / LLM_WEIGHTS}")
+                           f"or {p / MODEL_DIR / LLM_WEIGHTS}")
 
 
 def _enable_activation_checkpointing(model) -> None:

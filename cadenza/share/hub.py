@@ -10,9 +10,10 @@ Repo layout, chosen so the repo is usable without Cadenza and converts back to a
     both  README.md, the model card (cadenza.share.model_card)
 
 Everything that can be checked locally is checked before the first request: the repo id, the model folder
-(complete, readable, safetensors only), a token, and that huggingface_hub is not in offline mode. The token is
-handed to huggingface_hub and nowhere else: it is never printed, logged, put in the card or uploaded (a file that
-contains it is refused). The local folder is only ever read.
+(cadenza.artifacts.check_model_folder: complete, readable, safetensors only), a token, and that huggingface_hub is
+not in offline mode. The token is handed to huggingface_hub and nowhere else: it is never printed, logged, put in
+the card or uploaded (a file that contains it is refused), and server messages are relayed scrubbed of it. The
+local folder is only ever read.
 """
 
 from __future__ import annotations
@@ -23,30 +24,30 @@ import json
 import os
 import re
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Optional, Union
 
 from . import model_card
-from ..artifacts import (CONFIG_FILE, ECD_WEIGHTS, LLM_WEIGHTS, MODEL_DIR, MODEL_INFO, METADATA_FILE, atomic_dir,
-                        find_model_dir)
+from ..artifacts import (CONFIG_FILE, ECD_WEIGHTS, ENCODERS_DIR, LLM_WEIGHTS, MODEL_DIR, MODEL_INFO, METADATA_FILE,
+                        PICKLE_SUFFIXES, RETRIEVAL_FILE, atomic_dir, check_model_folder, read_model_json)
 from ..data.cache import cache_root
 from ..errors import CadenzaError, ModelFolderError
 
 CARD = "README.md"
 CADENZA_FILES = (MODEL_INFO, CONFIG_FILE, METADATA_FILE)
-# the files an llm model folder keeps beside model_weights/ (few-shot examples: cadenza.llm.model.RETRIEVAL_FILE);
-# on the Hub they share the root with the weights folder's files, so download sorts them back by name
-LLM_ROOT_FILES = (*CADENZA_FILES, "retrieval_examples.json")
+# the files an llm model folder keeps beside model_weights/ (few-shot examples among them); on the Hub they share
+# the root with the weights folder's files, so download sorts them back by name
+LLM_ROOT_FILES = (*CADENZA_FILES, RETRIEVAL_FILE)
 RUN_FILES = ("training_statistics.json", "test_statistics.json", "description.json")
-# pickled weights can run code when loaded; Cadenza writes and publishes safetensors only
-UNSAFE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # files a user may have added to the repo by hand (docs, images); everything else that the new upload does
 # not contain is stale model content and is deleted in the same commit
 KEPT_REMOTE_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp")
 REPO_TYPES = ("model", "dataset")
 SECRET_KEY = re.compile(r"(credentials?|password|secret|api_key|access_key|auth_token|hf_token|^token)$", re.I)
+# `Bearer <credential>` (an echoed Authorization header) and anything shaped like a Hugging Face token
+BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s\"',;)]+")
+HF_TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{16,}")
 DOWNLOAD_FORMAT = "v1"
 
 
@@ -129,26 +130,19 @@ class ModelFolder:
 
 
 def inspect_model_folder(model_path: Union[str, Path]) -> ModelFolder:
-    """Check that the folder is a complete, readable Cadenza model and list what to upload."""
-    model_dir = find_model_dir(model_path)
-    info = _read_json(model_dir / MODEL_INFO)
-    config = _read_json(model_dir / CONFIG_FILE)
-    metadata = _read_json(model_dir / METADATA_FILE)
-    model_type = info.get("model_type") or config.get("model_type") or "ecd"
-    folder = ModelFolder(model_dir=model_dir, run_dir=_run_dir(model_dir), info=info, config=config,
-                         metadata=metadata, model_type=model_type, llm_kind=None)
-    if model_type == "llm":
-        if metadata.get("weights") == "base":
-            raise ModelFolderError(f"{model_dir} holds no trained weights (the llm was not fine-tuned, e.g. "
-                                   "trainer: none): there is nothing to publish beyond the base model and the config")
-        folder.llm_kind = _check_llm_weights(model_dir / LLM_WEIGHTS)
-    elif model_type == "ecd":
-        _check_safetensors(model_dir / ECD_WEIGHTS, "ecd weights")
-        folder.warnings += _check_encoder_adapters(model_dir, config)
-    else:
-        raise ModelFolderError(f"{model_dir / MODEL_INFO}: unknown model_type {model_type!r} (expected ecd or llm)")
-    _refuse_credentials(config, model_dir / CONFIG_FILE)
-    folder.files, folder.skipped = _repo_files(model_dir, model_type)
+    """Check the folder with the validator every reader uses (cadenza.artifacts.check_model_folder), then what only
+    publishing needs: trained weights, no credentials in the config; and list what to upload."""
+    saved = check_model_folder(model_path)
+    model_dir = saved.model_dir
+    if saved.llm_weights == "base":
+        raise ModelFolderError(f"{model_dir} holds no trained weights (the llm was not fine-tuned, e.g. "
+                               "trainer: none): there is nothing to publish beyond the base model and the config")
+    folder = ModelFolder(model_dir=model_dir, run_dir=_run_dir(model_dir), info=saved.info, config=saved.config,
+                         metadata=saved.metadata, model_type=saved.model_type, llm_kind=saved.llm_weights)
+    if saved.model_type == "ecd":
+        folder.warnings += _missing_encoder_adapters(model_dir, saved.config)
+    _refuse_credentials(saved.config, model_dir / CONFIG_FILE)
+    folder.files, folder.skipped = _repo_files(model_dir, saved.model_type)
     return folder
 
 
@@ -170,87 +164,15 @@ def _run_dir(model_dir: Path) -> Optional[Path]:
     return None
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ModelFolderError(f"{path.parent} is incomplete: {path.name} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelFolderError(f"cannot read {path}: {e}") from None
-    except ValueError as e:
-        raise ModelFolderError(f"{path} is not valid JSON ({e}); the model folder is damaged") from None
-    if not isinstance(data, dict):
-        raise ModelFolderError(f"{path} should hold a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _check_safetensors(path: Path, what: str) -> None:
-    """Read the header and check the file is as long as it says: catches missing, truncated and non-safetensors
-    files without loading any tensor."""
-    if not path.is_file():
-        unsafe = [p.name for p in path.parent.glob(f"{path.stem}*") if p.suffix in UNSAFE_WEIGHTS]
-        hint = f" (found {', '.join(unsafe)}: Cadenza publishes safetensors only)" if unsafe else ""
-        raise ModelFolderError(f"{path.parent} is incomplete: {what} {path.name} is missing{hint}")
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as fh:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            if header_len > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(fh.read(header_len))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, struct.error, KeyError, TypeError) as e:
-        raise ModelFolderError(f"{path} is not a readable safetensors file ({e})") from None
-    if 8 + header_len + end != size:
-        raise ModelFolderError(f"{path} is truncated or damaged: {size} bytes, its header describes "
-                               f"{8 + header_len + end}")
-
-
-def _check_llm_weights(weights: Path) -> str:
-    """"adapter" or "full"; raises unless the folder holds safetensors weights, their config and a tokenizer."""
-    if not weights.is_dir():
-        raise ModelFolderError(f"{weights.parent} is incomplete: the llm weights folder {LLM_WEIGHTS}/ is missing")
-    if (weights / "adapter_config.json").is_file():
-        _read_json(weights / "adapter_config.json")
-        _check_safetensors(weights / "adapter_model.safetensors", "adapter weights")
-        kind = "adapter"
-    elif (weights / "config.json").is_file():
-        _read_json(weights / "config.json")
-        _check_full_weights(weights)
-        kind = "full"
-    else:
-        raise ModelFolderError(f"{weights} holds neither a PEFT adapter (adapter_config.json) nor a transformers "
-                               "model (config.json)")
-    if not (weights / "tokenizer_config.json").is_file():
-        raise ModelFolderError(f"{weights} has no tokenizer (tokenizer_config.json): without it the uploaded model "
-                               "cannot be used; re-save the model with Cadenza")
-    return kind
-
-
-def _check_full_weights(weights: Path) -> None:
-    index = weights / "model.safetensors.index.json"
-    if not index.is_file():
-        _check_safetensors(weights / "model.safetensors", "model weights")
-        return
-    shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-    if not shards:
-        raise ModelFolderError(f"{index} lists no weight files")
-    for shard in shards:
-        _check_safetensors(weights / shard, "weight shard")
-
-
-def _check_encoder_adapters(model_dir: Path, config: dict) -> list[str]:
+def _missing_encoder_adapters(model_dir: Path, config: dict) -> list[str]:
     """An adapted encoder is also saved as a plain PEFT folder; its weights live in model_weights.safetensors
     too, so a missing folder only costs use outside Cadenza (a warning, not an error)."""
     notes = []
     for feature in config.get("input_features", []):
-        if not (feature.get("encoder") or {}).get("adapter"):
-            continue
-        folder = model_dir / "encoders" / feature["name"]
-        if (folder / "adapter_config.json").is_file():
-            _check_safetensors(folder / "adapter_model.safetensors", f"encoder adapter of {feature['name']!r}")
-        else:
-            notes.append(f"encoders/{feature['name']}/ is missing: the adapter is uploaded inside {ECD_WEIGHTS} only")
+        folder = model_dir / ENCODERS_DIR / feature["name"]
+        if (feature.get("encoder") or {}).get("adapter") and not (folder / "adapter_config.json").is_file():
+            notes.append(f"{ENCODERS_DIR}/{feature['name']}/ is missing: the adapter is uploaded inside {ECD_WEIGHTS} "
+                         "only")
     return notes
 
 
@@ -282,7 +204,7 @@ def _repo_files(model_dir: Path, model_type: str) -> tuple[dict[str, Path], list
 
 def _left_out(rel: PurePosixPath) -> bool:
     return (any(part.startswith(".") or part.startswith("checkpoint") for part in rel.parts)
-            or rel.suffix in UNSAFE_WEIGHTS or rel.name.endswith(".tmp"))
+            or rel.suffix in PICKLE_SUFFIXES or rel.name.endswith(".tmp"))
 
 
 # ================================================================================================= plan
@@ -314,7 +236,7 @@ def _published_adapter_config(folder: ModelFolder) -> dict[str, bytes]:
         return {}
     hub_id, _, _ = model_card.base_model_reference(folder.config.get("base_model"))
     path = folder.files.get("adapter_config.json")
-    adapter = _read_json(path) if path else {}
+    adapter = read_model_json(path) if path else {}
     recorded = adapter.get("base_model_name_or_path")
     if not hub_id or not recorded or recorded == hub_id or not Path(recorded).is_absolute():
         return {}
@@ -358,28 +280,53 @@ def _file_contains(path: Path, needle: bytes, chunk: int = 1 << 23) -> bool:
 
 # ============================================================================================== network
 @contextlib.contextmanager
-def _hub_call(action: str, repo_id: str) -> Iterator[None]:
-    """Turn huggingface_hub/httpx failures into one plain line: what, which repo, which endpoint, what status."""
+def _hub_call(action: str, repo_id: str, token: Optional[str]) -> Iterator[None]:
+    """Turn huggingface_hub/httpx failures into one plain line: what, which repo, which endpoint, what status.
+    What the server said is relayed scrubbed of credentials (a server or proxy may echo the Authorization header
+    into its error), and the original exception is not chained on: its text would carry them unscrubbed."""
+    try:
+        yield
+    except Exception as e:
+        message = _failure_message(e, action, repo_id)
+        if message is None:
+            raise
+        raise HubError(scrub_secrets(message, token)) from None
+
+
+def _failure_message(e: Exception, action: str, repo_id: str) -> Optional[str]:
+    """One line for a failed Hub call, or None for an exception that is not about the Hub."""
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    try:
-        yield
-    except LocalEntryNotFoundError as e:
-        raise HubError(f"{action} {repo_id}: it is not in the local cache and the Hub could not be used "
-                       f"({str(e).splitlines()[0]})") from e
-    except HfHubHTTPError as e:
+    if isinstance(e, LocalEntryNotFoundError):
+        return (f"{action} {repo_id}: it is not in the local cache and the Hub could not be used "
+                f"({str(e).splitlines()[0]})")
+    if isinstance(e, HfHubHTTPError):
         response = getattr(e, "response", None)
         status = getattr(response, "status_code", None)
         url = str(response.request.url) if response is not None and response.request is not None else _shown_endpoint()
         detail = (e.server_message or "").strip().splitlines()[0] if e.server_message else ""
-        raise HubError(f"{action} failed for {repo_id}: HTTP {status} from {url}"
-                       + (f" ({detail})" if detail else "") + _hint(status)) from e
-    except OfflineModeIsEnabled as e:
-        raise HubError(f"{action} for {repo_id}: huggingface_hub is in offline mode (HF_HUB_OFFLINE)") from e
-    except (httpx2.HTTPError, ConnectionError) as e:
-        raise HubError(f"{action} failed for {repo_id}: could not reach {_shown_endpoint()} "
-                       f"({type(e).__name__}: {e})") from e
+        return (f"{action} failed for {repo_id}: HTTP {status} from {url}" + (f" ({detail})" if detail else "")
+                + _hint(status))
+    if isinstance(e, OfflineModeIsEnabled):
+        return f"{action} for {repo_id}: huggingface_hub is in offline mode (HF_HUB_OFFLINE)"
+    if isinstance(e, (httpx2.HTTPError, ConnectionError)):
+        return f"{action} failed for {repo_id}: could not reach {_shown_endpoint()} ({type(e).__name__}: {e})"
+    return None
+
+
+def scrub_secrets(text: str, token: Optional[str]) -> str:
+    """`text` with the token in use (passed, or the stored login huggingface_hub falls back on) and any bearer
+    credential or hf_... token replaced by ***, so a relayed server message cannot print one."""
+    for secret in {token, _stored_token()} - {None, ""}:
+        text = text.replace(secret, "***")
+    return HF_TOKEN_SHAPE.sub("hf_***", BEARER.sub(r"\1***", text))
+
+
+def _stored_token() -> Optional[str]:
+    from huggingface_hub import get_token
+
+    return get_token()
 
 
 def _hint(status: Optional[int]) -> str:
@@ -417,14 +364,14 @@ def upload_to_hf_hub(repo_id: str, model_path: Union[str, Path], *, private: boo
     target = revision or "main"
     log(f"uploading {plan.folder.model_dir} ({_kind(plan.folder)}, {len(plan.folder.files) + 1} files) to "
         f"{repo_id}@{target} on {_shown_endpoint()}")
-    with _hub_call("creating the repo", repo_id):
+    with _hub_call("creating the repo", repo_id, token):
         api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True)
     if revision and revision != "main" and not create_pr:
-        with _hub_call(f"creating branch {revision!r}", repo_id):
+        with _hub_call(f"creating branch {revision!r}", repo_id, token):
             api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     operations = _operations(api, plan, repo_type, target)
     message = commit_message or f"Upload {_kind(plan.folder)} trained with Cadenza"
-    with _hub_call("committing the files", repo_id):
+    with _hub_call("committing the files", repo_id, token):
         info = api.create_commit(repo_id, operations=operations, commit_message=message,
                                  commit_description=commit_description, repo_type=repo_type, revision=target,
                                  create_pr=create_pr)
@@ -452,7 +399,7 @@ def _remote_files(api, repo_id: str, repo_type: str, revision: str) -> list[str]
     """Files at the target revision; a revision that does not exist yet has none."""
     from huggingface_hub.errors import RevisionNotFoundError
 
-    with _hub_call("listing the repo", repo_id):
+    with _hub_call("listing the repo", repo_id, api.token):
         try:
             return api.list_repo_files(repo_id, repo_type=repo_type, revision=revision)
         except RevisionNotFoundError:
@@ -477,10 +424,10 @@ def download_model(repo_id: str, *, revision: Optional[str] = None, token: Optio
     if not (final / MODEL_INFO).is_file():
         with atomic_dir(final) as tmp:
             _rebuild(snapshot, tmp, repo_id)
-            inspect_model_folder(tmp)  # a repo that is not a complete model never becomes a cached folder
+            check_model_folder(tmp)  # a repo that is not a complete, safe model never becomes a cached folder
         log(f"{repo_id}@{revision or 'main'} ({commit[:10]}) is in {final}")
     if not trust_remote_code:
-        _refuse_remote_code(_read_json(final / CONFIG_FILE), repo_id)
+        _refuse_remote_code(read_model_json(final / CONFIG_FILE), repo_id)
     return final
 
 
@@ -498,7 +445,7 @@ def _refuse_remote_code(config, repo_id: str, key_path: str = "") -> None:
 def _snapshot(repo_id: str, revision: Optional[str], token: Optional[str], cache_dir, repo_type: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    with _hub_call("downloading", repo_id):
+    with _hub_call("downloading", repo_id, token):
         path = snapshot_download(repo_id, revision=revision, token=token, endpoint=endpoint(), repo_type=repo_type,
                                  cache_dir=str(cache_dir) if cache_dir else None)
     return Path(path)
@@ -510,7 +457,7 @@ def _rebuild(snapshot: Path, target: Path, repo_id: str) -> None:
     if not info_path.is_file():
         raise HubError(f"{repo_id} is not a Cadenza model (no {MODEL_INFO} at its root). A plain transformers "
                        f"model can be fine-tuned with `base_model: {repo_id}` in an llm config")
-    model_type = _read_json(info_path).get("model_type")
+    model_type = read_model_json(info_path).get("model_type")
     for path in sorted(p for p in snapshot.rglob("*") if p.is_file()):
         rel = path.relative_to(snapshot)
         if rel.as_posix() in (CARD, ".gitattributes"):
