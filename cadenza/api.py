@@ -4,6 +4,7 @@ object (cadenza.ecd.EcdModel / cadenza.llm.LlmModel) does the rest (see docs/arc
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import shutil
 import sys
@@ -16,12 +17,14 @@ import pandas as pd
 
 from . import __version__
 from .artifacts import (CONFIG_FILE, FORMAT_VERSION, MODEL_DIR, MODEL_INFO, SavedModel, atomic_dir,
-                        check_model_folder, new_run_dir, write_json)
+                        check_model_folder, write_json)
 from .config.load import ConfigSource, load_config
 from .data.read import (DatasetSource, check_not_empty, read_dataset, sample, split_dataset,
                         warn_empty_splits)
 from .errors import CadenzaError, ConfigError, ModelFolderError
-from .train.loop import CHECKPOINT, process_state
+from .train import run_folder
+from .train.checkpoint import CHECKPOINT, check_resumable, run_fingerprints
+from .train.loop import process_state
 
 
 @dataclass
@@ -88,25 +91,24 @@ class Model:
         log = self.log if dist.is_main_process else (lambda _: None)
         splits = self._splits(dataset, training_set, validation_set, test_set, random_seed, log)
         self._splits_used = splits
-        # under `accelerate launch` every process trains; the main one alone names and writes the run folder
-        run_dir = None
-        if dist.is_main_process:
-            run_dir = self._run_dir(output_directory, experiment_name, model_name, resume)
-            log(f"run folder: {run_dir}")
-            write_json(run_dir / "description.json", self._description(splits, random_seed))
-        run_dir = _from_main_process(run_dir, dist)
-        started = time.perf_counter()
-        result = self.model.fit(splits, run_dir=run_dir, resume=bool(resume), seed=random_seed, log=log)
-        statistics = {**result.statistics, "best_epoch": result.best_epoch, "best_step": result.best_step,
-                      "steps": result.steps, "precision": result.precision,
-                      "throughput": result.throughput, "seconds": time.perf_counter() - started}
-        model_dir = None if skip_save_model else run_dir / MODEL_DIR
-        if dist.is_main_process:
-            write_json(run_dir / "training_statistics.json", statistics)
-            if model_dir is not None:
-                self.save(model_dir)
-            shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # finished: nothing left to resume
-        dist.wait_for_everyone()
+        # what a resumed run must find unchanged; stored in every checkpoint
+        fingerprints = run_fingerprints(self.config.model_dump(mode="json"), splits, random_seed)
+        description = self._description(splits, fingerprints)
+        with self._run_folder(output_directory, experiment_name, model_name, resume, fingerprints, description,
+                              log) as run_dir:
+            started = time.perf_counter()
+            result = self.model.fit(splits, run_dir=run_dir, resume=bool(resume), seed=random_seed,
+                                    fingerprints=fingerprints, log=log)
+            statistics = {**result.statistics, "best_epoch": result.best_epoch, "best_step": result.best_step,
+                          "steps": result.steps, "precision": result.precision,
+                          "throughput": result.throughput, "seconds": time.perf_counter() - started}
+            model_dir = None if skip_save_model else run_dir / MODEL_DIR
+            if dist.is_main_process:
+                write_json(run_dir / "training_statistics.json", statistics)
+                if model_dir is not None:
+                    self.save(model_dir)
+                shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # finished: nothing left to resume
+            dist.wait_for_everyone()
         return TrainOutput(statistics, run_dir, model_dir, result.throughput, result.best_epoch)
 
     def _splits(self, dataset, training_set, validation_set, test_set, seed: int,
@@ -131,27 +133,57 @@ class Model:
             warn_empty_splits(splits, pre.split, log)
         return splits
 
-    def _run_dir(self, output_directory, experiment_name, model_name, resume) -> Path:
-        if resume and not isinstance(resume, bool):
-            run_dir = Path(resume)
-            if not (run_dir / CHECKPOINT / "state.json").exists():
-                raise CadenzaError(f"--resume {run_dir}: no checkpoint to resume there")
-            return run_dir
-        if resume:
-            base = Path(output_directory)
-            candidates = sorted(base.glob(f"{experiment_name}_{model_name}*/{CHECKPOINT}/state.json"),
-                                key=lambda p: p.stat().st_mtime)
-            if not candidates:
-                raise CadenzaError(f"--resume: no interrupted run of {experiment_name}_{model_name} in {base}")
-            return candidates[-1].parent.parent
-        return new_run_dir(output_directory, experiment_name, model_name)
+    @contextlib.contextmanager
+    def _run_folder(self, output_directory, experiment_name, model_name, resume, fingerprints: dict,
+                    description: dict, log: Callable[[str], None]):
+        """The run folder, locked while this process trains in it. Under `accelerate launch` every process trains
+        and the main one alone names, locks and writes the folder. A new folder is removed again when the run
+        fails without leaving anything behind (no checkpoint, no model): a bad data set or model path leaves no
+        debris."""
+        dist = process_state()
+        if not dist.is_main_process:
+            run_dir = _from_main_process(None, dist)
+            if run_dir is None:
+                raise CadenzaError("the main process could not prepare the run folder (its error says why)")
+            yield run_dir
+            return
+        new, run_dir = not resume, None
+        with contextlib.ExitStack() as held:
+            try:
+                run_dir = self._run_dir(output_directory, experiment_name, model_name, resume)
+                held.enter_context(run_folder.locked(run_dir))
+                if new:
+                    write_json(run_dir / "description.json", description)
+                else:
+                    check_resumable(run_dir, fingerprints)
+            except BaseException:
+                _from_main_process(None, dist)  # the other processes wait for the folder: tell them there is none
+                if new and run_dir is not None:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
+            _from_main_process(run_dir, dist)
+            log(f"run folder: {run_dir}")
+            try:
+                yield run_dir
+            except BaseException:
+                if new and not (run_dir / CHECKPOINT).exists() and not (run_dir / MODEL_DIR).exists():
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
 
-    def _description(self, splits: dict, seed: int) -> dict:
+    def _run_dir(self, output_directory, experiment_name, model_name, resume) -> Path:
+        """A new folder (first free name), or with `resume` the one named or the newest interrupted one."""
+        if resume:
+            return run_folder.resumable_run_dir(output_directory, experiment_name, model_name, resume)
+        return run_folder.new_run_dir(output_directory, experiment_name, model_name)
+
+    def _description(self, splits: dict, fingerprints: dict) -> dict:
         import torch
 
         return {"cadenza_version": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-                "platform": platform.platform(), "random_seed": seed,
-                "rows": {k: len(v) for k, v in splits.items()}, "config": self.config.model_dump(mode="json")}
+                "platform": platform.platform(), "random_seed": fingerprints["random_seed"],
+                "rows": {k: len(v) for k, v in splits.items()},
+                "data_sha256": {k: v["sha256"] for k, v in fingerprints["data"].items()},
+                "config": fingerprints["config"]}
 
     # ------------------------------------------------------------------------------------- use the model
     def predict(self, dataset: DatasetSource, batch_size: Optional[int] = None) -> pd.DataFrame:

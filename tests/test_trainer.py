@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cadenza.config.schema import TrainerConfig
-from cadenza.train.loop import TrainTask, _lr_lambda, fit
+from cadenza.train.loop import TrainTask, fit, lr_schedule
 
 pytestmark = pytest.mark.usefixtures("simulated_hardware")  # every test runs as fp32 and as bf16 hardware
 
@@ -58,9 +58,9 @@ def test_early_stopping_keeps_the_best_weights():
 
 
 def test_warmup_then_linear_and_cosine_decay():
-    linear = _lr_lambda(TrainerConfig(learning_rate_scheduler={"decay": "linear", "warmup_fraction": 0.1}), 100, 10)
+    linear = lr_schedule(TrainerConfig(learning_rate_scheduler={"decay": "linear", "warmup_fraction": 0.1}), 100, 10)
     assert linear(0) == 0.1 and linear(9) == 1.0 and abs(linear(55) - 0.5) < 1e-9 and linear(100) == 0.0
-    cosine = _lr_lambda(TrainerConfig(learning_rate_scheduler={"decay": "cosine", "min_lr_fraction": 0.1}), 100, 10)
+    cosine = lr_schedule(TrainerConfig(learning_rate_scheduler={"decay": "cosine", "min_lr_fraction": 0.1}), 100, 10)
     assert cosine(0) == 1.0 and abs(cosine(50) - 0.55) < 1e-9 and abs(cosine(100) - 0.1) < 1e-9
 
 

@@ -204,7 +204,7 @@ class EcdModel:
 
     # ------------------------------------------------------------------------------------------ contract
     def fit(self, splits: dict[str, pd.DataFrame], *, run_dir: Optional[Path], resume: bool, seed: int,
-            log: Callable = print) -> TrainResult:
+            fingerprints: Optional[dict] = None, log: Callable = print) -> TrainResult:
         self.log = log
         check_encoder_sources(self.config)
         train = splits["training"]
@@ -247,7 +247,8 @@ class EcdModel:
         part = "train" if any(not self.metadata[f.name]["cached"] for f in self._text_inputs()) else "head"
         precision = device.precision(cfg.use_mixed_precision, part)
         log(precision.describe(part))
-        result = fit(self.net, task, cfg, run_dir=run_dir, resume=resume, seed=seed, precision=precision, log=log)
+        result = fit(self.net, task, cfg, run_dir=run_dir, resume=resume, seed=seed, precision=precision,
+                     fingerprints=fingerprints, log=log)
         result.precision = {"part": part, "precision": precision.name, "reason": precision.reason}
         self.net = self.net.cpu().eval()
         return result

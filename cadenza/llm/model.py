@@ -36,7 +36,6 @@ BASE_NOT_SAVED = ("the model folder holds no copy of the base model (only the ad
                   "that folder, or point base_model in model_hyperparameters.json at a copy of the same model")
 
 
-
 class LlmModel:
     def __init__(self, config: CadenzaConfig):
         self.config = config
@@ -215,7 +214,7 @@ class LlmModel:
         log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
 
     def fit(self, splits: dict[str, pd.DataFrame], *, run_dir: Optional[Path], resume: bool, seed: int,
-            log=print) -> trainer_mod.TrainResult:
+            fingerprints: Optional[dict] = None, log=print) -> trainer_mod.TrainResult:
         t = self.config.trainer
         trainer_mod.seed_everything(seed)
         # the data is checked before the base model loads: a bad data set fails in seconds, not minutes
@@ -252,8 +251,9 @@ class LlmModel:
 
         size = self._batch_size()
         groups0 = self._train_groups(rows, 0, seed, size)
-        accum = trainer_mod.accumulation_steps(t, self._rows_per_micro_batch(size), 1)
-        self._total_steps = min(t.epochs * max(1, math.ceil(len(groups0) / accum)), t.train_steps or 10**12)
+        # AdaLoRA's schedule needs the run's length before the adapter exists: the loop's own step arithmetic
+        self._total_steps = trainer_mod.plan_steps(t, len(groups0), self._rows_per_micro_batch(size),
+                                                   trainer_mod.process_state().num_processes).total_steps
         self._prepare_for_training(log)
         params = self.config.model_parameters
         module = TargetLoss(self.model, neftune_noise_alpha=params.neftune_noise_alpha if params else 0.0)
@@ -294,7 +294,7 @@ class LlmModel:
             f"{'packed' if packed else 'padded'} micro-batches of {size} rows"
             + (f" / {t.max_tokens_per_batch} tokens" if packed and t.max_tokens_per_batch else ""))
         result = trainer_mod.fit(module, task, t, run_dir=run_dir, resume=resume, seed=seed,
-                                 precision=precision, log=log)
+                                 precision=precision, fingerprints=fingerprints, log=log)
         result.precision = {"part": "train", "precision": precision.name, "reason": precision.reason}
         self.model.eval()
         if self._should_merge():

@@ -1,37 +1,42 @@
-"""The training loop shared by ecd and llm: plain Python under 🤗 Accelerate.
+"""The training loop shared by ecd and llm: one recipe, read top to bottom, under 🤗 Accelerate.
 
 The model type supplies four things: `batches(epoch)` (deterministic micro-batches for that epoch), `weight(batch)`
 (rows or target tokens in it), `loss_sum(model, batch)` (the summed, not averaged, loss) and `evaluate(model)`.
 Each optimizer step divides every micro-batch's summed loss by the total weight of the whole effective batch,
 so gradient accumulation gives exactly the big-batch mean ((x1+x2)/(n1+n2), not x1/n1 + x2/n2).
 Multi-GPU / multi-node: run the same command under `accelerate launch`; micro-batches are sharded by rank.
+
+Checkpoints are written at step boundaries only (every `steps_per_checkpoint` steps, each epoch end, and when
+SIGTERM or Ctrl-C asks the run to stop), and hold everything the next step depends on, so a resumed run takes the
+very steps the uninterrupted one takes (see checkpoint.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_dir, write_json
 from ..config.schema import TrainerConfig
 from ..device import Precision, is_cuda, peak_flops
+from ..metrics import is_better
+from .checkpoint import (CHECKPOINT, load_trainable_state, read_checkpoint, restore_random_states, save_checkpoint,
+                         trainable_state)
+from .interrupt import TrainingInterrupted, stop_on_signals
 
-HIGHER_IS_BETTER = {"accuracy", "macro_f1", "roc_auc", "r2", "jaccard", "hits_at_k", "token_accuracy",
-                    "exact_match", "rouge_l", "average_precision"}
-CHECKPOINT = "checkpoint"
+__all__ = ["CHECKPOINT", "TrainTask", "TrainResult", "StepPlan", "plan_steps", "fit", "process_state",
+           "seed_everything", "freeze_by_regex", "accumulation_steps", "scaled_learning_rate"]
 
 
 @dataclass
@@ -64,6 +69,52 @@ class TrainResult:
     precision: dict = field(default_factory=dict)  # filled by the model type: part, precision, reason
 
 
+@dataclass
+class TrainState:
+    """Where the run is: all of it goes into each checkpoint (as JSON) and comes back on resume."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    step_in_epoch: int = 0  # optimizer steps taken in it
+    global_step: int = 0
+    # running sums of the epoch in progress, so that a resumed epoch reports the same mean loss
+    epoch_loss: float = 0.0
+    epoch_weight: float = 0.0
+    evaluations_since_best: int = 0
+    lr_factor: float = 1.0  # learning_rate_scheduler.reduce_on_plateau's multiplier
+    stopped_early: bool = False  # early_stop evaluations without improvement: the epoch in progress is the last
+    done: bool = False  # decided at an epoch's end: stopped early, or train_steps reached
+    best_value: Optional[float] = None
+    best_epoch: int = 0
+    best_step: int = 0
+    statistics: dict = field(default_factory=lambda: {"training": [], "validation": [], "validation_steps": []})
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The step arithmetic of a run, in one place (the llm model type asks it too: AdaLoRA needs total_steps)."""
+
+    accumulation: int  # micro-batches per optimizer step, per process
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_steps(cfg: TrainerConfig, num_batches: int, micro_batch_rows: Optional[int], world: int) -> StepPlan:
+    accumulation = accumulation_steps(cfg, micro_batch_rows, world)
+    steps_per_epoch = max(1, math.ceil(num_batches / world / accumulation))
+    total = cfg.epochs * steps_per_epoch
+    return StepPlan(accumulation, steps_per_epoch, min(total, cfg.train_steps) if cfg.train_steps else total)
+
+
+def accumulation_steps(cfg: TrainerConfig, micro_batch_rows: Optional[int], world: int) -> int:
+    """gradient_accumulation_steps, or with `auto` what Ludwig's effective_batch_size (rows per optimizer step
+    over all processes) asks for."""
+    if cfg.gradient_accumulation_steps != "auto":
+        return cfg.gradient_accumulation_steps
+    if isinstance(cfg.effective_batch_size, int) and micro_batch_rows:
+        return max(1, round(cfg.effective_batch_size / (micro_batch_rows * world)))
+    return 1
+
+
 def process_state():
     """This process's place in a distributed run (`accelerate launch` / `torchrun`); one process otherwise."""
     from accelerate import PartialState
@@ -88,197 +139,146 @@ def freeze_by_regex(model: torch.nn.Module, pattern: Optional[str]) -> int:
     return n
 
 
+# ==================================================================================================== the recipe
 def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir: Optional[Path] = None,
         resume: bool = False, seed: int = 42, precision: Precision = Precision(False, "fp32"),
-        log: Callable = print) -> TrainResult:
+        fingerprints: Optional[dict] = None, log: Callable = print) -> TrainResult:
+    """Train `model` on `task`; with `run_dir`, checkpoints go to run_dir/checkpoint and `resume` continues one.
+    `fingerprints` (config, seed, data) are stored in each checkpoint for `--resume` to compare against."""
+    # ---- setup
+    # measured before seeding: the measurement draws random numbers, and only the first run in a process measures
+    peak = peak_flops(precision.bf16) if task.flops_per_unit else None
     seed_everything(seed)
     # Accelerate's state is global to the process and refuses a second, different mixed_precision: keep it
     # constant ("no") and apply this run's precision with our own autocast, so runs in one process stay independent
     accelerator = Accelerator(mixed_precision="no", cpu=not is_cuda())
     autocast = lambda: precision.autocast(accelerator.device.type)  # noqa: E731
+    world = accelerator.num_processes
+    plan = plan_steps(cfg, task.num_batches, task.micro_batch_rows, world)
     model = model.to(accelerator.device)
-    if cfg.compile:
-        # in place (nn.Module.compile): parameter names and checkpoints stay those of the eager module
+    if cfg.compile:  # in place (nn.Module.compile): parameter names and checkpoints stay those of the eager module
         model.compile(dynamic=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise RuntimeError("nothing to train: every parameter is frozen")
-    world = accelerator.num_processes
-    optimizer = _optimizer(trainable, cfg, world)
-    accum = accumulation_steps(cfg, task.micro_batch_rows, world)
-    steps_per_epoch = max(1, math.ceil(task.num_batches / world / accum))
-    total_steps = min(cfg.epochs * steps_per_epoch, cfg.train_steps or 10**12)
-    plateau = {"factor": 1.0}  # learning_rate_scheduler.reduce_on_plateau multiplies the schedule by this
-    schedule = _lr_lambda(cfg, total_steps, steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) * plateau["factor"])
+    optimizer = build_optimizer(trainable, cfg, world)
     model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
 
-    result = TrainResult()
-    # epoch_loss/epoch_weight: the running sums of the current epoch, checkpointed so a resumed epoch reports
-    # the same mean loss as an uninterrupted one
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "since_best": 0, "epoch_loss": 0.0, "epoch_weight": 0.0}
+    # ---- resume: counters, statistics, weights, optimizer and schedule as the checkpoint left them
     ckpt_dir = Path(run_dir) / CHECKPOINT if run_dir else None
-    if resume and ckpt_dir and (ckpt_dir / "state.json").exists():
-        state, result = _load_checkpoint(ckpt_dir, accelerator.unwrap_model(model), optimizer, scheduler, result)
-        log(f"resuming from {ckpt_dir}: epoch {state['epoch'] + 1}, step {state['global_step']}")
-        plateau["factor"] = state.get("lr_factor", 1.0)
-    best_weights = _trainable_state(accelerator.unwrap_model(model)) if result.best_value is None else None
-    if result.best_value is not None and ckpt_dir and (ckpt_dir / "best.safetensors").exists():
-        best_weights = load_file(str(ckpt_dir / "best.safetensors"))
+    saved = read_checkpoint(ckpt_dir) if resume and ckpt_dir and ckpt_dir.is_dir() else None
+    state = TrainState(**saved.state) if saved else TrainState()
+    scheduler = build_scheduler(optimizer, cfg, plan, plateau=lambda: state.lr_factor)
+    best_weights = None  # the best weights so far; kept only when a validation metric says which are best
+    if saved:
+        load_trainable_state(unwrapped, saved.weights, ckpt_dir)
+        optimizer.load_state_dict(saved.optimizer)
+        scheduler.load_state_dict(saved.scheduler)
+        best_weights = saved.best_weights
+        log(f"resuming from {ckpt_dir}: epoch {state.epoch + 1}, step {state.global_step}")
 
-    peak = peak_flops(precision.bf16) if task.flops_per_unit else None
-    started = time.perf_counter()
-    units_done = tokens_done = 0
-    train_seconds = 0.0
-    try:
-        while state["epoch"] < cfg.epochs and state["global_step"] < total_steps:
-            epoch = state["epoch"]
+    def save() -> None:
+        accelerator.wait_for_everyone()
+        if ckpt_dir and accelerator.is_main_process:
+            save_checkpoint(ckpt_dir, unwrapped, optimizer, scheduler, asdict(state), best_weights,
+                            state.best_step == state.global_step, fingerprints)
+
+    def evaluate_and_track(epoch: int, say: Callable) -> tuple[Optional[dict], bool]:
+        """A validation round: update the best-so-far and the plateau/early-stop counters."""
+        nonlocal best_weights
+        metrics, improved = validation_round(accelerator, model, task, cfg, state, epoch, autocast)
+        if improved and metrics:
+            best_weights = trainable_state(unwrapped)
+        reduce_on_plateau(cfg, state, say)
+        state.stopped_early = cfg.early_stop > 0 and state.evaluations_since_best >= cfg.early_stop
+        return metrics, improved
+
+    started, totals = time.perf_counter(), Throughput()
+    with stop_on_signals(ckpt_dir) as stop:
+        if saved:  # last before the first step: from here on, draws happen exactly as in the uninterrupted run
+            restore_random_states(saved.rng)
+        while state.epoch < cfg.epochs and not state.done:
+            epoch = state.epoch
             model.train()
-            groups = _groups(task.batches(epoch), accum, accelerator.process_index, world, task.num_batches)
-            bar = tqdm(total=steps_per_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            if state.step_in_epoch == 0:
+                state.epoch_loss = state.epoch_weight = 0.0
+            session = Throughput()  # what this process trained of this epoch, for the throughput line
+            bar = tqdm(total=plan.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
-            if state["step_in_epoch"] == 0:
-                state["epoch_loss"] = state["epoch_weight"] = 0.0
-            session_weight = session_tokens = 0.0  # trained in this process, for throughput
-            t0 = time.perf_counter()
-            for i, group in enumerate(groups):
-                if i < state["step_in_epoch"]:
-                    continue  # resumed mid-epoch: these steps were already taken
-                local = float(sum(task.weight(b) for b in group))
-                total = torch.tensor(local, device=accelerator.device)
-                total = accelerator.reduce(total, "sum") if world > 1 else total
-                group_loss = 0.0
-                for j, batch in enumerate(group):
-                    sync = contextlib.nullcontext() if j == len(group) - 1 else accelerator.no_sync(model)
-                    with sync, autocast():
-                        loss = task.loss_sum(model, batch)
-                    accelerator.backward(loss * world / total.clamp_min(1.0))
-                    group_loss += float(loss.detach())
-                    session_tokens += task.tokens(batch) if task.tokens else 0
+            groups = micro_batch_groups(task.batches(epoch), plan.accumulation, accelerator.process_index, world,
+                                        task.num_batches)
+            for group in islice(groups, state.step_in_epoch, None):  # resumed mid-epoch: skip the steps taken
+                if state.stopped_early or state.global_step >= plan.total_steps:
+                    break
+                if stopping(stop, accelerator):
+                    save()
+                    raise TrainingInterrupted(stop.signum, ckpt_dir)
+                # one optimizer step: accumulate over the effective batch, clip, step
+                loss_sum, weight, total_weight, tokens = accumulate_gradients(accelerator, model, task, group,
+                                                                              autocast, world)
                 if cfg.regularization_lambda and cfg.regularization_type in ("l1", "l1_l2"):
-                    _add_l1_gradient(trainable, cfg.regularization_lambda)
-                _clip(accelerator, model, cfg)
+                    add_l1_gradient(trainable, cfg.regularization_lambda)
+                clip_gradients(accelerator, model, cfg)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                state["epoch_loss"] += group_loss
-                state["epoch_weight"] += local  # this rank's share: its loss sum is over these units
-                session_weight += local
-                units_done += float(total)
-                state["global_step"] += 1
-                state["step_in_epoch"] = i + 1
+
+                state.global_step += 1
+                state.step_in_epoch += 1
+                state.epoch_loss += loss_sum
+                state.epoch_weight += weight  # this rank's share: its loss sum is over these units
+                session.add(weight, tokens)
+                totals.add(total_weight, tokens * world)
                 bar.update(1)
-                bar.set_postfix(loss=f"{state['epoch_loss'] / max(state['epoch_weight'], 1):.4f}",
+                bar.set_postfix(loss=f"{state.epoch_loss / max(state.epoch_weight, 1):.4f}",
                                 lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                last_step = state["step_in_epoch"] >= steps_per_epoch or state["global_step"] >= total_steps
-                if cfg.eval_steps and state["global_step"] % cfg.eval_steps == 0 and not last_step:
-                    improved, text, metrics = _validation_round(accelerator, model, task, cfg, result, state, epoch, autocast)
+                epoch_done = state.step_in_epoch >= plan.steps_per_epoch or state.global_step >= plan.total_steps
+                if cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and not epoch_done:
+                    metrics, _ = evaluate_and_track(epoch, bar.write)
                     if metrics:
-                        result.statistics["validation_steps"].append(
-                            {"epoch": epoch + 1, "step": state["global_step"], **metrics})
-                        bar.write(f"step {state['global_step']}: {text}")
-                    if improved:
-                        best_weights = _trainable_state(accelerator.unwrap_model(model))
-                    _reduce_on_plateau(cfg, state, plateau, bar.write)
-                    if _should_stop(cfg, state):
-                        break
-                if cfg.steps_per_checkpoint and state["global_step"] % cfg.steps_per_checkpoint == 0 and ckpt_dir:
-                    _save_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, state, result, best_weights)
-                if state["global_step"] >= total_steps:
-                    break
+                        state.statistics["validation_steps"].append({"epoch": epoch + 1, "step": state.global_step,
+                                                                     **metrics})
+                        bar.write(f"step {state.global_step}: validation {summary_metric(metrics, cfg)}")
+                if checkpoint_due(cfg, plan, state) and not (epoch_done and cfg.checkpoints_per_epoch):
+                    save()
             bar.close()
-            seconds = time.perf_counter() - t0
-            train_seconds += seconds
-            train_stats = {"loss": state["epoch_loss"] / max(state["epoch_weight"], 1.0), "seconds": seconds,
-                           f"{task.unit}_per_second": session_weight * world / max(seconds, 1e-9)}
-            if session_tokens:
-                train_stats["tokens_per_second"] = session_tokens * world / max(seconds, 1e-9)
-            tokens_done += session_tokens * world
-            if task.flops_per_unit and peak:
-                train_stats["mfu"] = task.flops_per_unit * session_weight / max(seconds, 1e-9) / peak  # per device
-            result.statistics["training"].append(train_stats)
-            rate = f"{train_stats[f'{task.unit}_per_second']:.1f} {task.unit}/s"
-            if "tokens_per_second" in train_stats:
-                rate = f"{train_stats['tokens_per_second']:.1f} tokens/s ({rate})"
-            line = f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f}, {rate}"
-            if "mfu" in train_stats:
-                line += f", MFU {100 * train_stats['mfu']:.1f}% of {peak / 1e12:.2f} TFLOPS"
+            if stopping(stop, accelerator):  # every step of the epoch taken; the epoch's end comes after resuming
+                save()
+                raise TrainingInterrupted(stop.signum, ckpt_dir)
 
+            # ---- epoch end: training figures, validation, best weights, plateau, early stopping, checkpoint
+            session.stop()
+            totals.seconds += session.seconds
+            train_stats = epoch_statistics(state, session, task, world, peak)
+            line = f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f}, {describe_rate(train_stats, task, peak)}"
             if cfg.evaluate_training_set and task.evaluate_training and not cfg.skip_all_evaluation:
-                train_stats["metrics"] = _evaluate(accelerator, model, task.evaluate_training, autocast)
-                line += f", training set {_summary_metric(train_stats['metrics'], cfg)}"
-
-            improved, text, metrics = _validation_round(accelerator, model, task, cfg, result, state, epoch, autocast)
+                train_stats["metrics"] = evaluate(accelerator, model, task.evaluate_training, autocast)
+                line += f", training set {summary_metric(train_stats['metrics'], cfg)}"
+            state.statistics["training"].append(train_stats)
+            metrics, improved = evaluate_and_track(epoch, log)
             if metrics:
-                result.statistics["validation"].append(metrics)
-                line += f", {text}"
-            if improved:
-                best_weights = _trainable_state(accelerator.unwrap_model(model))
-            _reduce_on_plateau(cfg, state, plateau, log)
-            log(line + ("" if improved else f" (best: epoch {result.best_epoch}, step {result.best_step})"))
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-            if ckpt_dir and cfg.checkpoints_per_epoch:
-                _save_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, state, result, best_weights)
-            if _should_stop(cfg, state):
+                state.statistics["validation"].append(metrics)
+                line += f", validation {summary_metric(metrics, cfg)}"
+            log(line + ("" if improved else f" (best: epoch {state.best_epoch}, step {state.best_step})"))
+            state.epoch += 1
+            state.step_in_epoch = 0
+            state.done = state.stopped_early or state.global_step >= plan.total_steps
+            if cfg.checkpoints_per_epoch:
+                save()
+            if state.stopped_early:
                 log(f"early stop: no improvement in {cfg.early_stop} evaluations")
-                result.stopped_early = True
-                break
-    except KeyboardInterrupt:
-        if ckpt_dir:
-            _save_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, state, result, best_weights)
-            log(f"interrupted: state saved in {ckpt_dir}; rerun with --resume to continue")
-        raise
 
-    unwrapped = accelerator.unwrap_model(model)
+    # ---- finish: the best weights back in the model
     if best_weights is not None:
         unwrapped.load_state_dict({k: v.to(accelerator.device) for k, v in best_weights.items()}, strict=False)
-    result.steps = state["global_step"]
-    result.seconds = time.perf_counter() - started
-    if train_seconds > 0:
-        result.throughput = {f"{task.unit}_per_second": units_done / train_seconds}
-        if tokens_done:
-            result.throughput["tokens_per_second"] = tokens_done / train_seconds
-        if task.flops_per_unit and peak:
-            result.throughput["mfu"] = task.flops_per_unit * units_done / train_seconds / peak
-            result.throughput["peak_tflops"] = peak / 1e12
-    return result
+    return TrainResult(statistics=state.statistics, best_epoch=state.best_epoch, best_step=state.best_step,
+                       best_value=state.best_value, steps=state.global_step, stopped_early=state.stopped_early,
+                       seconds=time.perf_counter() - started, throughput=totals.summary(task, peak))
 
 
-# ------------------------------------------------------------------------------------------------ pieces
-def _shard(batches: Iterable, num_batches: int, rank: int, world: int):
-    """This rank's micro-batches. Every rank must take the same number of steps (or the gradient all-reduce
-    waits forever), so a rank left short re-uses one of the first batches, as Accelerate's even_batches does."""
-    head, taken = [], 0
-    for k, batch in enumerate(batches):
-        if k < world:
-            head.append(batch)
-        if k % world == rank:
-            taken += 1
-            yield batch
-    while world > 1 and taken < math.ceil(num_batches / world):
-        taken += 1
-        yield head[rank % len(head)]
-
-
-def _groups(batches: Iterable, accum: int, rank: int, world: int, num_batches: int):
-    group = []
-    for batch in _shard(batches, num_batches, rank, world):
-        group.append(batch)
-        if len(group) == accum:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-def scaled_learning_rate(cfg: TrainerConfig, world: int) -> float:
-    """Ludwig's learning_rate_scaling: with `world` processes the effective batch is `world` times larger."""
-    factor = {"linear": world, "sqrt": math.sqrt(world)}.get(cfg.learning_rate_scaling or "constant", 1.0)
-    return cfg.learning_rate * factor
-
-
-def _optimizer(params, cfg: TrainerConfig, world: int = 1) -> torch.optim.Optimizer:
+# =========================================================================================== builders and steps
+def build_optimizer(params, cfg: TrainerConfig, world: int = 1) -> torch.optim.Optimizer:
     o = cfg.optimizer
     l2 = cfg.regularization_lambda if cfg.regularization_type in ("l2", "l1_l2") else 0.0
     decay = o.weight_decay + l2
@@ -289,7 +289,19 @@ def _optimizer(params, cfg: TrainerConfig, world: int = 1) -> torch.optim.Optimi
     return cls(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=decay)
 
 
-def _lr_lambda(cfg: TrainerConfig, total_steps: int, steps_per_epoch: int):
+def scaled_learning_rate(cfg: TrainerConfig, world: int) -> float:
+    """Ludwig's learning_rate_scaling: with `world` processes the effective batch is `world` times larger."""
+    factor = {"linear": world, "sqrt": math.sqrt(world)}.get(cfg.learning_rate_scaling or "constant", 1.0)
+    return cfg.learning_rate * factor
+
+
+def build_scheduler(optimizer, cfg: TrainerConfig, plan: StepPlan, plateau: Callable[[], float]):
+    """Warm-up then decay, times the reduce_on_plateau factor (read at each step, as it changes during the run)."""
+    schedule = lr_schedule(cfg, plan.total_steps, plan.steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) * plateau())
+
+
+def lr_schedule(cfg: TrainerConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
     s = cfg.learning_rate_scheduler
     warmup = int(s.warmup_fraction * total_steps) or int(s.warmup_evaluations * steps_per_epoch)
 
@@ -308,7 +320,54 @@ def _lr_lambda(cfg: TrainerConfig, total_steps: int, steps_per_epoch: int):
     return factor
 
 
-def _add_l1_gradient(params: list[torch.Tensor], strength: float) -> None:
+def micro_batch_groups(batches: Iterable, accumulation: int, rank: int, world: int, num_batches: int):
+    """This rank's micro-batches, `accumulation` at a time: one group per optimizer step."""
+    group = []
+    for batch in _shard(batches, num_batches, rank, world):
+        group.append(batch)
+        if len(group) == accumulation:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _shard(batches: Iterable, num_batches: int, rank: int, world: int):
+    """Every rank must take the same number of steps (or the gradient all-reduce waits forever), so a rank left
+    short re-uses one of the first batches, as Accelerate's even_batches does."""
+    head, taken = [], 0
+    for k, batch in enumerate(batches):
+        if k < world:
+            head.append(batch)
+        if k % world == rank:
+            taken += 1
+            yield batch
+    while world > 1 and taken < math.ceil(num_batches / world):
+        taken += 1
+        yield head[rank % len(head)]
+
+
+def accumulate_gradients(accelerator: Accelerator, model, task: TrainTask, group: list, autocast: Callable,
+                         world: int) -> tuple[float, float, float, int]:
+    """Backward over one effective batch, each micro-batch's summed loss divided by the total weight of the whole
+    effective batch on all processes. Returns (loss sum, this process's weight, total weight, tokens)."""
+    weight = float(sum(task.weight(b) for b in group))
+    total = torch.tensor(weight, device=accelerator.device)
+    if world > 1:
+        total = accelerator.reduce(total, "sum")
+    loss_sum, tokens = 0.0, 0
+    for j, batch in enumerate(group):
+        # gradients are all-reduced once, with the last micro-batch; DDP averages them over processes, hence * world
+        sync = contextlib.nullcontext() if j == len(group) - 1 else accelerator.no_sync(model)
+        with sync, autocast():
+            loss = task.loss_sum(model, batch)
+        accelerator.backward(loss * world / total.clamp_min(1.0))
+        loss_sum += float(loss.detach())
+        tokens += task.tokens(batch) if task.tokens else 0
+    return loss_sum, weight, float(total), tokens
+
+
+def add_l1_gradient(params: list[torch.Tensor], strength: float) -> None:
     """The (sub)gradient of strength * sum |w|, added once per optimizer step."""
     with torch.no_grad():
         for p in params:
@@ -316,7 +375,7 @@ def _add_l1_gradient(params: list[torch.Tensor], strength: float) -> None:
                 p.grad.add_(torch.sign(p), alpha=strength)
 
 
-def _clip(accelerator: Accelerator, model, cfg: TrainerConfig) -> None:
+def clip_gradients(accelerator: Accelerator, model, cfg: TrainerConfig) -> None:
     c = cfg.gradient_clipping
     if c.clipvalue:
         accelerator.clip_grad_value_(model.parameters(), c.clipvalue)
@@ -325,7 +384,60 @@ def _clip(accelerator: Accelerator, model, cfg: TrainerConfig) -> None:
         accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], norm)
 
 
-def _watched(metrics: dict, cfg: TrainerConfig) -> tuple[float, str, str]:
+def checkpoint_due(cfg: TrainerConfig, plan: StepPlan, state: TrainState) -> bool:
+    """After this step? Every steps_per_checkpoint steps, or checkpoints_per_epoch > 1 spread over each epoch."""
+    every = cfg.steps_per_checkpoint
+    if not every and cfg.checkpoints_per_epoch > 1:
+        every = max(1, plan.steps_per_epoch // cfg.checkpoints_per_epoch)
+    return bool(every) and state.global_step % every == 0
+
+
+def stopping(stop, accelerator: Accelerator) -> bool:
+    """Whether a signal asked to stop; with several processes, whether any was asked, so all stop at one step."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    asked = torch.tensor(float(stop.requested), device=accelerator.device)
+    return bool(accelerator.reduce(asked, "sum") > 0)
+
+
+# ================================================================================================== evaluation
+def evaluate(accelerator, model, evaluate_fn: Callable, autocast: Callable) -> dict:
+    model.eval()
+    with torch.no_grad(), autocast():
+        metrics = evaluate_fn(accelerator.unwrap_model(model))
+    model.train()
+    return metrics
+
+
+def validation_round(accelerator, model, task: TrainTask, cfg: TrainerConfig, state: TrainState, epoch: int,
+                     autocast: Callable) -> tuple[Optional[dict], bool]:
+    """Evaluate on the validation split (if any) and track the best value: (metrics or None, improved).
+    Without validation every round counts as an improvement: the last weights are the ones kept."""
+    metrics, improved = None, True
+    if task.evaluate and not cfg.skip_all_evaluation:
+        metrics = evaluate(accelerator, model, task.evaluate, autocast)
+        if metrics:
+            value, _, metric = watched(metrics, cfg)
+            improved = is_better(metric, value, state.best_value)
+            if improved:
+                state.best_value = value
+    if improved:
+        state.evaluations_since_best = 0
+        state.best_epoch, state.best_step = epoch + 1, state.global_step
+    else:
+        state.evaluations_since_best += 1
+    return metrics, improved
+
+
+def reduce_on_plateau(cfg: TrainerConfig, state: TrainState, log: Callable) -> None:
+    patience = cfg.learning_rate_scheduler.reduce_on_plateau
+    if patience and state.evaluations_since_best and state.evaluations_since_best % patience == 0:
+        state.lr_factor *= cfg.learning_rate_scheduler.reduce_rate
+        log(f"no improvement in {state.evaluations_since_best} evaluations: learning rate x{state.lr_factor:.3g}")
+
+
+def watched(metrics: dict, cfg: TrainerConfig) -> tuple[float, str, str]:
+    """(value, field, metric) of trainer.validation_field / validation_metric in one round's metrics."""
     field_name = cfg.validation_field or "combined"
     metric = cfg.validation_metric or "loss"
     values = metrics.get(field_name, {})
@@ -335,111 +447,58 @@ def _watched(metrics: dict, cfg: TrainerConfig) -> tuple[float, str, str]:
     return float(values[metric]), field_name, metric
 
 
-def accumulation_steps(cfg: TrainerConfig, micro_batch_rows: Optional[int], world: int) -> int:
-    """gradient_accumulation_steps, or with `auto` what Ludwig's effective_batch_size (rows per optimizer step
-    over all processes) asks for."""
-    if cfg.gradient_accumulation_steps != "auto":
-        return cfg.gradient_accumulation_steps
-    if isinstance(cfg.effective_batch_size, int) and micro_batch_rows:
-        return max(1, round(cfg.effective_batch_size / (micro_batch_rows * world)))
-    return 1
-
-
-def _evaluate(accelerator, model, evaluate: Callable, autocast: Callable) -> dict:
-    model.eval()
-    with torch.no_grad(), autocast():
-        metrics = evaluate(accelerator.unwrap_model(model))
-    model.train()
-    return metrics
-
-
-def _validation_round(accelerator, model, task: TrainTask, cfg: TrainerConfig, result: TrainResult, state: dict,
-                      epoch: int, autocast: Callable) -> tuple[bool, str, Optional[dict]]:
-    """Evaluate on the validation split (if any) and track the best value: (improved, log text, metrics).
-    Without validation every round counts as an improvement, so the last weights are kept."""
-    improved, text, metrics = True, "", None
-    if task.evaluate and not cfg.skip_all_evaluation:
-        metrics = _evaluate(accelerator, model, task.evaluate, autocast)
-        if metrics:
-            value, _, metric = _watched(metrics, cfg)
-            text = f"validation {_summary_metric(metrics, cfg)}"
-            improved = result.best_value is None or _better(value, result.best_value, metric)
-            if improved:
-                result.best_value = value
-    if improved:
-        state["since_best"] = 0
-        result.best_epoch, result.best_step = epoch + 1, state["global_step"]
-    else:
-        state["since_best"] += 1
-    return improved, text, metrics
-
-
-def _reduce_on_plateau(cfg: TrainerConfig, state: dict, plateau: dict, log: Callable) -> None:
-    patience = cfg.learning_rate_scheduler.reduce_on_plateau
-    if patience and state["since_best"] and state["since_best"] % patience == 0:
-        plateau["factor"] *= cfg.learning_rate_scheduler.reduce_rate
-        state["lr_factor"] = plateau["factor"]
-        log(f"no improvement in {state['since_best']} evaluations: learning rate x{plateau['factor']:.3g}")
-
-
-def _should_stop(cfg: TrainerConfig, state: dict) -> bool:
-    """early_stop counts evaluations without improvement (one per epoch, more with eval_steps), as in Ludwig."""
-    return cfg.early_stop > 0 and state["since_best"] >= cfg.early_stop
-
-
-def _summary_metric(metrics: dict, cfg: TrainerConfig) -> str:
-    value, field_name, metric = _watched(metrics, cfg)
+def summary_metric(metrics: dict, cfg: TrainerConfig) -> str:
+    value, field_name, metric = watched(metrics, cfg)
     return f"{field_name}.{metric} {value:.4f}"
 
 
-def _better(value: float, best: float, metric: str) -> bool:
-    return value > best if metric in HIGHER_IS_BETTER else value < best
+# ================================================================================================== throughput
+@dataclass
+class Throughput:
+    """Units (rows or target tokens) and tokens trained, and the seconds it took."""
+
+    units: float = 0.0
+    tokens: float = 0.0
+    seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, units: float, tokens: float) -> None:
+        self.units += units
+        self.tokens += tokens
+
+    def stop(self) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+    def summary(self, task: TrainTask, peak: Optional[float]) -> dict:
+        """The whole run's rates (all processes)."""
+        if self.seconds <= 0:
+            return {}
+        out = {f"{task.unit}_per_second": self.units / self.seconds}
+        if self.tokens:
+            out["tokens_per_second"] = self.tokens / self.seconds
+        if task.flops_per_unit and peak:
+            out["mfu"] = task.flops_per_unit * self.units / self.seconds / peak
+            out["peak_tflops"] = peak / 1e12
+        return out
 
 
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trained parameters and buffers (frozen pretrained weights are left out: they never change)."""
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items() if k not in frozen}
+def epoch_statistics(state: TrainState, session: Throughput, task: TrainTask, world: int,
+                     peak: Optional[float]) -> dict:
+    """The epoch's entry in statistics["training"]: mean loss over the whole epoch, rates of this session."""
+    seconds = max(session.seconds, 1e-9)
+    stats = {"loss": state.epoch_loss / max(state.epoch_weight, 1.0), "seconds": session.seconds,
+             f"{task.unit}_per_second": session.units * world / seconds}
+    if session.tokens:
+        stats["tokens_per_second"] = session.tokens * world / seconds
+    if task.flops_per_unit and peak:
+        stats["mfu"] = task.flops_per_unit * session.units / seconds / peak  # per device
+    return stats
 
 
-def _save_checkpoint(ckpt_dir: Path, accelerator, model, optimizer, scheduler, state, result, best_weights) -> None:
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    unwrapped = accelerator.unwrap_model(model)
-    with atomic_dir(ckpt_dir) as tmp:
-        save_file(_shared_safe(_trainable_state(unwrapped)), str(tmp / "weights.safetensors"))
-        if best_weights is not None:
-            save_file(_shared_safe(best_weights), str(tmp / "best.safetensors"))
-        # optimizer/scheduler states are tensors and plain containers: loaded back with weights_only=True
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    # batch order is derived from seed + epoch; torch's generator drives dropout
-                    "rng": {"torch": torch.get_rng_state()}}, tmp / "optimizer.pt")
-        write_json(tmp / "state.json", {"state": state, "statistics": result.statistics,
-                                         "best_epoch": result.best_epoch, "best_step": result.best_step,
-                                         "best_value": result.best_value})
-
-
-def _shared_safe(tensors: dict) -> dict:
-    """safetensors refuses tensors that share storage (tied weights): store independent copies."""
-    seen, out = set(), {}
-    for k, v in tensors.items():
-        ptr = v.data_ptr()
-        out[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
-    return out
-
-
-def _load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, result: TrainResult):
-    saved = json.loads((ckpt_dir / "state.json").read_text())
-    weights = load_file(str(ckpt_dir / "weights.safetensors"))
-    device = next(model.parameters()).device
-    model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)
-    extra = torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location=device)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"]["torch"].cpu())
-    result.statistics = saved["statistics"]
-    result.best_epoch, result.best_value = saved["best_epoch"], saved["best_value"]
-    result.best_step = saved.get("best_step", 0)
-    return saved["state"], result
+def describe_rate(stats: dict, task: TrainTask, peak: Optional[float]) -> str:
+    rate = f"{stats[f'{task.unit}_per_second']:.1f} {task.unit}/s"
+    if "tokens_per_second" in stats:
+        rate = f"{stats['tokens_per_second']:.1f} tokens/s ({rate})"
+    if "mfu" in stats:
+        rate += f", MFU {100 * stats['mfu']:.1f}% of {peak / 1e12:.2f} TFLOPS"
+    return rate
