@@ -112,8 +112,16 @@ def test_same_seed_same_result(tiny_bert_dir, cache_dir, tmp_path):
     assert [e["loss"] for e in a.statistics["training"]] == [e["loss"] for e in b.statistics["training"]]
 
 
-def test_interrupted_training_resumes_to_the_same_model(tiny_bert_dir, cache_dir, tmp_path, monkeypatch):
-    from cadenza.ecd import EcdModel
+def test_ctrl_c_stops_at_a_step_boundary_and_resumes_to_the_same_model(tiny_bert_dir, cache_dir, tmp_path):
+    """A real SIGINT inside step 7 (in epoch 3 of 3 steps each): the step finishes, a checkpoint is saved, and the
+    resumed run ends with the uninterrupted run's statistics and predictions. (Killed and interrupted subprocesses,
+    all model kinds: tests/test_resume.py.)"""
+    import os
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from cadenza.train.interrupt import TrainingInterrupted
 
     df = frame(128)
     cfg = config(tiny_bert_dir)
@@ -121,21 +129,25 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_bert_dir, cache_dir
     full = Model(cfg, log=quiet)
     full_out = full.train(df, output_directory=tmp_path / "full")
 
-    calls = {"n": 0}
-    real_loss = EcdModel._loss_sum
+    steps = []
 
-    def interrupting(self, net, batch):
-        calls["n"] += 1
-        if calls["n"] == 7:  # mid-way through epoch 3 (3 batches per epoch)
-            raise KeyboardInterrupt
-        return real_loss(self, net, batch)
+    def ctrl_c_in_step_7(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 7:
+            os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(EcdModel, "_loss_sum", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        Model(cfg, log=quiet).train(df, output_directory=tmp_path / "cut")
+    handle = register_optimizer_step_post_hook(ctrl_c_in_step_7)
+    try:
+        with pytest.raises(TrainingInterrupted) as stopped:
+            Model(cfg, log=quiet).train(df, output_directory=tmp_path / "cut")
+    finally:
+        handle.remove()
     run_dir = tmp_path / "cut" / "experiment_run"
-    assert (run_dir / "checkpoint" / "state.json").exists() and not (run_dir / "model").exists()
-    monkeypatch.setattr(EcdModel, "_loss_sum", real_loss)
+    assert stopped.value.exit_code == 130
+    assert str(stopped.value) == f"interrupted: checkpoint saved in {run_dir / 'checkpoint'}; rerun with --resume to continue"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler of before is back
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())["state"]
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (2, 1, 7) and not (run_dir / "model").exists()
 
     resumed = Model(cfg, log=quiet)
     out = resumed.train(df, output_directory=tmp_path / "cut", resume=True)

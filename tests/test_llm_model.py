@@ -310,36 +310,46 @@ def causal_lm_is_checkpointing(model) -> bool:
     return any(getattr(mod, "gradient_checkpointing", False) for mod in causal_lm_of(model).modules())
 
 
-def test_interrupted_llm_training_resumes_to_the_same_adapter(tiny_llama_dir, tmp_path, cache_dir, monkeypatch):
+def test_sigterm_stops_llm_training_at_a_step_boundary_and_resumes_to_the_same_adapter(tiny_llama_dir, tmp_path,
+                                                                                        cache_dir):
+    """A real SIGTERM inside step 7 (in the second epoch of 5 steps): the step finishes, a checkpoint is saved, and
+    the resumed run's adapter equals the uninterrupted run's, LoRA dropout included."""
+    import os
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
     from cadenza import Model
+    from cadenza.train.interrupt import TrainingInterrupted
 
     df = qa_frame(24)
     cfg = {"model_type": "llm", "base_model": str(tiny_llama_dir),
            "input_features": [{"name": "question", "type": "text"}],
            "output_features": [{"name": "answer", "type": "text"}],
-           "adapter": {"type": "lora", "dropout": 0.0},
+           "adapter": {"type": "lora", "dropout": 0.1},
            "trainer": {"type": "finetune", "epochs": 3, "batch_size": 4, "learning_rate": 0.01, "early_stop": -1},
            "generation": {"max_new_tokens": 6}}
     quiet = lambda *_: None  # noqa: E731
     full = Model(cfg, log=quiet)
     full_out = full.train(df, output_directory=tmp_path / "full")
 
-    calls = {"n": 0}
-    real_forward = TargetLoss.forward
+    steps = []
 
-    def interrupting(self, batch):
-        if torch.is_grad_enabled():  # training steps only, not validation
-            calls["n"] += 1
-            if calls["n"] == 7:  # in the second epoch (5 micro-batches per epoch)
-                raise KeyboardInterrupt
-        return real_forward(self, batch)
+    def sigterm_in_step_7(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(TargetLoss, "forward", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        Model(cfg, log=quiet).train(df, output_directory=tmp_path / "cut")
+    handle = register_optimizer_step_post_hook(sigterm_in_step_7)
+    try:
+        with pytest.raises(TrainingInterrupted) as stopped:
+            Model(cfg, log=quiet).train(df, output_directory=tmp_path / "cut")
+    finally:
+        handle.remove()
     run_dir = tmp_path / "cut" / "experiment_run"
-    assert (run_dir / "checkpoint").is_dir() and not (run_dir / "model").exists()
-    monkeypatch.setattr(TargetLoss, "forward", real_forward)
+    assert stopped.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())["state"]
+    assert state["global_step"] == 7 and not (run_dir / "model").exists()
 
     resumed = Model(cfg, log=quiet)
     out = resumed.train(df, output_directory=tmp_path / "cut", resume=True)
