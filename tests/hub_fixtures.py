@@ -280,6 +280,16 @@ def remote_causal_lm_logits(source: str, base: Optional[str] = None, text: str =
     return {"ids": ids[0].tolist(), "logits": logits[:, :64].tolist(), "argmax": logits.argmax(-1).tolist()}
 
 
+def remote_commit(repo_id: str, token: str, add: dict[str, str], delete: list[str]) -> None:
+    """Change a repo with plain huggingface_hub, as someone not using Cadenza might: add local files (repo path ->
+    local path) and delete repo paths in one commit."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    operations = [CommitOperationAdd(path_in_repo=k, path_or_fileobj=v) for k, v in add.items()]
+    operations += [CommitOperationDelete(path_in_repo=path) for path in delete]
+    HfApi(token=token).create_commit(repo_id, operations=operations, commit_message="by hand")
+
+
 def remote_store_login(token: str) -> None:
     """`hf auth login` through huggingface_hub's public API (it checks the token with whoami, then stores it)."""
     from huggingface_hub import login

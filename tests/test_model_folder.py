@@ -149,6 +149,17 @@ def test_damaged_llm_folder_is_one_error_naming_the_file(case, copy_of):
     assert expected in message and "retrain" in message
 
 
+def test_saved_config_this_cadenza_rejects_names_the_file(copy_of):
+    model = copy_of("ecd")
+    config = json.loads((model / "model_hyperparameters.json").read_text())
+    config["trainer"]["a_key_from_the_future"] = 1
+    (model / "model_hyperparameters.json").write_text(json.dumps(config))
+    edit_json(model / "cadenza_model.json", cadenza_version="9.0.0")
+    message = load_error(model)
+    assert message.startswith(f"{model / 'model_hyperparameters.json'} does not load (saved by Cadenza 9.0.0; this is ")
+    assert "upgrade cadenza if that is newer" in message and "trainer.a_key_from_the_future: unknown key" in message
+
+
 def test_pickle_message_says_how_to_convert(copy_of):
     model = copy_of("full")
     pickle_instead(model / "model_weights" / "model.safetensors", "pytorch_model.bin")

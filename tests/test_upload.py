@@ -252,6 +252,23 @@ def test_config_asking_for_remote_code_is_refused_on_download(client, hub, built
     assert Path(client.call(DOWNLOAD, repo, trust_remote_code=True)).is_dir()
 
 
+def test_downloaded_pickle_weights_are_refused_not_loaded(client, hub, built, tmp_path):
+    """A repo changed by hand to hold pickled weights: the downloaded folder goes through the same check as
+    Model.load, so the pickle is named and never unpickled."""
+    import torch
+
+    repo = f"{ORG}/pickled"
+    client.call(UPLOAD, repo, str(built["ecd"]), token=ALICE_TOKEN)
+    pickle = tmp_path / "model_weights.pt"
+    torch.save({"w": torch.zeros(2)}, pickle)
+    client.call("remote_commit", repo, ALICE_TOKEN, add={"model_weights.pt": str(pickle)},
+                delete=["model_weights.safetensors"])
+    with pytest.raises(RemoteError) as err:
+        client.call("remote_cadenza_predict", repo, [], from_hub=True)
+    assert "ModelFolderError" in err.value.types
+    assert "model_weights.pt: Cadenza loads only safetensors" in err.value.message
+
+
 def test_dataset_repo_type(client, hub, built):
     repo = f"{ORG}/as-dataset"
     client.call(UPLOAD, repo, str(built["ecd"]), token=ALICE_TOKEN, repo_type="dataset")
