@@ -332,6 +332,7 @@ def test_sigterm_stops_llm_training_at_a_step_boundary_and_resumes_to_the_same_a
     quiet = lambda *_: None  # noqa: E731
     full = Model(cfg, log=quiet)
     full_out = full.train(df, output_directory=tmp_path / "full")
+    assert full.model._total_steps == full_out.statistics["steps"] == 15  # what AdaLoRA would be told: the loop's count
 
     steps = []
 

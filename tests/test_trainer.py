@@ -145,3 +145,68 @@ def test_reduce_on_plateau_lowers_the_learning_rate():
         TrainerConfig(epochs=4, learning_rate=0.1, early_stop=-1, checkpoints_per_epoch=0,
                       learning_rate_scheduler={"reduce_on_plateau": 1, "reduce_rate": 0.5}), log=lines.append)
     assert [line.split("x")[-1] for line in lines if "learning rate" in line] == ["0.5", "0.25", "0.125"]
+
+
+def test_step_arithmetic_in_one_place():
+    from cadenza.train.loop import plan_steps
+
+    # 10 micro-batches, 2 processes, 2 per step: 3 steps per epoch (the last one short)
+    plan = plan_steps(TrainerConfig(epochs=4, gradient_accumulation_steps=2), 10, 4, 2)
+    assert (plan.accumulation, plan.steps_per_epoch, plan.total_steps) == (2, 3, 12)
+    assert plan_steps(TrainerConfig(epochs=4, train_steps=5), 10, 4, 1).total_steps == 5
+    plan = plan_steps(TrainerConfig(epochs=1, gradient_accumulation_steps="auto", effective_batch_size=16), 8, 4, 1)
+    assert (plan.accumulation, plan.total_steps) == (4, 2)
+
+
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    """The first SIGTERM asks for a stop at the end of the step; a second one, in the same step, stops mid-step
+    without saving: the checkpoint on disk stays the one of the last step boundary."""
+    import json
+    import os
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from cadenza.train.interrupt import TrainingInterrupted
+
+    x, y = data(12)
+    steps = []
+
+    def terminate_twice_in_step_3(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handle = register_optimizer_step_post_hook(terminate_twice_in_step_3)
+    try:
+        with pytest.raises(TrainingInterrupted) as stopped:
+            fit(fresh_model(), task_for([(x[i:i + 3], y[i:i + 3]) for i in range(0, 12, 3)]),
+                TrainerConfig(epochs=2, learning_rate=0.1, steps_per_checkpoint=1), run_dir=tmp_path,
+                log=lambda _: None)
+    finally:
+        handle.remove()
+    assert not stopped.value.saved and stopped.value.exit_code == 143
+    assert str(stopped.value).startswith("interrupted twice: stopped at once without saving; rerun with --resume")
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["state"]["global_step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_training_in_another_thread_installs_no_signal_handlers():
+    """Python only lets the main thread install signal handlers: elsewhere fit trains without them."""
+    import threading
+
+    x, y = data()
+    outcome = []
+
+    def train():
+        try:
+            outcome.append(fit(fresh_model(), task_for([(x, y)]), TrainerConfig(epochs=1, learning_rate=0.1),
+                               log=lambda _: None))
+        except Exception as e:  # signal.signal outside the main thread raises ValueError
+            outcome.append(e)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    thread.join()
+    assert [getattr(r, "steps", r) for r in outcome] == [1]
