@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from . import __version__
-from .errors import ModelFolderError
+from .errors import HubError, ModelFolderError
 
 MODEL_DIR = "model"
 MODEL_INFO = "cadenza_model.json"
@@ -377,3 +377,19 @@ def check_local_source(source: str, key: str, why: str = "") -> None:
         return
     what = "GGUF file" if source.lower().endswith(".gguf") else "local folder"
     raise ModelFolderError(f"{key}: {what} {source!r} does not exist" + (f"; {why}" if why else ""))
+
+
+@contextlib.contextmanager
+def hub_source_errors(source: str, key: str) -> Iterator[None]:
+    """A Hub id that cannot be had (offline, misspelt, private, gated) is a user error naming the key: transformers
+    reports it as an OSError with a page of advice, which the CLI would treat as a crash."""
+    try:
+        yield
+    except OSError as e:
+        if Path(source).expanduser().exists():
+            raise  # a local folder: a real I/O problem, not a Hub one
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise HubError(f"{key}: {source!r} is not a local folder and could not be loaded from the Hub ({reason}). "
+                       f"Check the id; without network access, download it once where there is "
+                       f"(`hf download {source}`), or give a local folder or a packaged short name "
+                       f"(smollm2, minilm)") from None

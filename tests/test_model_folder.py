@@ -18,7 +18,7 @@ import torch
 from cadenza import Model
 from cadenza.artifacts import check_local_source, check_model_folder, check_safetensors, looks_like_local_path
 from cadenza.cli import main
-from cadenza.errors import ModelFolderError
+from cadenza.errors import HubError, ModelFolderError
 from cadenza.llm.load import resolve_source
 
 ECD_ROWS = pd.DataFrame({"review": ["good fine plot", "bad dull scene", "great music", "awful actor"] * 6,
@@ -335,3 +335,19 @@ def test_whole_safetensors_file_passes(tmp_path):
 
     save_file({"a": torch.ones(3), "b": torch.zeros(2, 2)}, str(tmp_path / "w.safetensors"))
     check_safetensors(tmp_path / "w.safetensors")
+
+
+def test_unreachable_hub_base_model_is_a_user_error(tmp_path):
+    """Offline (as the tests run), a Hub id that is not cached cannot be had: a HubError naming the key."""
+    model = Model(llm_config("no-such-org/no-such-model"), log=quiet)
+    with pytest.raises(HubError) as err:
+        model.train(LLM_ROWS, output_directory=tmp_path / "out")
+    assert str(err.value).startswith("base_model: 'no-such-org/no-such-model' is not a local folder and could not be "
+                                     "loaded from the Hub (")
+    assert "hf download no-such-org/no-such-model" in str(err.value)
+
+
+def test_unreachable_hub_encoder_names_the_feature_key(tmp_path):
+    with pytest.raises(HubError, match=r"^input_features\[0\]\.encoder\.pretrained_model_name_or_path: "
+                                       r"'no-such-org/encoder' is not a local folder"):
+        Model(ecd_config("no-such-org/encoder"), log=quiet).train(ECD_ROWS, output_directory=tmp_path / "out")

@@ -11,17 +11,18 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import device
 from .. import metrics as M
-from ..artifacts import ECD_WEIGHTS, METADATA_FILE, read_json, write_json
+from ..artifacts import ECD_WEIGHTS, METADATA_FILE, hub_source_errors, read_json, write_json
 from ..data.cache import cache_root, configured_cache_dir
 from ..data.read import check_not_empty, require_columns
 from ..errors import DataError, ModelFolderError
-from .. import device
 from ..train.loop import TrainResult, TrainTask, fit, freeze_by_regex, process_state
 from . import features as FT
 from .embed_cache import EmbeddingCache, cached_embeddings, embed_texts
 from .network import CategoryEmbedding, EcdNet, output_loss
-from .text_encoder import TextEncoder, check_encoder_sources, fingerprint, load_tokenizer, revision_known
+from .text_encoder import (TextEncoder, check_encoder_sources, encoder_source, fingerprint, load_tokenizer,
+                           revision_known)
 
 DEFAULT_BATCH_SIZE = 64
 # a saved ecd model names its pretrained encoder; the encoder's pretrained weights are not in the model folder
@@ -52,14 +53,21 @@ class EcdModel:
     def _encoder(self, feature):
         if feature.name not in self._encoders:
             cache = str(self._cache_folder())  # where a GGUF encoder's converted copy goes
-            tokenizer = load_tokenizer(feature.encoder, cache)
-            self._encoders[feature.name] = (TextEncoder(feature.encoder, cache=cache), tokenizer)
+            with self._hub_source_errors(feature):
+                tokenizer = load_tokenizer(feature.encoder, cache)
+                self._encoders[feature.name] = (TextEncoder(feature.encoder, cache=cache), tokenizer)
         return self._encoders[feature.name]
 
     def _tokenizer(self, feature):
         if feature.name in self._encoders:
             return self._encoders[feature.name][1]
-        return load_tokenizer(feature.encoder, str(self._cache_folder()))
+        with self._hub_source_errors(feature):
+            return load_tokenizer(feature.encoder, str(self._cache_folder()))
+
+    def _hub_source_errors(self, feature):
+        index = [f.name for f in self.config.input_features].index(feature.name)
+        return hub_source_errors(encoder_source(feature.encoder),
+                                 f"input_features[{index}].encoder.pretrained_model_name_or_path")
 
     def _cache_folder(self) -> Path:
         return cache_root(configured_cache_dir(self.config))

@@ -74,10 +74,8 @@ def load_backbone(encoder_cfg, cache: Optional[str] = None) -> nn.Module:
     if getattr(encoder_cfg, "use_pretrained", True):
         # safetensors only, whatever pretrained_kwargs say: transformers would otherwise fall back on pickled .bin
         kwargs["use_safetensors"] = True
-        model = AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
-    else:
-        model = AutoModel.from_config(AutoConfig.from_pretrained(path, **kwargs))
-    return model
+        return AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
+    return AutoModel.from_config(AutoConfig.from_pretrained(path, **kwargs))
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..artifacts import check_local_source, check_remote_code, refuse_pickled_weights
+from ..artifacts import check_local_source, check_remote_code, hub_source_errors, refuse_pickled_weights
 from ..data import assets
 from ..data.cache import cache_root
 
@@ -93,7 +93,8 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     check_local_model(source, trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with hub_source_errors(source, "base_model"):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     fix_special_tokens(tokenizer)
     return tokenizer
 
@@ -118,13 +119,15 @@ def load_causal_lm(source: str, *, dtype: torch.dtype, trust_remote_code: bool =
     check_local_model(source, trust_remote_code)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if rope_scaling:
-        kwargs["config"] = scaled_rope_config(source, rope_scaling, trust_remote_code)
+        with hub_source_errors(source, "base_model"):
+            kwargs["config"] = scaled_rope_config(source, rope_scaling, trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
         kwargs["quantization_config"] = bnb_config(quantization)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    with hub_source_errors(source, "base_model"):
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
 
 def scaled_rope_config(source: str, rope_scaling: dict, trust_remote_code: bool = False):

@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..artifacts import hub_source_errors
 from ..data import assets
 
 
@@ -28,7 +29,10 @@ class Retriever:
 
         if self._encoder is None:
             source = assets.resolve_model_name(self.model_name)
-            self._encoder = (AutoTokenizer.from_pretrained(source), AutoModel.from_pretrained(source).eval())
+            with hub_source_errors(source, "prompt.retrieval.model_name"):
+                # never remote code: a retrieval encoder's config cannot ask for it
+                self._encoder = (AutoTokenizer.from_pretrained(source, trust_remote_code=False),
+                                 AutoModel.from_pretrained(source, trust_remote_code=False, use_safetensors=True).eval())
         tok, model = self._encoder
         out = []
         with torch.no_grad():
