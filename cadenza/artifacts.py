@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -54,8 +55,22 @@ def write_json(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and an atomic rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
+    tmp.write_text(json.dumps(_finite(data), indent=2, default=_jsonable, allow_nan=False))
     os.replace(tmp, path)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities (a metric that cannot be computed on a split, e.g. roc_auc with one class) become null:
+    strict JSON readers (jq, JavaScript, many dashboards) refuse Python's NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return _finite(value.item())
+    return value
 
 
 def read_json(path: Path) -> Any:

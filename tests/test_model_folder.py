@@ -351,3 +351,14 @@ def test_unreachable_hub_encoder_names_the_feature_key(tmp_path):
     with pytest.raises(HubError, match=r"^input_features\[0\]\.encoder\.pretrained_model_name_or_path: "
                                        r"'no-such-org/encoder' is not a local folder"):
         Model(ecd_config("no-such-org/encoder"), log=quiet).train(ECD_ROWS, output_directory=tmp_path / "out")
+
+
+def test_statistics_files_are_strict_json(tmp_path):
+    """A metric that cannot be computed on a split (NaN) is written as null, so jq and JavaScript can read it."""
+    import numpy as np
+
+    from cadenza.artifacts import write_json
+
+    write_json(tmp_path / "s.json", {"roc_auc": float("nan"), "f1": [np.float32("inf"), 0.5], "n": np.int64(3)})
+    assert json.loads((tmp_path / "s.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
+        {"roc_auc": None, "f1": [None, 0.5], "n": 3}
