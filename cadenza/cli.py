@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .share.hub import register_cli
 
     register_cli(sub)
+    from .serve import register_cli as register_serve; register_serve(sub)  # noqa: E702
     _add_debug_flag(parser, sub)
     return parser
 
