@@ -92,7 +92,7 @@ class Model:
         splits = self._splits(dataset, training_set, validation_set, test_set, random_seed, log)
         self._splits_used = splits
         # what a resumed run must find unchanged; stored in every checkpoint
-        fingerprints = run_fingerprints(self.config.model_dump(mode="json"), splits, random_seed)
+        fingerprints = run_fingerprints(self.config.model_dump(mode="json"), splits, random_seed, dist.num_processes)
         description = self._description(splits, fingerprints)
         with self._run_folder(output_directory, experiment_name, model_name, resume, fingerprints, description,
                               log) as run_dir:

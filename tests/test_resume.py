@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from safetensors.numpy import load_file
 
 from cadenza import Model
 from cadenza.errors import ModelFolderError
-from cadenza.train.checkpoint import ResumeError
+from cadenza.train.checkpoint import ResumeError, check_resumable
 from cadenza.train.interrupt import TrainingInterrupted
 from cadenza.train.run_folder import LOCK_FILE, RunFolderBusy, locked, new_run_dir
 
@@ -104,12 +105,14 @@ KINDS = {
 }
 
 
-def stop_in_step(workdir: Path, args: list[str], step: int, sig: int) -> subprocess.CompletedProcess:
+def stop_in_step(workdir: Path, args: list[str], step: int, sig: int,
+                 command: Optional[list[str]] = None) -> subprocess.CompletedProcess:
     """Run the driver until it pauses inside optimizer step `step`, send `sig`, let it go on, wait for its end."""
     flags = workdir / f"flags-{time.monotonic_ns()}"
     flags.mkdir()
     env = {**os.environ, "CADENZA_TEST_PAUSE_AT_STEP": str(step), "CADENZA_TEST_FLAGS": str(flags)}
-    proc = subprocess.Popen([sys.executable, str(workdir / "driver.py"), *args], cwd=workdir, env=env,
+    command = command or [sys.executable, str(workdir / "driver.py")]
+    proc = subprocess.Popen(command + args, cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (flags / "paused").exists():
@@ -226,6 +229,10 @@ def test_resume_refuses_other_data_or_seed(interrupted_run):
         Model(config, log=quiet).train(pd.concat([df, df.head(2)]), output_directory=run_dir.parent, resume=True)
     with pytest.raises(ResumeError, match=r"random_seed: 42 in the checkpoint, 7 now; .*resume with --random_seed 42"):
         Model(config, log=quiet).train(df, output_directory=run_dir.parent, resume=True, random_seed=7)
+    fingerprints = json.loads((run_dir / "checkpoint" / "state.json").read_text())["fingerprints"]
+    with pytest.raises(ResumeError, match=r"processes: 1 in the checkpoint, 2 now; resume with the same number of "
+                                          r"processes \(1\) or start a new run$"):
+        check_resumable(run_dir, {**fingerprints, "processes": 2})  # as under `torchrun --nproc_per_node 2`
     out = Model(config, log=quiet).train(df, output_directory=run_dir.parent, resume=run_dir)  # unchanged: resumes
     assert out.run_dir == run_dir and (run_dir / "model").is_dir()
 
@@ -274,3 +281,33 @@ def test_a_run_that_fails_before_training_leaves_no_folder(tiny_bert_dir, cache_
     config, _ = ecd_case(tiny_bert_dir, trainable=False)
     config["trainer"].update(epochs=1)
     assert Model(config, log=quiet).train(df, output_directory=tmp_path / "out").run_dir.name == "experiment_run"
+
+
+def test_two_processes_stop_together_on_sigterm_and_resume_to_the_same_model(tiny_bert_dir, cache_dir, tmp_path):
+    """torchrun forwards SIGTERM to both processes: they stop at the same step, the main one saves every process's
+    random states, and the resumed pair trains on exactly as the uninterrupted pair."""
+    config, df = ecd_case(tiny_bert_dir, trainable=False)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    df.to_csv(tmp_path / "data.csv", index=False)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
+    args = ["train", "-c", "config.yaml", "--dataset", "data.csv"]
+    reference = subprocess.run(torchrun + ["-m", "cadenza"] + args + ["-od", "reference"], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    stopped = stop_in_step(tmp_path, args + ["-od", "cut"], 4, signal.SIGTERM,
+                           command=torchrun + [str(tmp_path / "driver.py")])
+    assert "interrupted: checkpoint saved in cut/experiment_run/checkpoint" in stopped.stderr, stopped.stderr[-3000:]
+    run_dir = tmp_path / "cut" / "experiment_run"
+    saved = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert saved["state"]["global_step"] == 4 and len(saved["rng"]) == 2
+
+    resumed = subprocess.run(torchrun + ["-m", "cadenza"] + args + ["-od", "cut", "--resume"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = statistics(tmp_path / "reference" / "experiment_run"), statistics(run_dir)
+    np.testing.assert_allclose(got["training_loss"], expected["training_loss"], rtol=1e-6)
+    np.testing.assert_allclose(got["validation"], expected["validation"], rtol=1e-6)
+    a, b = saved_weights(tmp_path / "reference" / "experiment_run"), saved_weights(run_dir)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6

@@ -2,11 +2,12 @@
 
     checkpoint/
       state.json             format, file list, the loop's counters, running sums, statistics and best-so-far,
-                             the python and numpy random states, and the run's fingerprints (config, seed, data)
+                             the python and numpy random states of each process, and the run's fingerprints
+                             (config, seed, data, number of processes)
       weights.safetensors    trained parameters and buffers (frozen pretrained weights are left out: never change)
       best.safetensors       the best weights so far, only when they are not the current ones
-      training_state.pt      optimizer and scheduler state, torch CPU/CUDA random states: tensors and plain
-                             containers only, read back with torch.load(weights_only=True)
+      training_state.pt      optimizer and scheduler state, torch CPU/CUDA random states of each process:
+                             tensors and plain containers only, read back with torch.load(weights_only=True)
 
 A checkpoint is only ever written at an optimizer-step boundary, in one atomic folder swap, so what is on disk is
 always a state the uninterrupted run also went through: resuming from it replays the same steps with the same
@@ -49,7 +50,7 @@ class Checkpoint:
     best_weights: Optional[dict[str, torch.Tensor]]
     optimizer: dict
     scheduler: dict
-    rng: dict
+    rng: list[dict]  # one per process, in rank order
 
 
 # ------------------------------------------------------------------------------------------------- weights
@@ -93,15 +94,18 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------- random states
-def random_states() -> tuple[dict, dict]:
-    """(torch generators as tensors, python and numpy states as JSON): every generator a step may draw from."""
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state_all()
+TENSOR_STATES = ("torch", "cuda")  # saved in training_state.pt; the others are JSON
+
+
+def random_states() -> dict:
+    """This process's state of every generator a step may draw from (dropout, noise, shuffles)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    plain = {"numpy": [name, keys.tolist(), pos, has_gauss, gauss], "python": [version, list(internal), gauss_next]}
-    return tensors, plain
+    states = {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+              "python": [version, list(internal), gauss_next]}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
 
 
 def restore_random_states(rng: dict) -> None:
@@ -116,8 +120,10 @@ def restore_random_states(rng: dict) -> None:
 
 # ------------------------------------------------------------------------------------------- save and read
 def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer, scheduler, state: dict,
-                    best_weights: Optional[dict], best_is_current: bool, fingerprints: Optional[dict]) -> None:
-    """Write the checkpoint folder in one atomic swap (a crash leaves the previous checkpoint whole)."""
+                    best_weights: Optional[dict], best_is_current: bool, rng: list[dict],
+                    fingerprints: Optional[dict]) -> None:
+    """Write the checkpoint folder in one atomic swap (a crash leaves the previous checkpoint whole).
+    rng: `random_states()` of every process, in rank order."""
     with atomic_dir(ckpt_dir) as tmp:
         save_file(_unshared(trainable_state(model)), str(tmp / WEIGHTS))
         files = [STATE, WEIGHTS, TRAINING_STATE]
@@ -127,11 +133,11 @@ def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer, scheduler
             if not best_is_current:  # most evaluations improve: the best weights are then the current ones
                 save_file(_unshared(best_weights), str(tmp / BEST))
                 files.append(BEST)
-        torch_rng, plain_rng = random_states()
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch_rng},
-                   tmp / TRAINING_STATE)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": [{k: v for k, v in r.items() if k in TENSOR_STATES} for r in rng]}, tmp / TRAINING_STATE)
         write_json(tmp / STATE, {"format": FORMAT, "files": files, "state": state, "best_weights": best,
-                                 "rng": plain_rng, "fingerprints": fingerprints})
+                                 "rng": [{k: v for k, v in r.items() if k not in TENSOR_STATES} for r in rng],
+                                 "fingerprints": fingerprints})
 
 
 def read_checkpoint(ckpt_dir: Path) -> Checkpoint:
@@ -144,8 +150,8 @@ def read_checkpoint(ckpt_dir: Path) -> Checkpoint:
         best = weights
     # optimizer state is moved to each parameter's device by Optimizer.load_state_dict
     extra = torch.load(ckpt_dir / TRAINING_STATE, weights_only=True, map_location="cpu")
-    return Checkpoint(saved["state"], weights, best, extra["optimizer"], extra["scheduler"],
-                      {**extra["rng"], **saved["rng"]})
+    rng = [{**tensors, **plain} for tensors, plain in zip(extra["rng"], saved["rng"])]
+    return Checkpoint(saved["state"], weights, best, extra["optimizer"], extra["scheduler"], rng)
 
 
 def read_state(ckpt_dir: Path) -> dict:
@@ -170,11 +176,11 @@ def read_state(ckpt_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
-def run_fingerprints(config: dict, splits: dict, seed: int) -> dict:
+def run_fingerprints(config: dict, splits: dict, seed: int, processes: int) -> dict:
     """What must not change between a run and its resumption: the whole resolved config (no key is exempt: each
-    one changes either the model, the data it sees or the schedule), the seed, and the training and validation
-    data."""
-    return {"config": config, "random_seed": seed,
+    one changes either the model, the data it sees or the schedule), the seed, the training and validation data,
+    and the number of processes (it decides which batches each process takes and the steps per epoch)."""
+    return {"config": config, "random_seed": seed, "processes": processes,
             "data": {name: data_fingerprint(splits[name]) for name in ("training", "validation") if name in splits}}
 
 
@@ -200,6 +206,10 @@ def check_resumable(run_dir: Path, fingerprints: dict) -> None:
     if seed != fingerprints["random_seed"]:
         differences.append(f"random_seed: {seed} in the checkpoint, {fingerprints['random_seed']} now")
         remedies.append(f"--random_seed {seed}")
+    processes = then.get("processes")
+    if processes != fingerprints["processes"]:
+        differences.append(f"processes: {processes} in the checkpoint, {fingerprints['processes']} now")
+        remedies.append(f"the same number of processes ({processes})")
     data = [f"{split} data: {_rows_then_and_now(then.get('data', {}).get(split), now)}"
             for split, now in fingerprints["data"].items() if then.get("data", {}).get(split) != now]
     if data:

@@ -44,10 +44,6 @@ class StopRequest:
         self.checkpoint = checkpoint
         self.signum: Optional[int] = None
 
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
     def handle(self, signum: int, frame) -> None:
         if self.signum is not None:
             raise TrainingInterrupted(signum, self.checkpoint, saved=False)

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from ..config.schema import TrainerConfig
 from ..device import Precision, is_cuda, peak_flops
 from ..metrics import is_better
-from .checkpoint import (CHECKPOINT, load_trainable_state, read_checkpoint, restore_random_states, save_checkpoint,
-                         trainable_state)
+from .checkpoint import (CHECKPOINT, load_trainable_state, random_states, read_checkpoint, restore_random_states,
+                         save_checkpoint, trainable_state)
 from .interrupt import TrainingInterrupted, stop_on_signals
 
 __all__ = ["CHECKPOINT", "TrainTask", "TrainResult", "StepPlan", "plan_steps", "fit", "process_state",
@@ -179,10 +179,18 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         log(f"resuming from {ckpt_dir}: epoch {state.epoch + 1}, step {state.global_step}")
 
     def save() -> None:
-        accelerator.wait_for_everyone()
+        rng = every_process_random_states(accelerator)  # each process draws its own dropout masks
         if ckpt_dir and accelerator.is_main_process:
             save_checkpoint(ckpt_dir, unwrapped, optimizer, scheduler, asdict(state), best_weights,
-                            state.best_step == state.global_step, fingerprints)
+                            state.best_step == state.global_step, rng, fingerprints)
+        accelerator.wait_for_everyone()
+
+    def stop_if_asked(stop) -> None:
+        """At a step boundary: if SIGTERM/SIGINT asked to stop, save a checkpoint and stop."""
+        signum = agreed_signal(stop, accelerator)
+        if signum:
+            save()
+            raise TrainingInterrupted(signum, ckpt_dir)
 
     def evaluate_and_track(epoch: int, say: Callable) -> tuple[Optional[dict], bool]:
         """A validation round: update the best-so-far and the plateau/early-stop counters."""
@@ -197,7 +205,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     started, totals = time.perf_counter(), Throughput()
     with stop_on_signals(ckpt_dir) as stop:
         if saved:  # last before the first step: from here on, draws happen exactly as in the uninterrupted run
-            restore_random_states(saved.rng)
+            restore_random_states(saved.rng[accelerator.process_index])
         while state.epoch < cfg.epochs and not state.done:
             epoch = state.epoch
             model.train()
@@ -211,9 +219,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
             for group in islice(groups, state.step_in_epoch, None):  # resumed mid-epoch: skip the steps taken
                 if state.stopped_early or state.global_step >= plan.total_steps:
                     break
-                if stopping(stop, accelerator):
-                    save()
-                    raise TrainingInterrupted(stop.signum, ckpt_dir)
+                stop_if_asked(stop)
                 # one optimizer step: accumulate over the effective batch, clip, step
                 loss_sum, weight, total_weight, tokens = accumulate_gradients(accelerator, model, task, group,
                                                                               autocast, world)
@@ -243,9 +249,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                 if checkpoint_due(cfg, plan, state) and not (epoch_done and cfg.checkpoints_per_epoch):
                     save()
             bar.close()
-            if stopping(stop, accelerator):  # every step of the epoch taken; the epoch's end comes after resuming
-                save()
-                raise TrainingInterrupted(stop.signum, ckpt_dir)
+            stop_if_asked(stop)  # every step of the epoch taken: a resumed run starts with the epoch's end
 
             # ---- epoch end: training figures, validation, best weights, plateau, early stopping, checkpoint
             session.stop()
@@ -392,12 +396,22 @@ def checkpoint_due(cfg: TrainerConfig, plan: StepPlan, state: TrainState) -> boo
     return bool(every) and state.global_step % every == 0
 
 
-def stopping(stop, accelerator: Accelerator) -> bool:
-    """Whether a signal asked to stop; with several processes, whether any was asked, so all stop at one step."""
+def every_process_random_states(accelerator: Accelerator) -> list[dict]:
+    """`random_states()` of every process, in rank order (the main process writes them all)."""
     if accelerator.num_processes == 1:
-        return stop.requested
-    asked = torch.tensor(float(stop.requested), device=accelerator.device)
-    return bool(accelerator.reduce(asked, "sum") > 0)
+        return [random_states()]
+    from accelerate.utils import gather_object
+
+    return gather_object([random_states()])
+
+
+def agreed_signal(stop, accelerator: Accelerator) -> Optional[int]:
+    """The signal that asked the run to stop, if any; with several processes, any process's, so that all stop at
+    the same step (a process that went on alone would wait forever in the next gradient all-reduce)."""
+    if accelerator.num_processes == 1:
+        return stop.signum
+    asked = accelerator.gather(torch.tensor([stop.signum or 0], device=accelerator.device))
+    return int(asked.max()) or None
 
 
 # ================================================================================================== evaluation
