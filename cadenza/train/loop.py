@@ -88,6 +88,13 @@ class TrainState:
     best_step: int = 0
     statistics: dict = field(default_factory=lambda: {"training": [], "validation": [], "validation_steps": []})
 
+    def count_step(self, loss_sum: float, weight: float) -> None:
+        """One optimizer step taken; `weight` is this process's share (its loss sum is over those units)."""
+        self.global_step += 1
+        self.step_in_epoch += 1
+        self.epoch_loss += loss_sum
+        self.epoch_weight += weight
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -212,43 +219,40 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
             if state.step_in_epoch == 0:
                 state.epoch_loss = state.epoch_weight = 0.0
             session = Throughput()  # what this process trained of this epoch, for the throughput line
-            bar = tqdm(total=plan.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
             groups = micro_batch_groups(task.batches(epoch), plan.accumulation, accelerator.process_index, world,
                                         task.num_batches)
-            for group in islice(groups, state.step_in_epoch, None):  # resumed mid-epoch: skip the steps taken
-                if state.stopped_early or state.global_step >= plan.total_steps:
-                    break
-                stop_if_asked(stop)
-                # one optimizer step: accumulate over the effective batch, clip, step
-                loss_sum, weight, total_weight, tokens = accumulate_gradients(accelerator, model, task, group,
-                                                                              autocast, world)
-                if cfg.regularization_lambda and cfg.regularization_type in ("l1", "l1_l2"):
-                    add_l1_gradient(trainable, cfg.regularization_lambda)
-                clip_gradients(accelerator, model, cfg)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            bar = tqdm(total=plan.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
+            with bar:  # closed (and cleared) however the epoch ends, an interruption included
+                for group in islice(groups, state.step_in_epoch, None):  # resumed mid-epoch: skip the steps taken
+                    if state.stopped_early or state.global_step >= plan.total_steps:
+                        break
+                    stop_if_asked(stop)
+                    # one optimizer step: accumulate over the effective batch, clip, step
+                    loss_sum, weight, total_weight, tokens = accumulate_gradients(accelerator, model, task, group,
+                                                                                  autocast, world)
+                    if cfg.regularization_lambda and cfg.regularization_type in ("l1", "l1_l2"):
+                        add_l1_gradient(trainable, cfg.regularization_lambda)
+                    clip_gradients(accelerator, model, cfg)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
 
-                state.global_step += 1
-                state.step_in_epoch += 1
-                state.epoch_loss += loss_sum
-                state.epoch_weight += weight  # this rank's share: its loss sum is over these units
-                session.add(weight, tokens)
-                totals.add(total_weight, tokens * world)
-                bar.update(1)
-                bar.set_postfix(loss=f"{state.epoch_loss / max(state.epoch_weight, 1):.4f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                epoch_done = state.step_in_epoch >= plan.steps_per_epoch or state.global_step >= plan.total_steps
-                if cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and not epoch_done:
-                    metrics, _ = evaluate_and_track(epoch, bar.write)
-                    if metrics:
-                        state.statistics["validation_steps"].append({"epoch": epoch + 1, "step": state.global_step,
-                                                                     **metrics})
-                        bar.write(f"step {state.global_step}: validation {summary_metric(metrics, cfg)}")
-                if checkpoint_due(cfg, plan, state) and not (epoch_done and cfg.checkpoints_per_epoch):
-                    save()
-            bar.close()
+                    state.count_step(loss_sum, weight)
+                    session.add(weight, tokens)
+                    totals.add(total_weight, tokens * world)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{state.epoch_loss / max(state.epoch_weight, 1):.4f}",
+                                    lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                    epoch_done = state.step_in_epoch >= plan.steps_per_epoch or state.global_step >= plan.total_steps
+                    if cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and not epoch_done:
+                        metrics, _ = evaluate_and_track(epoch, bar.write)
+                        if metrics:
+                            state.statistics["validation_steps"].append({"epoch": epoch + 1, "step": state.global_step,
+                                                                         **metrics})
+                            bar.write(f"step {state.global_step}: validation {summary_metric(metrics, cfg)}")
+                    if checkpoint_due(cfg, plan, state) and not (epoch_done and cfg.checkpoints_per_epoch):
+                        save()
             stop_if_asked(stop)  # every step of the epoch taken: a resumed run starts with the epoch's end
 
             # ---- epoch end: training figures, validation, best weights, plateau, early stopping, checkpoint
