@@ -195,16 +195,22 @@ class Model:
         return self.model.evaluate(read_dataset(dataset), batch_size=batch_size)
 
     def experiment(self, dataset: Optional[DatasetSource] = None, **train_kwargs) -> tuple[TrainOutput, dict]:
-        """Train, then evaluate on the test split; writes test_statistics.json and predictions.csv."""
+        """Train, then evaluate on the test split; writes test_statistics.json and predictions.csv, and the plots
+        learning_curves.png and (category outputs) confusion_matrix.png when matplotlib is installed."""
         out = self.train(dataset, **train_kwargs)
         test = self._splits_used.get("test")
         test_stats: dict = {}
+        predictions = None
         if test is not None and len(test):
             test_stats, predictions = self.evaluate(test)
             write_json(out.run_dir / "test_statistics.json", test_stats)
             predictions.to_csv(out.run_dir / "predictions.csv", index=False)
         else:
             self.log("no test split: skipping evaluation")
+        if process_state().is_main_process:
+            from .plots import write_run_plots  # never raises: a plot that fails is one line of log
+
+            write_run_plots(out.run_dir, test, predictions, self.log)
         return out, test_stats
 
     def generate(self, prompts: Union[str, list[str]], **generation) -> list[str]:
