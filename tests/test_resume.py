@@ -72,7 +72,7 @@ def ecd_case(bert: Path, trainable: bool) -> tuple[dict, pd.DataFrame]:
         "output_features": [{"name": "sentiment", "type": "category"}, {"name": "rating", "type": "number"}],
         "combiner": {"dropout": 0.2},  # random draws in every step: resuming must replay them
         # 35 training rows in batches of 8: 5 steps per epoch; evaluations within epochs too
-        "trainer": {"epochs": 3, "batch_size": 8, "learning_rate": 0.01, "early_stop": -1, "eval_steps": 3,
+        "trainer": {"epochs": 2, "batch_size": 8, "learning_rate": 0.01, "early_stop": -1, "eval_steps": 3,
                     "steps_per_checkpoint": 2},
     }
     return config, df
@@ -235,6 +235,11 @@ def test_resume_refuses_other_data_or_seed(interrupted_run):
         check_resumable(run_dir, {**fingerprints, "processes": 2})  # as under `torchrun --nproc_per_node 2`
     out = Model(config, log=quiet).train(df, output_directory=run_dir.parent, resume=run_dir)  # unchanged: resumes
     assert out.run_dir == run_dir and (run_dir / "model").is_dir()
+    with pytest.raises(ResumeError, match=r"no checkpoint to resume there \(the run finished: its model is in "
+                                          r"model/\)"):
+        Model(config, log=quiet).train(df, output_directory=run_dir.parent, resume=run_dir)
+    with pytest.raises(ResumeError, match=r"--resume: no interrupted run of experiment_run in "):
+        Model(config, log=quiet).train(df, output_directory=run_dir.parent, resume=True)
 
 
 def test_resume_refuses_an_incomplete_checkpoint(interrupted_run):
@@ -242,6 +247,11 @@ def test_resume_refuses_an_incomplete_checkpoint(interrupted_run):
     (run_dir / "checkpoint" / "training_state.pt").unlink()
     with pytest.raises(ResumeError, match=r"its checkpoint .*checkpoint is incomplete \(training_state.pt missing\); "
                                           r"start a new run \(without --resume\)"):
+        Model(config, log=quiet).train(df, output_directory=run_dir.parent, resume=True)
+    state = run_dir / "checkpoint" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "format": 1}))
+    with pytest.raises(ResumeError, match=r"its checkpoint was written by another Cadenza version \(checkpoint format "
+                                          r"1; this one reads 2\); start a new run \(without --resume\)"):
         Model(config, log=quiet).train(df, output_directory=run_dir.parent, resume=True)
 
 
@@ -283,6 +293,7 @@ def test_a_run_that_fails_before_training_leaves_no_folder(tiny_bert_dir, cache_
     assert Model(config, log=quiet).train(df, output_directory=tmp_path / "out").run_dir.name == "experiment_run"
 
 
+@pytest.mark.integration
 def test_two_processes_stop_together_on_sigterm_and_resume_to_the_same_model(tiny_bert_dir, cache_dir, tmp_path):
     """torchrun forwards SIGTERM to both processes: they stop at the same step, the main one saves every process's
     random states, and the resumed pair trains on exactly as the uninterrupted pair."""
