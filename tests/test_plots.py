@@ -445,6 +445,12 @@ def test_run_plots_never_raise_and_say_why_they_are_missing(run, monkeypatch):
     assert len(logs) == 1 and logs[0].startswith("warning: learning_curves.png not written: ")
 
     write_json(run["trs"], _training_statistics())
+    metadata = json.loads(run["gm"].read_text())
+    write_json(run["gm"], {name: meta for name, meta in metadata.items() if name != "sentiment"})
+    logs.clear()  # no category output: learning curves alone, and nothing to say about it
+    assert write_run_plots(run["dir"], pd.read_csv(run["g"]), pd.read_csv(run["pred"]), log=logs.append) == [
+        run["dir"] / "learning_curves.png"] and logs == []
+
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
     logs.clear()
     truth = pd.read_csv(run["g"])
@@ -497,3 +503,16 @@ def test_experiment_writes_its_plots_and_visualize_finds_the_test_rows_of_the_da
     [line] = [line for line in roc["roc_curves_liked"].axes[0].get_lines() if not line.get_label().startswith("_")]
     assert compute.area_under(np.asarray(line.get_xdata()), np.asarray(line.get_ydata())) == pytest.approx(
         test_stats["liked"]["roc_auc"], abs=1e-9)
+
+
+def test_every_visualization_has_its_drawing_function_and_its_section_in_the_docs():
+    from pathlib import Path
+
+    from cadenza.plots import FLAGS, VISUALIZATIONS, views
+
+    doc = (Path(__file__).parent.parent / "docs" / "visualize.md").read_text()
+    for name in VISUALIZATIONS:
+        assert callable(getattr(views, name, None)), f"cadenza.plots.views.{name} is missing"
+        assert f"### {name}\n" in doc and f"cadenza visualize -v {name} " in doc, f"docs/visualize.md: {name}"
+    for f in FLAGS:
+        assert f"| `{f.names[0]}`, `{f.names[1]}` |" in doc, f"docs/visualize.md: {f.names}"

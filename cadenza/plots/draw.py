@@ -68,6 +68,9 @@ def learning_curve_panel(ax, feature: str, metric: str, curves: Sequence[tuple[s
             if points:
                 x, y = zip(*points)
                 ax.plot(x, y, style, color=colour, marker="o", markersize=3, label=_join(model, split))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs; step evaluations still sit between them
     ax.set_title(f"{feature} {metric}")
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)

@@ -218,7 +218,9 @@ def _experiment_test_split(data: pd.DataFrame, run_dir: Path) -> Optional[pd.Dat
     from ..train.checkpoint import data_fingerprint
 
     description = read_json(path)
-    preprocessing, seed = description["config"]["preprocessing"], description["random_seed"]
+    preprocessing, seed = (description.get("config") or {}).get("preprocessing"), description.get("random_seed")
+    if preprocessing is None or seed is None:
+        return None  # a description without the split's config and seed: nothing to draw the split again from
     try:
         sampled = sample(data, preprocessing["sample_ratio"], preprocessing["sample_size"], seed)
         splits = split_dataset(sampled, SplitConfig(**preprocessing["split"]), seed)

@@ -109,9 +109,9 @@ def confusion_matrix(request: Request) -> dict:
 
 def confusion_matrices_overview(request: Request):
     """One panel per category output of one run (the run folder's confusion_matrix.png); None without any."""
-    items = classified(request, "predictions", kinds=("category",))
-    if not items:
+    if not any(o.type == "category" for o in read_outputs(request.ground_truth_metadata).values()):
         return None
+    items = classified(request, "predictions", kinds=("category",))
     matrices = [_counts(c) for c in items]
     figure, axes = draw.new_figure(len(items), size=_matrix_size(max(len(labels) for _, labels in matrices)))
     for ax, c, (counts, labels) in zip(axes, items, matrices):
