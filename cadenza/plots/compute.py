@@ -39,7 +39,7 @@ def learning_series(statistics: dict) -> Series:
 
 def _ludwig_series(statistics: dict) -> Series:
     series: Series = {}
-    for split in ("training", "validation", "test"):
+    for split in ("training", "validation"):  # what learning curves show (Ludwig's "test" curves too are not)
         for feature, metrics in (statistics.get(split) or {}).items():
             for metric, values in metrics.items():
                 if isinstance(values, list):

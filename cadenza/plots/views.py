@@ -89,7 +89,7 @@ def compare_performance(request: Request) -> dict:
 def _comparable_metrics(per_model: list[dict]) -> list[str]:
     """Metrics with a number in every model's statistics, but the loss (as Ludwig: its scale is not the others').
     A metric undefined in a model (null: roc_auc with one class) is left out for all."""
-    return [k for k, v in per_model[0].items()
+    return [k for k in per_model[0]
             if k != "loss" and all(compute.is_number(stats.get(k)) for stats in per_model)]
 
 
