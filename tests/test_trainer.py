@@ -210,3 +210,33 @@ def test_training_in_another_thread_installs_no_signal_handlers():
     thread.start()
     thread.join()
     assert [getattr(r, "steps", r) for r in outcome] == [1]
+
+
+def test_resume_refuses_other_batches(tmp_path):
+    """Config and data are compared before (tests/test_resume.py); a batch size chosen at run time (batch_size:
+    auto on a GPU) could still change the steps per epoch, and with them what `step_in_epoch` means."""
+    import os
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from cadenza.train.checkpoint import ResumeError
+    from cadenza.train.interrupt import TrainingInterrupted
+
+    x, y = data(12)
+    cfg = TrainerConfig(epochs=2, learning_rate=0.1)
+    handle = register_optimizer_step_post_hook(lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        with pytest.raises(TrainingInterrupted):
+            fit(fresh_model(), task_for([(x[i:i + 3], y[i:i + 3]) for i in range(0, 12, 3)]), cfg, run_dir=tmp_path,
+                log=lambda _: None)
+    finally:
+        handle.remove()
+    with pytest.raises(ResumeError, match=r"its batches differ from the checkpoint's: micro_batches_per_epoch: 4 in "
+                                          r"the checkpoint, 2 now; steps_per_epoch: 4 in the checkpoint, 2 now; "
+                                          r"total_steps: 8 in the checkpoint, 4 now; with trainer.batch_size: auto"):
+        fit(fresh_model(), task_for([(x[:6], y[:6]), (x[6:], y[6:])]), cfg, run_dir=tmp_path, resume=True,
+            log=lambda _: None)
+    result = fit(fresh_model(), task_for([(x[i:i + 3], y[i:i + 3]) for i in range(0, 12, 3)]), cfg, run_dir=tmp_path,
+                 resume=True, log=lambda _: None)
+    assert result.steps == 8

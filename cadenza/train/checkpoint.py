@@ -51,6 +51,7 @@ class Checkpoint:
     optimizer: dict
     scheduler: dict
     rng: list[dict]  # one per process, in rank order
+    fingerprints: dict
 
 
 # ------------------------------------------------------------------------------------------------- weights
@@ -151,7 +152,8 @@ def read_checkpoint(ckpt_dir: Path) -> Checkpoint:
     # optimizer state is moved to each parameter's device by Optimizer.load_state_dict
     extra = torch.load(ckpt_dir / TRAINING_STATE, weights_only=True, map_location="cpu")
     rng = [{**tensors, **plain} for tensors, plain in zip(extra["rng"], saved["rng"])]
-    return Checkpoint(saved["state"], weights, best, extra["optimizer"], extra["scheduler"], rng)
+    return Checkpoint(saved["state"], weights, best, extra["optimizer"], extra["scheduler"], rng,
+                      saved.get("fingerprints") or {})
 
 
 def read_state(ckpt_dir: Path) -> dict:
@@ -221,6 +223,16 @@ def check_resumable(run_dir: Path, fingerprints: dict) -> None:
             differences = differences[:MAX_LISTED] + [f"and {len(differences) - MAX_LISTED} more"]
         raise ResumeError(f"cannot resume {run_dir}: the run differs from its checkpoint: {'; '.join(differences)}; "
                           f"resume with {_and(remedies)} or start a new run")
+
+
+def check_same_batches(ckpt_dir: Path, then: Optional[dict], now: dict) -> None:
+    """The loop's step arithmetic must be the checkpoint's: `step_in_epoch` counts steps of these batches. The
+    config and data are checked before (check_resumable); what is left is a batch size chosen at run time."""
+    differences = _differences(then or {}, now)
+    if differences:
+        raise ResumeError(f"cannot resume {ckpt_dir.parent}: its batches differ from the checkpoint's: "
+                          f"{'; '.join(differences)}; with trainer.batch_size: auto, set the batch size the run "
+                          "started with (its log says it), or start a new run")
 
 
 def _rows_then_and_now(then: Optional[dict], now: dict) -> str:

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from ..config.schema import TrainerConfig
 from ..device import Precision, is_cuda, peak_flops
 from ..metrics import is_better
-from .checkpoint import (CHECKPOINT, load_trainable_state, random_states, read_checkpoint, restore_random_states,
-                         save_checkpoint, trainable_state)
+from .checkpoint import (CHECKPOINT, check_same_batches, load_trainable_state, random_states, read_checkpoint,
+                         restore_random_states, save_checkpoint, trainable_state)
 from .interrupt import TrainingInterrupted, stop_on_signals
 
 __all__ = ["CHECKPOINT", "TrainTask", "TrainResult", "StepPlan", "plan_steps", "fit", "process_state",
@@ -151,7 +151,8 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         resume: bool = False, seed: int = 42, precision: Precision = Precision(False, "fp32"),
         fingerprints: Optional[dict] = None, log: Callable = print) -> TrainResult:
     """Train `model` on `task`; with `run_dir`, checkpoints go to run_dir/checkpoint and `resume` continues one.
-    `fingerprints` (config, seed, data) are stored in each checkpoint for `--resume` to compare against."""
+    `fingerprints` (config, seed, data) are stored in each checkpoint for `--resume` to compare against, with the
+    step arithmetic, which the loop compares itself."""
     # ---- setup
     # measured before seeding: the measurement draws random numbers, and only the first run in a process measures
     peak = peak_flops(precision.bf16) if task.flops_per_unit else None
@@ -174,7 +175,10 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
 
     # ---- resume: counters, statistics, weights, optimizer and schedule as the checkpoint left them
     ckpt_dir = Path(run_dir) / CHECKPOINT if run_dir else None
+    fingerprints = {**(fingerprints or {}), "batches": {"micro_batches_per_epoch": task.num_batches, **asdict(plan)}}
     saved = read_checkpoint(ckpt_dir) if resume and ckpt_dir and ckpt_dir.is_dir() else None
+    if saved:
+        check_same_batches(ckpt_dir, saved.fingerprints.get("batches"), fingerprints["batches"])
     state = TrainState(**saved.state) if saved else TrainState()
     scheduler = build_scheduler(optimizer, cfg, plan, plateau=lambda: state.lr_factor)
     best_weights = None  # the best weights so far; kept only when a validation metric says which are best
