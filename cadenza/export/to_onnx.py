@@ -5,9 +5,10 @@ info (cadenza_export.json).
 Graph inputs, in input-feature order: a text feature `f` takes `f_input_ids` and `f_attention_mask` (int64,
 batch × sequence) from the tokenizer in `tokenizers/f/`; a category takes `f` (int64, batch): the index of the
 value in its vocabulary (0 for a value not in it); a number takes `f` (float32, batch) as it is (the graph
-normalises it); a binary takes `f` (float32, batch): 1.0 for true. Graph outputs: `f_probabilities` (category,
-set: batch × labels), `f_probability` (binary: P(true), batch), `f_predictions` (number, batch, original scale).
-Missing values are filled before, as the export info's `fill_value` says."""
+normalises it); a binary takes `f` (float32, batch): 1.0 for true (the export info lists the true values).
+Graph outputs: `f_probabilities` (category, set: batch × labels), `f_probability` (binary: P(true), batch),
+`f_predictions` (number, batch, original scale). Missing values are filled before, as the export info's
+`fill_value` says."""
 
 from __future__ import annotations
 
@@ -163,6 +164,16 @@ def encode_rows(model, df: pd.DataFrame, tokenizers: dict) -> dict[str, np.ndarr
     return feeds
 
 
+def _true_values(meta: dict) -> dict:
+    """Which values of a binary input are 1.0 (booleans are themselves), as cadenza.ecd.features reads them."""
+    labels, fallback = meta.get("labels") or [], meta.get("fallback_true_label")
+    if labels:  # two arbitrary labels: the second is true
+        return {"true_values": labels[1:], "case_insensitive": False}
+    if fallback:
+        return {"true_values": [fallback], "case_insensitive": False}
+    return {"true_values": sorted(FT.TRUE_STRINGS), "case_insensitive": True}
+
+
 def describe(config, metadata: dict) -> dict:
     inputs = []
     for f in config.input_features:
@@ -177,7 +188,7 @@ def describe(config, metadata: dict) -> dict:
         else:
             item.update(onnx_inputs=[f.name], dtype="float32", shape=["batch"])
             if f.type == "binary":
-                item["labels"] = meta.get("labels") or [False, True]  # 0.0 is the first, 1.0 the second
+                item.update(_true_values(meta))
         inputs.append(item)
     outputs = []
     for f, name in zip(config.output_features, output_names(config)):
