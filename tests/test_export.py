@@ -15,7 +15,7 @@ import torch
 from cadenza import Model
 from cadenza.cli import main
 from cadenza.errors import CadenzaError
-from cadenza.export.formats import export_mlflow, export_model
+from cadenza.export.formats import export_model
 
 QUESTIONS = pd.DataFrame([{"question": f"what comes after {i}", "answer": str(i + 1)} for i in range(12)])
 WORDS = ["good", "great", "bad", "awful", "plot", "music", "actor"]

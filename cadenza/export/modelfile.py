@@ -25,7 +25,7 @@ SYSTEM, USER = "\x00system\x00", "\x00user\x00"  # sentinels no template writes 
 
 def modelfile(builder: PromptBuilder, tokenizer, generation, gguf_name: str = "model.gguf") -> str:
     """The Modelfile's text. `builder` is the model's prompt builder, `generation` its `generation:` section."""
-    lines = [f"# written by `cadenza export_model -f gguf`; `ollama create NAME -f Modelfile`", f"FROM ./{gguf_name}"]
+    lines = ["# written by `cadenza export_model -f gguf`; `ollama create NAME -f Modelfile`", f"FROM ./{gguf_name}"]
     template, system, stops, why = _prompt_format(builder, tokenizer)
     if why:
         lines.append(f"# {why}")
