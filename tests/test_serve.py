@@ -292,14 +292,14 @@ def test_the_openai_client_gets_typed_errors_and_the_server_keeps_serving(client
     assert ask(client, "still there?", max_tokens=2).choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_slow_answer_is_a_504_and_frees_the_batch(llm):
+def test_a_slow_answer_is_a_504_and_frees_the_batch(llm, client):
+    prompt = "what comes after 3"  # as a raw completion the model rambles on without an end of sequence
+    started = time.monotonic()
+    assert client.completions.create(model=NAME, prompt=prompt, max_tokens=40).usage.completion_tokens == 40
+    all_480 = 12 * (time.monotonic() - started)  # about what 480 tokens take
     settings = ServeSettings(model_name=NAME, timeout_s=0.3, max_tokens_limit=480)
     with running(build_app(llm, settings)) as url:
         slow = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
-        prompt = "what comes after 3"  # as a raw completion the model rambles on without an end of sequence
-        started = time.monotonic()
-        assert slow.completions.create(model=NAME, prompt=prompt, max_tokens=40).usage.completion_tokens == 40
-        all_480 = 12 * (time.monotonic() - started)  # about what 480 tokens take
         with pytest.raises(openai.APIStatusError) as e:
             slow.completions.create(model=NAME, prompt=prompt, max_tokens=480)
         assert e.value.status_code == 504 and "--prediction_timeout" in e.value.message
@@ -473,8 +473,9 @@ def test_cadenza_serve_command_serves_and_refuses_a_bad_folder(trained, tmp_path
                     break
             time.sleep(0.2)
         url = f"http://127.0.0.1:{port}"
-        assert httpx.post(f"{url}/predict", data={"review": "great", "length": "3"}).status_code == 401
-        answer = httpx.post(f"{url}/predict", data={"review": "great", "length": "3"}, headers=auth()).json()
+        row = {"review": "great", "length": "3"}
+        assert httpx.post(f"{url}/predict", data=row, timeout=60).status_code == 401
+        answer = httpx.post(f"{url}/predict", data=row, headers=auth(), timeout=60).json()
         assert answer["sentiment_predictions"] in ("good", "bad")
     finally:
         proc.terminate()

@@ -1,5 +1,5 @@
-"""Dynamic batching: one worker thread owns generation. It takes the requests waiting when it is free (waiting a
-few milliseconds for more when there is only room-to-spare), up to a number of rows, and runs them as one batch.
+"""Dynamic batching: one worker thread owns generation. Whenever it is free it takes the requests waiting, up to a
+number of rows (once the rest of a burst has arrived: see _wait_for_company), and runs them as one batch.
 
 Requests that arrive while a batch runs wait for the next one: a batch is not joined mid-flight (transformers'
 `generate` has no way to add rows), so a request's latency includes the rest of the batch before it. The queue is
@@ -17,6 +17,7 @@ from typing import Callable
 from .job import Failed, GenerationJob
 
 log = logging.getLogger("cadenza.serve")
+BURST_WAITS = 10  # the longest wait for a burst to complete, in --batch_wait_ms
 
 
 class QueueFull(Exception):
@@ -67,8 +68,8 @@ class Batcher:
                 self.run_batch(batch)
             except Exception as e:  # the batch's requests get the error; the worker goes on with the next batch
                 log.error("generation failed for a batch of %d requests:\n%s", len(batch), traceback.format_exc())
-                for job in batch:
-                    job.deliver(Failed(f"generation failed: {type(e).__name__}: {e}"))
+                for job in batch:  # (the details stay in the server's log: they are not the client's business)
+                    job.deliver(Failed(f"generation failed ({type(e).__name__}); the server log has the details"))
 
     def _rows_waiting(self) -> int:
         return sum(job.rows for job in self._waiting)
@@ -87,13 +88,20 @@ class Batcher:
                     return batch
 
     def _wait_for_company(self) -> None:
-        """A moment for the other requests of a burst to arrive (they come within milliseconds of each other)."""
-        deadline = time.monotonic() + self.wait_s
+        """Let the rest of a burst arrive: wait until no request has come for wait_s (a burst of clients does not
+        arrive at once: their requests trickle in over tens of milliseconds on a busy machine), at most
+        BURST_WAITS x wait_s in all, and no longer once the batch is full."""
+        now = time.monotonic()
+        give_up = now + BURST_WAITS * self.wait_s
+        quiet_until = now + self.wait_s
         while self._rows_waiting() < self.max_rows and not self._stopping:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if now >= min(quiet_until, give_up):
                 return
-            self._changed.wait(remaining)
+            waiting = len(self._waiting)
+            self._changed.wait(min(quiet_until, give_up) - now)
+            if len(self._waiting) > waiting:  # another request came: give the next one wait_s again
+                quiet_until = time.monotonic() + self.wait_s
 
     def _take(self) -> list[GenerationJob]:
         """The waiting jobs, oldest first, that fit in max_rows (the first one always goes)."""

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Optional
 
 from fastapi import APIRouter
 from starlette.responses import StreamingResponse
@@ -64,8 +64,9 @@ class Completions:
     def submit(self, request: Decoding, prompts: list[list[int]], param: str) -> GenerationJob:
         """One job with n rows per prompt; choice i*n + j is prompt i's j-th completion."""
         if len(prompts) * request.n > self.settings.max_batch_rows:
-            raise HttpError(400, f"{len(prompts)} prompt(s) x n={request.n} is more than the {self.settings.max_batch_rows}"
-                            " completions one request may ask for (--max_batch_size)", param="n")
+            raise HttpError(400, f"{len(prompts)} prompt(s) x n={request.n} is more than the "
+                            f"{self.settings.max_batch_rows} completions one request may ask for (--max_batch_size)",
+                            param="n")
         decoding = sampling(request, self.llm.config.generation, self.settings)
         for ids in prompts:
             check_fits(ids, decoding.max_tokens, self.context, param)
@@ -98,29 +99,28 @@ class Completions:
             job.cancel()  # a no-op when complete; otherwise the worker drops the rows at its next step
         return texts, reasons, self._usage(prompt_tokens, generated)
 
-    async def stream(self, job: GenerationJob, prompt_tokens: int, first: Callable[[int], Optional[dict]],
-                     chunk: Callable[[int, str, Optional[str]], dict], include_usage: bool,
-                     usage_chunk: Callable[[dict], dict]) -> AsyncIterator[str]:
-        """Server-sent events: `first(i)` opens choice i, `chunk(i, text, finish_reason)` carries text or its end;
-        then the usage chunk when asked for, and `data: [DONE]`."""
+    async def stream(self, job: GenerationJob, prompt_tokens: int, chunks: "Chunks",
+                     include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: each choice's opening chunk, its text as it comes and its end; then the usage
+        chunk when asked for, and `data: [DONE]`."""
         generated, left = 0, job.rows
         try:
             for i in range(job.rows):
-                opening = first(i)
+                opening = chunks.opening(i)
                 if opening is not None:
                     yield _sse(opening)
             while left:
                 event = await job.channel.get(self.settings.timeout_s)
                 if isinstance(event, Delta):
-                    yield _sse(chunk(event.index, event.text, None))
+                    yield _sse(chunks.piece(event.index, event.text, None))
                 elif isinstance(event, Finished):
                     left, generated = left - 1, generated + event.completion_tokens
-                    yield _sse(chunk(event.index, "", event.reason))
+                    yield _sse(chunks.piece(event.index, "", event.reason))
                 elif isinstance(event, Failed):
                     yield _sse({"error": {"message": event.message, "type": "server_error", "code": 500}})
                     return
             if include_usage:
-                yield _sse(usage_chunk(self._usage(prompt_tokens, generated)))
+                yield _sse(chunks.usage(self._usage(prompt_tokens, generated)))
             yield "data: [DONE]\n\n"
         except asyncio.TimeoutError:
             yield _sse({"error": {"message": f"no new text within {self.settings.timeout_s:g} s "
@@ -137,6 +137,45 @@ class Completions:
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class Chunks:
+    """The JSON objects of a chat completion stream (`chat.completion.chunk`)."""
+
+    def __init__(self, head: dict):
+        self.head = {**head, "object": "chat.completion.chunk"}
+
+    def opening(self, i: int) -> Optional[dict]:
+        return {**self.head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None}]}
+
+    def piece(self, i: int, text: str, finish_reason: Optional[str]) -> dict:
+        return {**self.head, "choices": [{"index": i, "delta": {"content": text} if text else {},
+                                          "finish_reason": finish_reason}]}
+
+    def usage(self, usage: dict) -> dict:
+        return {**self.head, "choices": [], "usage": usage}
+
+
+class CompletionChunks(Chunks):
+    """The JSON objects of a plain completion stream (`text_completion`, no opening chunk)."""
+
+    def __init__(self, head: dict):
+        self.head = {**head, "object": "text_completion"}
+
+    def opening(self, i: int) -> Optional[dict]:
+        return None
+
+    def piece(self, i: int, text: str, finish_reason: Optional[str]) -> dict:
+        return {**self.head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def _wants_usage(request: Decoding) -> bool:
+    return bool(request.stream_options and request.stream_options.include_usage)
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def router(llm, completions: Completions, settings: ServeSettings) -> APIRouter:
@@ -160,22 +199,7 @@ def router(llm, completions: Completions, settings: ServeSettings) -> APIRouter:
         job = completions.submit(request, [ids], "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if request.stream:
-            def first(i):
-                return {**head, "object": "chat.completion.chunk",
-                        "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                     "finish_reason": None}]}
-
-            def chunk(i, text, reason):
-                return {**head, "object": "chat.completion.chunk",
-                        "choices": [{"index": i, "delta": {"content": text} if text else {},
-                                     "finish_reason": reason}]}
-
-            def usage_chunk(usage):
-                return {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
-
-            include = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(completions.stream(job, len(ids), first, chunk, include, usage_chunk),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return _event_stream(completions.stream(job, len(ids), Chunks(head), _wants_usage(request)))
         texts, reasons, usage = await completions.answer(job, len(ids))
         return {**head, "object": "chat.completion",
                 "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r,
@@ -188,21 +212,12 @@ def router(llm, completions: Completions, settings: ServeSettings) -> APIRouter:
         prompts = [completion_prompt_ids(completions.tokenizer, p) for p in request.prompts()]
         job = completions.submit(request, prompts, "prompt")
         prompt_tokens = sum(len(p) for p in prompts)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": name}
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if request.stream:
-            def chunk(i, text, reason):
-                return {**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}]}
-
-            def usage_chunk(usage):
-                return {**head, "choices": [], "usage": usage}
-
-            include = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(completions.stream(job, prompt_tokens, lambda i: None, chunk, include,
-                                                        usage_chunk),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return _event_stream(completions.stream(job, prompt_tokens, CompletionChunks(head), _wants_usage(request)))
         texts, reasons, usage = await completions.answer(job, prompt_tokens)
-        return {**head, "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                                    for i, (t, r) in enumerate(zip(texts, reasons))], "usage": usage}
+        return {**head, "object": "text_completion",
+                "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                            for i, (t, r) in enumerate(zip(texts, reasons))], "usage": usage}
 
     return routes
