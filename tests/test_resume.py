@@ -301,11 +301,12 @@ def test_two_processes_stop_together_on_sigterm_and_resume_to_the_same_model(tin
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     df.to_csv(tmp_path / "data.csv", index=False)
     (tmp_path / "driver.py").write_text(DRIVER)
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
+    # --standalone: a free port of its own, not 29500 (which another torchrun on this machine may hold)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
     args = ["train", "-c", "config.yaml", "--dataset", "data.csv"]
     reference = subprocess.run(torchrun + ["-m", "cadenza"] + args + ["-od", "reference"], cwd=tmp_path,
                                capture_output=True, text=True, timeout=300)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert reference.returncode == 0, reference.stderr[-8000:]
 
     stopped = stop_in_step(tmp_path, args + ["-od", "cut"], 4, signal.SIGTERM,
                            command=torchrun + [str(tmp_path / "driver.py")])
@@ -316,7 +317,7 @@ def test_two_processes_stop_together_on_sigterm_and_resume_to_the_same_model(tin
 
     resumed = subprocess.run(torchrun + ["-m", "cadenza"] + args + ["-od", "cut", "--resume"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-8000:]
     expected, got = statistics(tmp_path / "reference" / "experiment_run"), statistics(run_dir)
     np.testing.assert_allclose(got["training_loss"], expected["training_loss"], rtol=1e-6)
     np.testing.assert_allclose(got["validation"], expected["validation"], rtol=1e-6)
