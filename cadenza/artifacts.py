@@ -112,17 +112,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def new_run_dir(output_directory: str | Path, experiment_name: str, model_name: str) -> Path:
-    """results/experiment_run, then experiment_run_1, _2, ... (Ludwig's naming); created empty."""
-    base = Path(output_directory) / f"{experiment_name}_{model_name}"
-    candidate, n = base, 0
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}_{n}")
-    candidate.mkdir(parents=True)
-    return candidate
-
-
 def find_model_dir(path: str | Path) -> Path:
     """Accept a run folder or the model folder inside it."""
     path = Path(path)

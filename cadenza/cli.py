@@ -158,7 +158,8 @@ def _debug_requested(args) -> bool:
 
 def main(argv=None) -> int:
     """Exit codes: 0 done, 2 a user error (CadenzaError: config, data, model folder, Hub, hardware) printed as
-    one paragraph, 1 anything else (a bug: one line and how to see the traceback), 130 interrupted."""
+    one paragraph, 1 anything else (a bug: one line and how to see the traceback), 130 Ctrl-C and 143 SIGTERM
+    (training saves a checkpoint first: rerun with --resume)."""
     from .errors import CadenzaError
     from .train.interrupt import TrainingInterrupted
 

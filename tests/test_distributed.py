@@ -22,7 +22,7 @@ def test_torchrun_two_processes_trains_and_saves_once(tiny_bert_dir, cache_dir, 
         "output_features": [{"name": "sentiment", "type": "category"}], "trainer": {"epochs": 2, "batch_size": 16}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "cadenza", "train", "-c", "c.yaml",
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cadenza", "train", "-c", "c.yaml",
                            "--dataset", "d.csv", "-od", "out"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
