@@ -6,6 +6,7 @@ tokenizer takes ~10 s, so it is kept under ~/.cache/cadenza/test-assets and reus
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -118,3 +119,23 @@ def simulated_hardware(request, monkeypatch):
 def tolerance(hw, fp32: float, bf16: float) -> float:
     """A numeric tolerance for the precision that auto mode picks on `hw`."""
     return bf16 if hw is not None and hw.bf16_units else fp32
+
+
+@contextlib.contextmanager
+def signal_in_step(step: int, signum: int):
+    """Send `signum` to this process from inside optimizer step `step` (counted from 1): an interruption that
+    arrives mid-run, through torch's public optimizer hook."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    steps = []
+
+    def hook(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == step:
+            os.kill(os.getpid(), signum)
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -8,6 +8,7 @@ import pytest
 
 from cadenza import Model
 from cadenza.errors import DataError
+from conftest import signal_in_step
 
 WORDS = ["good", "great", "fine", "bad", "awful", "dull", "plot", "actor", "scene", "music"]
 
@@ -116,10 +117,7 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_to_the_same_model(tiny_bert
     """A real SIGINT inside step 7 (in epoch 3 of 3 steps each): the step finishes, a checkpoint is saved, and the
     resumed run ends with the uninterrupted run's statistics and predictions. (Killed and interrupted subprocesses,
     all model kinds: tests/test_resume.py.)"""
-    import os
     import signal
-
-    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from cadenza.train.interrupt import TrainingInterrupted
 
@@ -129,19 +127,8 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_to_the_same_model(tiny_bert
     full = Model(cfg, log=quiet)
     full_out = full.train(df, output_directory=tmp_path / "full")
 
-    steps = []
-
-    def ctrl_c_in_step_7(optimizer, args, kwargs):
-        steps.append(1)
-        if len(steps) == 7:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    handle = register_optimizer_step_post_hook(ctrl_c_in_step_7)
-    try:
-        with pytest.raises(TrainingInterrupted) as stopped:
-            Model(cfg, log=quiet).train(df, output_directory=tmp_path / "cut")
-    finally:
-        handle.remove()
+    with signal_in_step(7, signal.SIGINT), pytest.raises(TrainingInterrupted) as stopped:
+        Model(cfg, log=quiet).train(df, output_directory=tmp_path / "cut")
     run_dir = tmp_path / "cut" / "experiment_run"
     assert stopped.value.exit_code == 130
     assert str(stopped.value) == f"interrupted: checkpoint saved in {run_dir / 'checkpoint'}; rerun with --resume to continue"

@@ -13,7 +13,7 @@ from cadenza.llm import LlmModel, batching
 from cadenza.llm.load import load_causal_lm, load_tokenizer
 from cadenza.llm.loss import TargetLoss
 from cadenza.llm.tokenize import tokenize_rows
-from conftest import tolerance
+from conftest import signal_in_step, tolerance
 
 pytestmark = pytest.mark.usefixtures("simulated_hardware")  # every test runs as fp32 and as bf16 hardware
 
@@ -314,10 +314,7 @@ def test_sigterm_stops_llm_training_at_a_step_boundary_and_resumes_to_the_same_a
                                                                                         cache_dir):
     """A real SIGTERM inside step 7 (in the second epoch of 5 steps): the step finishes, a checkpoint is saved, and
     the resumed run's adapter equals the uninterrupted run's, LoRA dropout included."""
-    import os
     import signal
-
-    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from cadenza import Model
     from cadenza.train.interrupt import TrainingInterrupted
@@ -334,19 +331,8 @@ def test_sigterm_stops_llm_training_at_a_step_boundary_and_resumes_to_the_same_a
     full_out = full.train(df, output_directory=tmp_path / "full")
     assert full.model._total_steps == full_out.statistics["steps"] == 15  # what AdaLoRA would be told: the loop's count
 
-    steps = []
-
-    def sigterm_in_step_7(optimizer, args, kwargs):
-        steps.append(1)
-        if len(steps) == 7:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    handle = register_optimizer_step_post_hook(sigterm_in_step_7)
-    try:
-        with pytest.raises(TrainingInterrupted) as stopped:
-            Model(cfg, log=quiet).train(df, output_directory=tmp_path / "cut")
-    finally:
-        handle.remove()
+    with signal_in_step(7, signal.SIGTERM), pytest.raises(TrainingInterrupted) as stopped:
+        Model(cfg, log=quiet).train(df, output_directory=tmp_path / "cut")
     run_dir = tmp_path / "cut" / "experiment_run"
     assert stopped.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())["state"]

@@ -29,6 +29,7 @@ from cadenza.errors import ModelFolderError
 from cadenza.train.checkpoint import ResumeError, check_resumable
 from cadenza.train.interrupt import TrainingInterrupted
 from cadenza.train.run_folder import LOCK_FILE, RunFolderBusy, locked, new_run_dir
+from conftest import signal_in_step
 
 # cadenza train, pausing inside optimizer step CADENZA_TEST_PAUSE_AT_STEP (counted in this process) until the
 # test creates the file `go`; `paused` tells the test it got there
@@ -157,7 +158,7 @@ def test_interrupted_and_killed_runs_resume_to_the_uninterrupted_result(kind, re
     run_dir = tmp_path / "cut" / "experiment_run"
     stopped = stop_in_step(tmp_path, args, first_pause, first_signal)
     assert stopped.returncode == 128 + first_signal, stopped.stderr[-3000:]
-    assert f"interrupted: checkpoint saved in cut/experiment_run/checkpoint; rerun with --resume to continue" \
+    assert "interrupted: checkpoint saved in cut/experiment_run/checkpoint; rerun with --resume to continue" \
         in stopped.stderr
     saved = json.loads((run_dir / "checkpoint" / "state.json").read_text())["state"]
     assert saved["global_step"] == first_pause  # the step it was in was finished, not cut off or repeated
@@ -187,22 +188,9 @@ def test_interrupted_and_killed_runs_resume_to_the_uninterrupted_result(kind, re
 @pytest.fixture
 def interrupted_run(tiny_bert_dir, cache_dir, tmp_path):
     """An ecd run stopped by SIGTERM (sent by the process to itself) in its 3rd step: (config, data, run folder)."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
     config, df = ecd_case(tiny_bert_dir, trainable=False)
-    steps = []
-
-    def terminate_in_step_3(optimizer, args, kwargs):
-        steps.append(1)
-        if len(steps) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    handle = register_optimizer_step_post_hook(terminate_in_step_3)
-    try:
-        with pytest.raises(TrainingInterrupted) as stopped:
-            Model(config, log=quiet).train(df, output_directory=tmp_path)
-    finally:
-        handle.remove()
+    with signal_in_step(3, signal.SIGTERM), pytest.raises(TrainingInterrupted) as stopped:
+        Model(config, log=quiet).train(df, output_directory=tmp_path)
     assert stopped.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     return config, df, tmp_path / "experiment_run"
 
