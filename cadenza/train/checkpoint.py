@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..artifacts import atomic_dir, write_json
+from ..device import is_cuda
 from ..errors import CadenzaError
 
 CHECKPOINT = "checkpoint"
@@ -104,14 +105,14 @@ def random_states() -> dict:
     version, internal, gauss_next = random.getstate()
     states = {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
               "python": [version, list(internal), gauss_next]}
-    if torch.cuda.is_available():
+    if is_cuda():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def restore_random_states(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
+    if "cuda" in rng and is_cuda():
         torch.cuda.set_rng_state_all(rng["cuda"])
     name, keys, pos, has_gauss, gauss = rng["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
