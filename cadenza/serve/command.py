@@ -48,8 +48,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max_batch_size", type=POSITIVE_INT, default=d.max_batch_rows,
                    help=f"most completions generated together in one batch (default: {d.max_batch_rows})")
     p.add_argument("--batch_wait_ms", type=float, default=d.batch_wait_ms,
-                   help=f"how long an idle server waits for more requests to batch with the first "
-                        f"(default: {d.batch_wait_ms:g})")
+                   help=f"an idle server batches a burst of requests once this many milliseconds pass without a "
+                        f"new one, at most 10 times this after the first (default: {d.batch_wait_ms:g})")
     p.add_argument("--max_queue", type=POSITIVE_INT, default=d.max_queue,
                    help=f"requests that may wait for the model; more get 503 (default: {d.max_queue})")
     p.add_argument("--max_tokens_limit", type=POSITIVE_INT, default=d.max_tokens_limit,

@@ -17,7 +17,7 @@ class ServeSettings:
     max_request_bytes: int = 1 << 20      # request bodies above this get 413
     max_tokens_limit: int = 1024          # the most tokens one completion may ask for
     max_batch_rows: int = 16              # rows (prompts x n) generated together in one forward pass
-    batch_wait_ms: float = 10.0           # how long an idle worker waits for more requests to share a batch
+    batch_wait_ms: float = 10.0           # quiet time that ends a burst of requests the idle worker batches
     max_queue: int = 64                   # requests waiting for the model; more get 503
     max_stop: int = 4                     # stop strings per request (OpenAI's limit)
 
