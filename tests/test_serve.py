@@ -159,6 +159,9 @@ def test_chat_completion_applies_the_chat_template_and_counts_tokens(client, llm
     assert answer.usage.prompt_tokens == len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert 1 <= answer.usage.completion_tokens <= 6
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    parts = [{"type": "text", "text": "what comes "}, {"type": "text", "text": "after 3"}]  # OpenAI's content parts
+    same = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": parts}], max_tokens=6)
+    assert same.choices[0].message.content == choice.message.content  # (greedy: the same prompt, the same answer)
 
 
 def test_streamed_chat_arrives_token_by_token_and_equals_the_whole_answer(client):
@@ -271,7 +274,11 @@ def test_exposure_warning_when_listening_everywhere_without_a_key():
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 17}', 400, "--max_batch_size"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}', 400, "at most 4"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}', 404, "not served here"),
-    (b'[1, 2]', 400, "valid dictionary"),
+    (b'[1, 2]', 400, "the body must be a JSON object"),
+    (b'', 400, "it is empty"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}', 400,
+     "only text content parts"),
+    (b'{"messages": [{"role": "user", "content": null}]}', 400, "messages.0.content"),
     (b'{"messages": [{"role": "user", "content": "' + b"x" * (1 << 20) + b'"}]}', 413, "larger than"),
 ])
 def test_bad_requests_get_a_4xx_that_says_why(llm_url, body, status, message):
@@ -287,6 +294,8 @@ def test_the_openai_client_gets_typed_errors_and_the_server_keeps_serving(client
         ask(client, "hi", extra_body={"colour": "blue"})
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="at least one"):
+        client.completions.create(model=NAME, prompt=[])
     with pytest.raises(openai.BadRequestError, match="context"):
         ask(client, "word " * 600, max_tokens=8)
     assert ask(client, "still there?", max_tokens=2).choices[0].finish_reason in ("stop", "length")
@@ -354,6 +363,10 @@ def test_batch_predict_takes_ludwigs_split_form_and_json(ecd_url, ecd):
     ("/batch_predict", {"data": {"other": "x"}}, "missing form field 'dataset'"),
     ("/batch_predict", {"json": {"columns": ["review", "length"], "data": [["a"]]}}, "row 0 has 1 values"),
     ("/batch_predict", {"json": 5}, "split"),
+    ("/batch_predict", {"json": {"columns": ["review", "review", "length"], "data": [["a", "b", 1]]}},
+     "repeated: 'review'"),
+    ("/batch_predict", {"json": {"columns": ["review", "length"], "data": [["a", 1]], "index": [{"a": 1}]}},
+     "index must be"),
 ])
 def test_ludwig_routes_answer_400_naming_the_problem(ecd_url, route, kwargs, message):
     response = httpx.post(f"{ecd_url}{route}", **kwargs)

@@ -133,8 +133,7 @@ def _error_answers(app: FastAPI) -> None:
         return error_response(request.url.path, e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, e: Exception):
-        log.exception("unexpected error answering %s %s", request.method, request.url.path)
+    async def unexpected(request: Request, e: Exception):  # starlette re-raises it afterwards: uvicorn logs it
         return error_response(request.url.path, 500, f"internal error ({type(e).__name__}); the server log has "
                               "the details")
 
@@ -151,6 +150,9 @@ def _problem(error: dict) -> str:
         if name in NOT_IMPLEMENTED:
             return f"'{name}' is not supported by this server"
         return f"unknown field '{field}'"
+    if not loc:  # the body as a whole
+        return "the body must be a JSON object (with Content-Type: application/json)" + (
+            ", and it is empty" if kind == "missing" else "")
     if kind == "missing":
         return f"missing field '{field}'"
-    return f"{field or 'body'}: {error['msg']}"
+    return f"{field}: {error['msg']}"

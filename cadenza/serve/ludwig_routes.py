@@ -76,12 +76,16 @@ def _split_frame(data) -> pd.DataFrame:
     if not isinstance(columns, list) or not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
         raise HttpError(400, "dataset: expected pandas 'split' JSON: {\"columns\": [names], \"data\": [[values], "
                         "...], \"index\": [labels] (optional)}")
+    repeated = sorted({c for c in columns if columns.count(c) > 1}, key=str)
+    if repeated:
+        raise HttpError(400, f"dataset: column names must be unique; repeated: {', '.join(map(repr, repeated))}")
     for i, row in enumerate(rows):
         if len(row) != len(columns):
             raise HttpError(400, f"dataset: row {i} has {len(row)} values for {len(columns)} columns")
         _check_scalars(zip(columns, row), f"row {i}, column")
-    if index is not None and (not isinstance(index, list) or len(index) != len(rows)):
-        raise HttpError(400, f"dataset: index must be a list of {len(rows)} labels, one per row")
+    if index is not None and (not isinstance(index, list) or len(index) != len(rows)
+                              or any(isinstance(label, (dict, list)) for label in index)):
+        raise HttpError(400, f"dataset: index must be a list of {len(rows)} labels (strings or numbers), one per row")
     return pd.DataFrame(rows, columns=columns, index=index)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NOT_IMPLEMENTED = {
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logprobs", "top_logprobs",
@@ -20,18 +20,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: str  # OpenAI's list of text parts is accepted and joined (see _joined_text_parts)
     name: Optional[str] = None
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    @field_validator("content", mode="before")
+    @classmethod
+    def _joined_text_parts(cls, content):
+        if isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ValueError(f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, "
+                                     f"not {kind!r}")
+            return "".join(part["text"] for part in content)
+        return content
 
 
 class StreamOptions(Strict):
@@ -71,6 +75,13 @@ class ChatCompletionRequest(Decoding):
 
 class CompletionRequest(Decoding):
     prompt: Union[str, list[str]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _at_least_one(cls, prompt):
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("give a prompt, or a list of at least one")
+        return prompt
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)

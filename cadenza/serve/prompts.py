@@ -16,7 +16,7 @@ SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system rol
 
 
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage], system_prompt: Optional[str]) -> list[int]:
-    turns = [{"role": "system" if m.role in SYSTEM_ROLES else m.role, "content": m.text()} for m in messages]
+    turns = [{"role": "system" if m.role in SYSTEM_ROLES else m.role, "content": m.content} for m in messages]
     if system_prompt and not any(t["role"] == "system" for t in turns):
         turns.insert(0, {"role": "system", "content": system_prompt})
     try:
