@@ -317,6 +317,22 @@ def test_a_slow_answer_is_a_504_and_frees_the_batch(llm, client):
         assert time.monotonic() - started < all_480 / 2  # the abandoned request stopped generating
 
 
+def test_a_client_that_leaves_a_stream_stops_its_generation(llm):
+    with running(build_app(llm, ServeSettings(model_name=NAME, max_tokens_limit=480))) as url:
+        quick = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+        prompt = "what comes after 3"  # rambles on as a raw completion (see above)
+        started = time.monotonic()
+        assert quick.completions.create(model=NAME, prompt=prompt, max_tokens=40).usage.completion_tokens == 40
+        all_480 = 12 * (time.monotonic() - started)
+        body = {"model": NAME, "prompt": prompt, "max_tokens": 480, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            events = (line for line in response.iter_lines() if line.startswith("data: "))
+            assert len([next(events) for _ in range(3)]) == 3  # the stream runs; then the client hangs up
+        started = time.monotonic()
+        assert quick.completions.create(model=NAME, prompt="again", max_tokens=2).usage.completion_tokens <= 2
+        assert time.monotonic() - started < all_480 / 2  # it did not wait for the abandoned stream's 480 tokens
+
+
 # ================================================================================ Ludwig's routes
 def test_ludwig_form_post_to_predict_ecd(ecd_url, ecd):
     row = ECD_ROWS[3]
@@ -440,6 +456,30 @@ def test_batcher_groups_waiting_jobs_and_survives_a_failing_batch():
         time.sleep(0.01)
     assert batches[-1] == [5]
     batcher.stop()
+
+
+def test_stopping_the_batcher_fails_and_cancels_the_running_batch():
+    started = threading.Event()
+
+    def run(jobs):  # generates until its request is cancelled, as the decode loop does
+        started.set()
+        while not all(job.cancelled for job in jobs):
+            time.sleep(0.01)
+
+    class Recorder:
+        events: list = []
+
+        def put(self, event):
+            self.events.append(event)
+
+    batcher = Batcher(run, max_rows=4, wait_s=0.01, max_queue=4)
+    batcher.start()
+    job = GenerationJob([[1]], Sampling(max_tokens=1), Recorder())
+    batcher.submit(job)
+    assert started.wait(10)
+    batcher.stop(timeout_s=10)
+    assert job.cancelled and isinstance(job.channel.events[-1], Failed)
+    assert not batcher._thread.is_alive()
 
 
 def test_incremental_text_adds_up_to_the_decoded_sequence(llama_tokenizer_dir):

@@ -32,6 +32,7 @@ class Batcher:
         self._waiting: deque[GenerationJob] = deque()
         self._changed = threading.Condition()
         self._stopping = False
+        self._running: list[GenerationJob] = []
         self._thread = threading.Thread(target=self._work, name="cadenza-batcher", daemon=True)
 
     # ------------------------------------------------------------------------------- the requests' side
@@ -49,13 +50,14 @@ class Batcher:
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Finish the running batch; the requests still waiting get a Failed event."""
+        """Every request, waiting or running, gets a Failed event; the running batch stops at its next token."""
         with self._changed:
             self._stopping = True
-            left, self._waiting = list(self._waiting), deque()
+            left, self._waiting = list(self._waiting) + self._running, deque()
             self._changed.notify_all()
         for job in left:
             job.deliver(Failed("the server is shutting down"))
+            job.cancel()
         self._thread.join(timeout_s)
 
     # ----------------------------------------------------------------------------------- the worker side
@@ -64,12 +66,15 @@ class Batcher:
             batch = self._next_batch()
             if not batch:
                 return
+            self._running = batch
             try:
                 self.run_batch(batch)
             except Exception as e:  # the batch's requests get the error; the worker goes on with the next batch
                 log.error("generation failed for a batch of %d requests:\n%s", len(batch), traceback.format_exc())
                 for job in batch:  # (the details stay in the server's log: they are not the client's business)
                     job.deliver(Failed(f"generation failed ({type(e).__name__}); the server log has the details"))
+            finally:
+                self._running = []
 
     def _rows_waiting(self) -> int:
         return sum(job.rows for job in self._waiting)
