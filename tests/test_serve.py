@@ -404,11 +404,17 @@ def test_ludwig_predict_on_an_llm_uses_its_prompt(llm_url, llm):
 def test_metrics_in_prometheus_format(client, llm_url):
     before = metric(llm_url, "cadenza_generated_tokens_total")
     answer = ask(client, "what comes after 8", max_tokens=5)
+    streamed = ask(client, "what comes after 8", max_tokens=5, stream=True, stream_options={"include_usage": True})
+    streamed_tokens = list(streamed)[-1].usage.completion_tokens
+    list(ask(client, "what comes after 8", max_tokens=5, stream=True))  # no usage asked for: counted all the same
+    httpx.get(f"{llm_url}/no/such/path", headers=auth())
     text = httpx.get(f"{llm_url}/metrics", headers=auth()).text
-    assert metric(llm_url, "cadenza_generated_tokens_total") - before == answer.usage.completion_tokens
+    generated = metric(llm_url, "cadenza_generated_tokens_total") - before
+    assert generated == answer.usage.completion_tokens + 2 * streamed_tokens
     assert metric(llm_url, "cadenza_requests_total", route="/v1/chat/completions", status="200") >= 1
     assert "# TYPE cadenza_request_duration_seconds histogram" in text and "cadenza_queue_length " in text
-    assert 'route="other"' in text  # (an earlier test asked for /nope): unknown paths share one label
+    assert 'cadenza_requests_total{route="other",status="404"}' in text  # unknown paths share one label
+    assert "no/such/path" not in text
 
 
 # =========================================================================================== the worker

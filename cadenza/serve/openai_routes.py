@@ -49,7 +49,7 @@ def sampling(request: Decoding, section, settings: ServeSettings) -> Sampling:
 
 
 class Completions:
-    """The request-to-answer path shared by chat and plain completions; `shape` builds each JSON object."""
+    """The request-to-answer path shared by chat and plain completions: checks, the job, its answer or stream."""
 
     def __init__(self, llm, settings: ServeSettings, batcher: Batcher, metrics: Metrics, tokenizer,
                  context: Optional[int]):
@@ -119,8 +119,9 @@ class Completions:
                 elif isinstance(event, Failed):
                     yield _sse({"error": {"message": event.message, "type": "server_error", "code": 500}})
                     return
+            usage = self._usage(prompt_tokens, generated)  # (counted in /metrics whether or not it is sent)
             if include_usage:
-                yield _sse(chunks.usage(self._usage(prompt_tokens, generated)))
+                yield _sse(chunks.usage(usage))
             yield "data: [DONE]\n\n"
         except asyncio.TimeoutError:
             yield _sse({"error": {"message": f"no new text within {self.settings.timeout_s:g} s "
