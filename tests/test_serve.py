@@ -42,31 +42,38 @@ SETTINGS = ServeSettings(model_name=NAME, api_key=KEY, batch_wait_ms=200, max_to
 
 # ============================================================================================== fixtures
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_llama_dir, tiny_bert_dir) -> dict[str, Path]:
-    """A tiny LoRA llm, trained until its greedy answers differ from prompt to prompt (so that batching mistakes
-would show; fp32 so that batched and unbatched greedy decoding agree), and a tiny ecd with a text and a number
-input."""
-    root = tmp_path_factory.mktemp("serve")
+def serve_cache(tmp_path_factory) -> Path:
+    """The Cadenza cache (embeddings, tokenized rows) of this module's models, for as long as they serve."""
+    path = tmp_path_factory.mktemp("serve-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CADENZA_CACHE_DIR", str(root / "cache"))
-        quiet = lambda _: None  # noqa: E731
-        llm = {"model_type": "llm", "base_model": str(tiny_llama_dir),
-               "input_features": [{"name": "question", "type": "text"}],
-               "output_features": [{"name": "answer", "type": "text"}],
-               "adapter": {"type": "lora", "r": 8}, "generation": {"max_new_tokens": 8},
-               "trainer": {"type": "finetune", "epochs": 30, "batch_size": 4, "learning_rate": 0.01,
-                           "use_mixed_precision": False}}
-        rows = pd.DataFrame({"question": QUESTIONS, "answer": [f"{WORDS[i]} is followed by {WORDS[i + 1]}"
-                                                               for i in range(12)]})
-        llm_run = Model(llm, log=quiet).train(rows, output_directory=root / "llm").run_dir
-        ecd = {"model_type": "ecd",
-               "input_features": [{"name": "review", "type": "text", "encoder": {
-                   "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_bert_dir),
-                   "trainable": False}}, {"name": "length", "type": "number"}],
-               "output_features": [{"name": "sentiment", "type": "category"}],
-               "trainer": {"epochs": 2, "batch_size": 8}}
-        ecd_run = Model(ecd, log=quiet).train(pd.DataFrame(ECD_ROWS), output_directory=root / "ecd").run_dir
-        yield {"llm": llm_run, "ecd": ecd_run, "cache": root / "cache"}
+        mp.setenv("CADENZA_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, serve_cache, tiny_llama_dir, tiny_bert_dir) -> dict[str, Path]:
+    """A tiny LoRA llm, trained until its greedy answers differ from prompt to prompt (so that batching mistakes
+    would show; fp32 so that batched and unbatched greedy decoding agree), and a tiny ecd with a text and a number
+    input."""
+    root = tmp_path_factory.mktemp("serve")
+    quiet = lambda _: None  # noqa: E731
+    llm = {"model_type": "llm", "base_model": str(tiny_llama_dir),
+           "input_features": [{"name": "question", "type": "text"}],
+           "output_features": [{"name": "answer", "type": "text"}],
+           "adapter": {"type": "lora", "r": 8}, "generation": {"max_new_tokens": 8},
+           "trainer": {"type": "finetune", "epochs": 30, "batch_size": 4, "learning_rate": 0.01,
+                       "use_mixed_precision": False}}
+    rows = pd.DataFrame({"question": QUESTIONS, "answer": [f"{WORDS[i]} is followed by {WORDS[i + 1]}"
+                                                           for i in range(12)]})
+    llm_run = Model(llm, log=quiet).train(rows, output_directory=root / "llm").run_dir
+    ecd = {"model_type": "ecd",
+           "input_features": [{"name": "review", "type": "text", "encoder": {
+               "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_bert_dir),
+               "trainable": False}}, {"name": "length", "type": "number"}],
+           "output_features": [{"name": "sentiment", "type": "category"}],
+           "trainer": {"epochs": 2, "batch_size": 8}}
+    ecd_run = Model(ecd, log=quiet).train(pd.DataFrame(ECD_ROWS), output_directory=root / "ecd").run_dir
+    return {"llm": llm_run, "ecd": ecd_run, "cache": serve_cache}
 
 
 @pytest.fixture(scope="module")
