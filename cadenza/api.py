@@ -22,6 +22,7 @@ from .config.load import ConfigSource, load_config
 from .data.read import (DatasetSource, check_not_empty, read_dataset, sample, split_dataset,
                         warn_empty_splits)
 from .errors import CadenzaError, ConfigError, ModelFolderError
+from .track import tracking
 from .train import run_folder
 from .train.checkpoint import CHECKPOINT, check_resumable, run_fingerprints
 from .train.loop import process_state
@@ -84,9 +85,12 @@ class Model:
               validation_set: Optional[DatasetSource] = None, test_set: Optional[DatasetSource] = None,
               output_directory: Union[str, Path] = "results", experiment_name: str = "experiment",
               model_name: str = "run", resume: Union[bool, str, Path] = False, random_seed: int = 42,
-              skip_save_model: bool = False) -> TrainOutput:
+              skip_save_model: bool = False, skip_save_log: bool = False,
+              mlflow: Union[bool, str] = False) -> TrainOutput:
         """Train on `dataset` (split by preprocessing.split) or on explicit training/validation/test sets.
-        resume: True continues the newest interrupted run of this experiment/model name; a path names the run."""
+        resume: True continues the newest interrupted run of this experiment/model name; a path names the run.
+        TensorBoard event files go to <run>/logs unless skip_save_log; mlflow: True logs to MLFLOW_TRACKING_URI
+        (else <output_directory>/mlflow.db), a string is the tracking URI (docs/tracking.md)."""
         dist = process_state()
         log = self.log if dist.is_main_process else (lambda _: None)
         splits = self._splits(dataset, training_set, validation_set, test_set, random_seed, log)
@@ -94,11 +98,14 @@ class Model:
         # what a resumed run must find unchanged; stored in every checkpoint
         fingerprints = run_fingerprints(self.config.model_dump(mode="json"), splits, random_seed, dist.num_processes)
         description = self._description(splits, fingerprints)
-        with self._run_folder(output_directory, experiment_name, model_name, resume, fingerprints, description,
-                              log) as run_dir:
+        with (self._run_folder(output_directory, experiment_name, model_name, resume, fingerprints, description,
+                               log) as run_dir,
+              tracking(run_dir, fingerprints["config"], tensorboard=not skip_save_log, mlflow=mlflow,
+                       resume=bool(resume), experiment_name=experiment_name, output_directory=output_directory,
+                       random_seed=random_seed, enabled=dist.is_main_process, log=log) as tracker):
             started = time.perf_counter()
             result = self.model.fit(splits, run_dir=run_dir, resume=bool(resume), seed=random_seed,
-                                    fingerprints=fingerprints, log=log)
+                                    fingerprints=fingerprints, tracker=tracker, log=log)
             statistics = {**result.statistics, "best_epoch": result.best_epoch, "best_step": result.best_step,
                           "steps": result.steps, "precision": result.precision,
                           "throughput": result.throughput, "seconds": time.perf_counter() - started}
@@ -107,6 +114,7 @@ class Model:
                 write_json(run_dir / "training_statistics.json", statistics)
                 if model_dir is not None:
                     self.save(model_dir)
+                tracker.finish(statistics, model_dir)
                 shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # finished: nothing left to resume
             dist.wait_for_everyone()
         return TrainOutput(statistics, run_dir, model_dir, result.throughput, result.best_epoch)

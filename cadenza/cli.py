@@ -30,13 +30,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_FOLDER",
                    help="continue an interrupted run: the newest one of this experiment/model name, or RUN_FOLDER")
     p.add_argument("--skip_save_model", action="store_true")
+    p.add_argument("--skip_save_log", action="store_true", help="write no TensorBoard event files (<run>/logs)")
+    p.add_argument("--mlflow", action="store_true", help="log params, metrics and the model to MLflow "
+                   "(MLFLOW_TRACKING_URI, else OUTPUT_DIRECTORY/mlflow.db); see docs/tracking.md")
 
 
 def _train_kwargs(a) -> dict:
     return dict(dataset=a.dataset, training_set=a.training_set, validation_set=a.validation_set,
                 test_set=a.test_set, output_directory=a.output_directory, experiment_name=a.experiment_name,
                 model_name=a.model_name, resume=a.resume, random_seed=a.random_seed,
-                skip_save_model=a.skip_save_model)
+                skip_save_model=a.skip_save_model, skip_save_log=a.skip_save_log, mlflow=a.mlflow)
 
 
 def cmd_train(a) -> None:

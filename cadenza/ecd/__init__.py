@@ -212,7 +212,7 @@ class EcdModel:
 
     # ------------------------------------------------------------------------------------------ contract
     def fit(self, splits: dict[str, pd.DataFrame], *, run_dir: Optional[Path], resume: bool, seed: int,
-            fingerprints: Optional[dict] = None, log: Callable = print) -> TrainResult:
+            fingerprints: Optional[dict] = None, tracker=None, log: Callable = print) -> TrainResult:
         self.log = log
         check_encoder_sources(self.config)
         train = splits["training"]
@@ -256,7 +256,7 @@ class EcdModel:
         precision = device.precision(cfg.use_mixed_precision, part)
         log(precision.describe(part))
         result = fit(self.net, task, cfg, run_dir=run_dir, resume=resume, seed=seed, precision=precision,
-                     fingerprints=fingerprints, log=log)
+                     fingerprints=fingerprints, tracker=tracker, log=log)
         result.precision = {"part": part, "precision": precision.name, "reason": precision.reason}
         self.net = self.net.cpu().eval()
         return result

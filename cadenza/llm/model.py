@@ -214,7 +214,7 @@ class LlmModel:
         log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
 
     def fit(self, splits: dict[str, pd.DataFrame], *, run_dir: Optional[Path], resume: bool, seed: int,
-            fingerprints: Optional[dict] = None, log=print) -> trainer_mod.TrainResult:
+            fingerprints: Optional[dict] = None, tracker=None, log=print) -> trainer_mod.TrainResult:
         t = self.config.trainer
         trainer_mod.seed_everything(seed)
         # the data is checked before the base model loads: a bad data set fails in seconds, not minutes
@@ -294,7 +294,7 @@ class LlmModel:
             f"{'packed' if packed else 'padded'} micro-batches of {size} rows"
             + (f" / {t.max_tokens_per_batch} tokens" if packed and t.max_tokens_per_batch else ""))
         result = trainer_mod.fit(module, task, t, run_dir=run_dir, resume=resume, seed=seed,
-                                 precision=precision, fingerprints=fingerprints, log=log)
+                                 precision=precision, fingerprints=fingerprints, tracker=tracker, log=log)
         result.precision = {"part": "train", "precision": precision.name, "reason": precision.reason}
         self.model.eval()
         if self._should_merge():

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..config.schema import TrainerConfig
 from ..device import Precision, is_cuda, peak_flops
 from ..metrics import is_better
+from ..track import Tracker
 from .checkpoint import (CHECKPOINT, check_same_batches, load_trainable_state, random_states, read_checkpoint,
                          restore_random_states, save_checkpoint, trainable_state)
 from .interrupt import TrainingInterrupted, stop_on_signals
@@ -149,10 +150,10 @@ def freeze_by_regex(model: torch.nn.Module, pattern: Optional[str]) -> int:
 # ==================================================================================================== the recipe
 def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir: Optional[Path] = None,
         resume: bool = False, seed: int = 42, precision: Precision = Precision(False, "fp32"),
-        fingerprints: Optional[dict] = None, log: Callable = print) -> TrainResult:
+        fingerprints: Optional[dict] = None, tracker: Optional[Tracker] = None, log: Callable = print) -> TrainResult:
     """Train `model` on `task`; with `run_dir`, checkpoints go to run_dir/checkpoint and `resume` continues one.
     `fingerprints` (config, seed, data) are stored in each checkpoint for `--resume` to compare against, with the
-    step arithmetic, which the loop compares itself."""
+    step arithmetic, which the loop compares itself. `tracker` (cadenza.track) gets the statistics as they come."""
     # ---- setup
     # measured before seeding: the measurement draws random numbers, and only the first run in a process measures
     peak = peak_flops(precision.bf16) if task.flops_per_unit else None
@@ -188,10 +189,13 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         scheduler.load_state_dict(saved.scheduler)
         best_weights = saved.best_weights
         log(f"resuming from {ckpt_dir}: epoch {state.epoch + 1}, step {state.global_step}")
+    tracker = tracker or Tracker()  # TensorBoard/MLflow, or nothing
+    tracker.begin(state.global_step, state.statistics, task.unit)
 
     def save() -> None:
         rng = every_process_random_states(accelerator)  # each process draws its own dropout masks
         if ckpt_dir and accelerator.is_main_process:
+            tracker.flush()  # what was logged up to the checkpoint is on disk before it
             save_checkpoint(ckpt_dir, unwrapped, optimizer, scheduler, asdict(state), best_weights,
                             state.best_step == state.global_step, rng, fingerprints)
         accelerator.wait_for_everyone()
@@ -238,6 +242,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                     if cfg.regularization_lambda and cfg.regularization_type in ("l1", "l1_l2"):
                         add_l1_gradient(trainable, cfg.regularization_lambda)
                     clip_gradients(accelerator, model, cfg)
+                    lr = scheduler.get_last_lr()[0]  # the rate this step uses
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -245,6 +250,8 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                     state.count_step(loss_sum, weight)
                     session.add(weight, tokens)
                     totals.add(total_weight, tokens * world)
+                    tracker.log_step(state.global_step, loss=loss_sum / max(weight, 1.0), learning_rate=lr,
+                                     units=total_weight, tokens=tokens * world)
                     bar.update(1)
                     bar.set_postfix(loss=f"{state.epoch_loss / max(state.epoch_weight, 1):.4f}",
                                     lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -254,6 +261,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                         if metrics:
                             state.statistics["validation_steps"].append({"epoch": epoch + 1, "step": state.global_step,
                                                                          **metrics})
+                            tracker.log_validation(state.global_step, metrics)
                             bar.write(f"step {state.global_step}: validation {summary_metric(metrics, cfg)}")
                     if checkpoint_due(cfg, plan, state) and not (epoch_done and cfg.checkpoints_per_epoch):
                         save()
@@ -273,6 +281,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                 state.statistics["validation"].append(metrics)
                 line += f", validation {summary_metric(metrics, cfg)}"
             log(line + ("" if improved else f" (best: epoch {state.best_epoch}, step {state.best_step})"))
+            tracker.log_epoch(epoch + 1, state.global_step, train_stats, metrics, scheduler.get_last_lr()[0])
             state.epoch += 1
             state.step_in_epoch = 0
             state.done = state.stopped_early or state.global_step >= plan.total_steps
