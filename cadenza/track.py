@@ -371,6 +371,8 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
         for i, value in enumerate(config):
             out.update(flatten_config(value, f"{prefix}.{i}"))
         return out
+    if not prefix:
+        return {}
     return {prefix: json.dumps(config) if isinstance(config, (dict, list)) else str(config)}
 
 

@@ -291,6 +291,21 @@ def test_without_a_tracking_uri_the_store_is_in_the_output_directory(tmp_path, m
     assert_no_global_mlflow_state(uri_before)
 
 
+def test_a_run_resumed_with_mlflow_for_the_first_time_logs_its_earlier_epochs(mlflow_env, tmp_path):
+    uri, _ = mlflow_env
+    earlier = {"training": [{"loss": 0.5}, {"loss": 0.4}],
+               "validation": [{"combined": {"loss": 0.7}}, {"combined": {"loss": 0.6}}]}
+    with tracking(tmp_path, {}, tensorboard=False, mlflow=True, resume=True, experiment_name="backfill",
+                  log=quiet) as tracker:
+        tracker.begin(8, earlier)  # resumed at step 8, after two epochs trained without --mlflow
+        tracker.log_epoch(3, 12, {"loss": 0.3}, {"combined": {"loss": 0.65}})
+        tracker.finish({}, None)
+    client, run = one_run(uri, "backfill")
+    history = lambda key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]  # noqa: E731
+    assert history("train/loss") == [(1, 0.5), (2, 0.4), (3, 0.3)]
+    assert history("validation/combined/loss") == [(1, 0.7), (2, 0.6), (3, 0.65)]
+
+
 def test_null_tracker_does_nothing():
     tracker = Tracker()
     tracker.begin(0, {"training": [{"loss": 1.0}]})
