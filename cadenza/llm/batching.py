@@ -32,6 +32,15 @@ def target_span(n: int, prompt_len: int, train_on_inputs: bool) -> tuple[int, in
     return (1 if train_on_inputs else max(1, int(prompt_len))), n
 
 
+def target_positions(rows: TokenizedRows, i: int, train_on_inputs: bool) -> np.ndarray:
+    """Row i's target positions: one span from prompt_len, or (chat rows) every position its mask marks."""
+    n = len(rows.ids[i])
+    if rows.masks is not None and not train_on_inputs:
+        return np.flatnonzero(rows.masks[i][1:]) + 1  # position 0 has nothing before it to predict it
+    a, b = target_span(n, rows.prompt_lens[i], train_on_inputs)
+    return np.arange(a, b)
+
+
 MIN_SHARED_PREFIX = 8  # shorter common prefixes save too little to be worth a dense mask
 
 
@@ -60,9 +69,9 @@ def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_in
         position_ids = torch.cat([torch.arange(n) for n in lens]).view(1, -1)
         offset = 0
         for s, i, n in zip(seqs, idx, lens):
-            a, b = target_span(n, rows.prompt_lens[i], train_on_inputs)
-            targets_index.append(np.arange(offset + a - 1, offset + b - 1))
-            targets.append(s[a:b])
+            pos = target_positions(rows, i, train_on_inputs)
+            targets_index.append(offset + pos - 1)
+            targets.append(s[pos])
             offset += n
         attention_mask = None
     else:
@@ -72,9 +81,9 @@ def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_in
         for r, (s, i, n) in enumerate(zip(seqs, idx, lens)):
             input_ids[r, :n] = torch.from_numpy(s)
             attention_mask[r, :n] = 1
-            a, b = target_span(n, rows.prompt_lens[i], train_on_inputs)
-            targets_index.append(np.arange(r * width + a - 1, r * width + b - 1))
-            targets.append(s[a:b])
+            pos = target_positions(rows, i, train_on_inputs)
+            targets_index.append(r * width + pos - 1)
+            targets.append(s[pos])
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     return {
         "input_ids": input_ids,
@@ -107,10 +116,10 @@ def _shared_prefix_batch(rows: TokenizedRows, idx: list[int], seqs: list[np.ndar
         parts.append(s[shared:])
         positions.append(np.arange(shared, n))
         segments.append(np.full(n - shared, r))
-        a, b = target_span(n, rows.prompt_lens[i], train_on_inputs)
-        predictor = np.arange(a - 1, b - 1)  # position whose hidden state predicts each target
+        pos = target_positions(rows, i, train_on_inputs)
+        predictor = pos - 1  # position whose hidden state predicts each target
         targets_index.append(np.where(predictor < shared, predictor, offset + predictor - shared))
-        targets.append(s[a:b])
+        targets.append(s[pos])
         offset += n - shared
     seg = torch.from_numpy(np.concatenate(segments))
     total = len(seg)

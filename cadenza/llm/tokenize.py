@@ -3,6 +3,8 @@
 Each row is `prompt ids + response ids + [EOS]`. The EOS is appended as an id (not text), so it is trained
 even when pad == EOS and generation learns to stop. `prompt_len` marks where the target starts: the loss
 covers positions >= prompt_len (or every position after the first with trainer.train_on_inputs).
+Multi-turn chat rows (cadenza.llm.chat) have several target spans: they carry a per-token `masks` entry instead,
+and their prompt_len is only where the first target starts.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class TokenizedRows:
     ids: list[np.ndarray]          # int64 token ids per row
     prompt_lens: np.ndarray        # int64, tokens of prompt per row (target starts there)
     truncated: int = 0             # rows shortened by global_max_sequence_length
+    masks: Optional[list[np.ndarray]] = None  # chat rows: bool per token, True where the token is a target
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -35,6 +38,8 @@ class TokenizedRows:
     def target_tokens(self, train_on_inputs: bool = False) -> np.ndarray:
         if train_on_inputs:
             return self.lengths - 1
+        if self.masks is not None:  # position 0 predicts nothing, so its mark never counts
+            return np.array([int(m[1:].sum()) for m in self.masks], dtype=np.int64)
         return self.lengths - self.prompt_lens
 
 
