@@ -76,65 +76,10 @@ class LoraConfig(Section):
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     bias: Literal["none", "all", "lora_only"] = "none"
-    init_lora_weights: Union[bool, Literal["default", "gaussian", "eva", "olora", "pissa", "corda", "loftq",
-                                           "orthogonal"]] = Field(
-        "default", description="How the adapter starts: default (B = 0), gaussian, orthogonal; pissa, olora, corda "
-        "(move the base's principal part into the adapter; saved converted to a plain LoRA on the original base); "
-        "eva (from the training rows' activations); loftq (needs CUDA + bitsandbytes).")
-    loftq_config: Optional["LoftqConfig"] = Field(None, description="With init_lora_weights: loftq.")
-    eva_config: Optional["EvaConfig"] = Field(None, description="With init_lora_weights: eva.")
-    rank_pattern: Optional[dict[str, AtLeastOne]] = Field(
-        None, description="Per-module ranks, module name (or regex) -> r, e.g. {o_proj: 4}.")
-    alpha_pattern: Optional[dict[str, PositiveFloat]] = Field(
-        None, description="Per-module alphas, module name (or regex) -> alpha.")
-    layer_replication: Optional[list[tuple[NonNegativeInt, NonNegativeInt]]] = Field(
-        None, description="Build a deeper model from [start, end) layer ranges of the base (shared weights, "
-        "separate adapters), e.g. [[0, 2], [1, 2]].")
-    loraplus_lr_ratio: Optional[PositiveFloat] = Field(
-        None, description="LoRA+: the B matrices learn at learning_rate x this ratio (e.g. 16).")
     postprocessor: "AdapterPostprocessor" = Field(default_factory=lambda: AdapterPostprocessor())
     pretrained_adapter_weights: Optional[str] = Field(
         None, description="A saved adapter folder to continue training from."
     )
-
-    # the LoRA-only options that AdaLoRA (a subclass) must not take: PEFT's AdaLoRA ignores or rejects them
-    LORA_ONLY: ClassVar[tuple[str, ...]] = ("init_lora_weights", "loftq_config", "eva_config", "rank_pattern",
-                                            "alpha_pattern", "layer_replication", "loraplus_lr_ratio")
-
-    @model_validator(mode="after")
-    def _init_options_agree(self):
-        if self.type != "lora":
-            given = [k for k in self.LORA_ONLY if k in self.model_fields_set]
-            if given:
-                raise ValueError(f"{', '.join(given)}: only for adapter type lora, not {self.type}")
-            return self
-        init = self.init_lora_weights
-        if self.loftq_config is not None and init != "loftq":
-            raise ValueError("loftq_config is used only with init_lora_weights: loftq")
-        if self.eva_config is not None and init != "eva":
-            raise ValueError("eva_config is used only with init_lora_weights: eva")
-        if init in CONVERTED_INITS and self.use_rslora and (self.rank_pattern or self.alpha_pattern):
-            # PEFT cannot convert such an adapter back to a plain LoRA on the original base
-            raise ValueError(f"init_lora_weights: {init} with use_rslora cannot be combined with rank_pattern or "
-                             "alpha_pattern (the saved adapter could not be converted for the original base model)")
-        return self
-
-
-# Initialisers that change the base weights: the adapter is saved converted to a plain LoRA on the original base.
-CONVERTED_INITS = ("pissa", "olora", "corda")
-
-
-class LoftqConfig(Section):
-    loftq_bits: Literal[4, 8] = Field(4, description="Bits of the quantized base weights LoftQ approximates.")
-    loftq_iter: AtLeastOne = Field(1, description="Alternating quantize/SVD iterations.")
-
-
-class EvaConfig(Section):
-    rho: float = Field(2.0, ge=1, description="How far a module's rank may grow above r when ranks are redistributed.")
-    tau: float = Field(0.99, gt=0, le=1, description="Stop the calibration once the components are this stable.")
-    use_label_mask: bool = Field(True, description="Calibrate on response (target) tokens only.")
-    whiten: bool = Field(False, description="Whiten the singular vectors.")
-    adjust_scaling_factors: bool = Field(True, description="Keep alpha / r constant when ranks are redistributed.")
 
 
 class AdapterPostprocessor(Section):
@@ -554,9 +499,8 @@ class GradientClipping(Section):
 
 
 class TrainerConfig(Section):
-    type: Literal["finetune", "trainer", "none", "dpo", "orpo", "kto"] = Field(
-        "finetune", description="`none`: no training (zero/few-shot LLM use). Ludwig's llm default is none. "
-        "`dpo` / `orpo` / `kto`: preference tuning of an llm (see docs/llm.md, Preference tuning)."
+    type: Literal["finetune", "trainer", "none"] = Field(
+        "finetune", description="`none`: no training (zero/few-shot LLM use). Ludwig's llm default is none."
     )
     epochs: int = Field(10, ge=1, description="Ludwig: 100.")
     train_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -622,24 +566,6 @@ class TrainerConfig(Section):
     learning_rate_scaling: Optional[Literal["constant", "sqrt", "linear"]] = Field(
         None, description="With N processes (torchrun / accelerate launch) the learning rate is multiplied by N "
         "(linear) or sqrt(N) (sqrt); null or constant: unchanged. Ludwig: linear.")
-    # llm preference trainers (type dpo / orpo / kto)
-    rejected_column: str = Field(
-        "rejected", description="dpo/orpo/kto: the column of rejected completions (the output feature holds the "
-        "chosen ones).")
-    dpo_beta: PositiveFloat = Field(0.1, description="dpo: strength of the pull towards the reference model.")
-    dpo_loss_type: Literal["sigmoid", "ipo"] = Field(
-        "sigmoid", description="dpo: sigmoid (DPO) or ipo (squared loss on per-token log-ratio margins, as TRL).")
-    dpo_label_smoothing: float = Field(
-        0.0, ge=0, le=0.5, description="dpo sigmoid: assumed fraction of flipped labels (conservative DPO).")
-    dpo_reference_free: bool = Field(
-        False, description="dpo: no reference model (its log-probs taken as 0), as Ludwig's dpo.")
-    orpo_beta: PositiveFloat = Field(0.1, description="orpo: weight of the odds-ratio term next to the NLL.")
-    kto_beta: PositiveFloat = Field(0.1, description="kto: strength of the pull towards the reference model.")
-    kto_desirable_weight: PositiveFloat = Field(1.0, description="kto: weight of desirable examples' losses.")
-    kto_undesirable_weight: PositiveFloat = Field(1.0, description="kto: weight of undesirable examples' losses.")
-    kto_label_column: Optional[str] = Field(
-        None, description="kto: a boolean column (true: desirable) for unpaired data, the output feature holding "
-        "each row's completion; null: each chosen/rejected pair gives one desirable and one undesirable example.")
 
 
 # -------------------------------------------------------------------------------------------- top level

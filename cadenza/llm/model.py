@@ -12,8 +12,7 @@ import torch
 
 from .. import device
 from ..train import loop as trainer_mod
-from ..adapters import (apply_adapter, load_adapter, lora_plus_lr_ratio, needs_calibration, needs_conversion,
-                        save_adapter, snapshot_initial_adapter)
+from ..adapters import apply_adapter, load_adapter
 from ..artifacts import (LLM_WEIGHTS, METADATA_FILE, MODEL_DIR, check_adapter_folder, check_local_source, read_json,
                          write_json)
 from ..data import assets
@@ -21,7 +20,7 @@ from ..data.cache import cache_root, configured_cache_dir
 from ..data.read import require_columns
 from ..errors import DataError, ModelFolderError
 from ..config.schema import CadenzaConfig
-from . import batching, chat, preference
+from . import batching, chat
 from .generate import generate as generate_ids
 from .generate import hf_generation_config
 from .load import fix_special_tokens, load_causal_lm, load_tokenizer, plain_model_dir
@@ -48,7 +47,6 @@ class LlmModel:
         self.weights_kind = "base"   # what save() writes: base | adapter | merged | full
         self.truncated_rows = 0
         self._prepared = False
-        self._initial_adapter = None  # PiSSA/OLoRA/CorDA: the adapter before training, to save it converted
         out = config.output_features[0]
         self.output = out
         self.output_column = out.column or out.name
@@ -211,14 +209,7 @@ class LlmModel:
                 adapter = adapter.model_copy(update={"pretrained_adapter_weights":
                                                      str(_adapter_folder(adapter.pretrained_adapter_weights))})
                 log(f"continuing training of the adapter in {adapter.pretrained_adapter_weights}")
-            calibration = None
-            if needs_calibration(adapter):  # EVA/CorDA: forward passes over the training rows
-                rows, pad = self._train_rows, self.tokenizer.pad_token_id
-                calibration = lambda: list(_calibration_batches(rows, pad, self._batch_size()))  # noqa: E731
-            model = apply_adapter(model, adapter, "CAUSAL_LM", total_steps=getattr(self, "_total_steps", None),
-                                  calibration=calibration)
-            if needs_conversion(adapter):
-                self._initial_adapter = snapshot_initial_adapter(model)
+            model = apply_adapter(model, adapter, "CAUSAL_LM", total_steps=getattr(self, "_total_steps", None))
             self.weights_kind = "adapter"
         else:
             for p in model.parameters():
@@ -237,9 +228,6 @@ class LlmModel:
             fingerprints: Optional[dict] = None, tracker=None, log=print) -> trainer_mod.TrainResult:
         t = self.config.trainer
         trainer_mod.seed_everything(seed)
-        if preference.is_preference(t.type):  # dpo / orpo / kto: their own data checks, batches and losses
-            return preference.fit(self, splits, run_dir=run_dir, resume=resume, seed=seed, fingerprints=fingerprints,
-                                  tracker=tracker, log=log)
         # the data is checked before the base model loads: a bad data set fails in seconds, not minutes
         train_df = splits["training"]
         # zero-shot needs no answers, unless few-shot examples are drawn from the training rows
@@ -310,8 +298,7 @@ class LlmModel:
             # the weight counts target tokens but FLOPs go to every computed token (shared prefixes once):
             # scale so MFU reports the work really done
             flops_per_unit=per_token * computed / max(target_tokens, 1),
-            tokens=lambda b: b["num_tokens"], micro_batch_rows=self._rows_per_micro_batch(size),
-            lr_ratio=lora_plus_lr_ratio(self.config.adapter))
+            tokens=lambda b: b["num_tokens"], micro_batch_rows=self._rows_per_micro_batch(size))
         precision = device.precision(t.use_mixed_precision, "train")
         log(precision.describe("train"))
         log(f"training on {len(rows)} rows, {total_tokens:,} tokens ({target_tokens:,} target tokens), "
@@ -489,9 +476,7 @@ class LlmModel:
         self._ensure_base()
         weights = model_dir / LLM_WEIGHTS
         weights.mkdir(parents=True, exist_ok=True)
-        if self.weights_kind == "adapter":  # PiSSA/OLoRA/CorDA: converted to a LoRA on the original base
-            save_adapter(self.model, weights, self._initial_adapter)
-        elif self.weights_kind in ("merged", "full"):
+        if self.weights_kind in ("adapter", "merged", "full"):
             self.model.save_pretrained(weights, safe_serialization=True)
         self.tokenizer.save_pretrained(weights)
         self._generation_config().save_pretrained(weights)
@@ -565,22 +550,6 @@ def _adapter_folder(path: str) -> Path:
             return candidate
     raise ModelFolderError(f"adapter.pretrained_adapter_weights: no adapter_config.json in {p}, {p / LLM_WEIGHTS} "
                            f"or {p / MODEL_DIR / LLM_WEIGHTS}")
-
-
-def _calibration_batches(rows: TokenizedRows, pad_id: int, size: int):
-    """Padded batches of the training rows for EVA/CorDA calibration; labels mark the response tokens (EVA's
-    use_label_mask) and are -100 on the prompt and the padding."""
-    for start in range(0, len(rows), size):
-        chunk = [(ids, int(n)) for ids, n in zip(rows.ids[start:start + size], rows.prompt_lens[start:start + size])]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (ids, prompt_len) in enumerate(chunk):
-            input_ids[i, :len(ids)] = torch.from_numpy(ids)
-            labels[i, prompt_len:len(ids)] = torch.from_numpy(ids[prompt_len:])
-            mask[i, :len(ids)] = 1
-        yield {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def _enable_activation_checkpointing(model) -> None:
