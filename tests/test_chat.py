@@ -76,7 +76,8 @@ def labelled_runs(tok, ids, mask) -> list[str]:
 
 
 @pytest.mark.parametrize("family, end, trims, system", [
-    ("smollm2", "<|im_end|>", False, True), ("llama3", "<|eot_id|>", True, True), ("gemma", "<end_of_turn>", True, False)])
+    ("smollm2", "<|im_end|>", False, True), ("llama3", "<|eot_id|>", True, True),
+    ("gemma", "<end_of_turn>", True, False)])
 def test_labels_are_exactly_the_assistant_turns(request, family, end, trims, system):
     """Each labelled run decodes to one assistant text plus the template's end-of-turn token: nothing of the
     system or user turns or the headers, and the reply "hello" is found in the reply, not in "Say hello"."""
@@ -154,7 +155,8 @@ def test_files_read_natively(tmp_path, tiny_llama_dir, suffix):
     ([{"speaker": "user", "text": "hi"}], r"row 7: .*turn 0 has keys \['speaker', 'text'\]"),
     ([{"role": "user", "content": 3}], "row 7: .*turn 0 has no text in 'content'"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}], "row 7: .*empty assistant turn"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "row 7: .*system turn may only come first"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+     "row 7: .*system turn may only come first"),
 ])
 def test_invalid_rows_are_named(tiny_llama_dir, cell, problem):
     df = pd.DataFrame({"messages": [TURNS, cell]}, index=[6, 7])
@@ -241,7 +243,7 @@ def test_truncation_keeps_the_beginning_and_drops_rows_without_targets(tiny_llam
     assert rows.masks[0].tolist() == full.masks[0][:60].tolist()
 
 
-def test_chat_config_trains_evaluates_and_predicts(tiny_llama_dir, cache_dir):
+def test_chat_config_trains_evaluates_and_predicts(tiny_llama_dir, cache_dir, tmp_path):
     df = pd.DataFrame({"messages": [json.dumps(c) for c in conversations(10)] + ["[]"]})  # as read from a CSV
     cfg = chat_config(tiny_llama_dir, adapter={"type": "lora", "r": 4},
                       trainer={"type": "finetune", "epochs": 2, "batch_size": 4, "learning_rate": 0.01})
@@ -261,5 +263,8 @@ def test_chat_config_trains_evaluates_and_predicts(tiny_llama_dir, cache_dir):
     assert list(predictions.columns) == ["reply_predictions"] and len(predictions) == 2
     # a final assistant turn is the reference, so both rows ask the same thing
     assert predictions["reply_predictions"][0] == predictions["reply_predictions"][1]
+    model.save(tmp_path / "model")
+    loaded = LlmModel.load(tmp_path / "model", cfg)
+    assert loaded.predict(ask).equals(predictions)
     metrics, _ = model.evaluate(ask)  # the loss on both rows' assistant turns; the texts against row 2's last reply
     assert np.isfinite(metrics["reply"]["loss"]) and set(metrics["reply"]) >= {"exact_match", "rouge_l"}
