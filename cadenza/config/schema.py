@@ -499,8 +499,9 @@ class GradientClipping(Section):
 
 
 class TrainerConfig(Section):
-    type: Literal["finetune", "trainer", "none"] = Field(
-        "finetune", description="`none`: no training (zero/few-shot LLM use). Ludwig's llm default is none."
+    type: Literal["finetune", "trainer", "none", "dpo", "orpo", "kto"] = Field(
+        "finetune", description="`none`: no training (zero/few-shot LLM use). Ludwig's llm default is none. "
+        "`dpo` / `orpo` / `kto`: preference tuning of an llm (see docs/llm.md, Preference tuning)."
     )
     epochs: int = Field(10, ge=1, description="Ludwig: 100.")
     train_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -566,6 +567,24 @@ class TrainerConfig(Section):
     learning_rate_scaling: Optional[Literal["constant", "sqrt", "linear"]] = Field(
         None, description="With N processes (torchrun / accelerate launch) the learning rate is multiplied by N "
         "(linear) or sqrt(N) (sqrt); null or constant: unchanged. Ludwig: linear.")
+    # llm preference trainers (type dpo / orpo / kto)
+    rejected_column: str = Field(
+        "rejected", description="dpo/orpo/kto: the column of rejected completions (the output feature holds the "
+        "chosen ones).")
+    dpo_beta: PositiveFloat = Field(0.1, description="dpo: strength of the pull towards the reference model.")
+    dpo_loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="dpo: sigmoid (DPO) or ipo (squared loss on per-token log-ratio margins, as TRL).")
+    dpo_label_smoothing: float = Field(
+        0.0, ge=0, le=0.5, description="dpo sigmoid: assumed fraction of flipped labels (conservative DPO).")
+    dpo_reference_free: bool = Field(
+        False, description="dpo: no reference model (its log-probs taken as 0), as Ludwig's dpo.")
+    orpo_beta: PositiveFloat = Field(0.1, description="orpo: weight of the odds-ratio term next to the NLL.")
+    kto_beta: PositiveFloat = Field(0.1, description="kto: strength of the pull towards the reference model.")
+    kto_desirable_weight: PositiveFloat = Field(1.0, description="kto: weight of desirable examples' losses.")
+    kto_undesirable_weight: PositiveFloat = Field(1.0, description="kto: weight of undesirable examples' losses.")
+    kto_label_column: Optional[str] = Field(
+        None, description="kto: a boolean column (true: desirable) for unpaired data, the output feature holding "
+        "each row's completion; null: each chosen/rejected pair gives one desirable and one undesirable example.")
 
 
 # -------------------------------------------------------------------------------------------- top level

@@ -20,7 +20,7 @@ from ..data.cache import cache_root, configured_cache_dir
 from ..data.read import require_columns
 from ..errors import DataError, ModelFolderError
 from ..config.schema import CadenzaConfig
-from . import batching, chat
+from . import batching, chat, preference
 from .generate import generate as generate_ids
 from .generate import hf_generation_config
 from .load import fix_special_tokens, load_causal_lm, load_tokenizer, plain_model_dir
@@ -228,6 +228,9 @@ class LlmModel:
             fingerprints: Optional[dict] = None, tracker=None, log=print) -> trainer_mod.TrainResult:
         t = self.config.trainer
         trainer_mod.seed_everything(seed)
+        if preference.is_preference(t.type):  # dpo / orpo / kto: their own data checks, batches and losses
+            return preference.fit(self, splits, run_dir=run_dir, resume=resume, seed=seed, fingerprints=fingerprints,
+                                  tracker=tracker, log=log)
         # the data is checked before the base model loads: a bad data set fails in seconds, not minutes
         train_df = splits["training"]
         # zero-shot needs no answers, unless few-shot examples are drawn from the training rows
