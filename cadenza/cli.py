@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve import register_cli as register_serve; register_serve(sub)  # noqa: E702
     from .export import register_cli as register_export; register_export(sub)  # noqa: E702
     from .plots import register_cli as register_visualize; register_visualize(sub)  # noqa: E702
+    from .merge_command import register_cli as register_merge; register_merge(sub)  # noqa: E702
     _add_debug_flag(parser, sub)
     return parser
 

@@ -65,7 +65,9 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- adapters
-class LoraConfig(Section):
+class LoraBase(Section):
+    """The keys LoRA and AdaLoRA share."""
+
     type: Literal["lora"] = "lora"
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: Optional[PositiveFloat] = Field(None, description="LoRA scaling alpha; null means 2 * r (Ludwig's default).")
@@ -82,6 +84,55 @@ class LoraConfig(Section):
     )
 
 
+class LoraConfig(LoraBase):
+    init_lora_weights: Union[bool, Literal["default", "gaussian", "eva", "olora", "pissa", "corda", "loftq",
+                                           "orthogonal"]] = Field(
+        "default", description="How the adapter starts: default (B = 0), gaussian, orthogonal; pissa, olora, corda "
+        "(move the base's principal part into the adapter; saved converted to a plain LoRA on the original base); "
+        "eva (from the training rows' activations); loftq (needs CUDA + bitsandbytes).")
+    loftq_config: Optional["LoftqConfig"] = Field(None, description="With init_lora_weights: loftq.")
+    eva_config: Optional["EvaConfig"] = Field(None, description="With init_lora_weights: eva.")
+    rank_pattern: Optional[dict[str, AtLeastOne]] = Field(
+        None, description="Per-module ranks, module name (or regex) -> r, e.g. {o_proj: 4}.")
+    alpha_pattern: Optional[dict[str, PositiveFloat]] = Field(
+        None, description="Per-module alphas, module name (or regex) -> alpha.")
+    layer_replication: Optional[list[tuple[NonNegativeInt, NonNegativeInt]]] = Field(
+        None, description="Build a deeper model from [start, end) layer ranges of the base (shared weights, "
+        "separate adapters), e.g. [[0, 2], [1, 2]].")
+    loraplus_lr_ratio: Optional[PositiveFloat] = Field(
+        None, description="LoRA+: the B matrices learn at learning_rate x this ratio (e.g. 16).")
+
+    @model_validator(mode="after")
+    def _init_options_agree(self):
+        init = self.init_lora_weights
+        if self.loftq_config is not None and init != "loftq":
+            raise ValueError("loftq_config is used only with init_lora_weights: loftq")
+        if self.eva_config is not None and init != "eva":
+            raise ValueError("eva_config is used only with init_lora_weights: eva")
+        if init in CONVERTED_INITS and self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+            # PEFT cannot convert such an adapter back to a plain LoRA on the original base
+            raise ValueError(f"init_lora_weights: {init} with use_rslora cannot be combined with rank_pattern or "
+                             "alpha_pattern (the saved adapter could not be converted for the original base model)")
+        return self
+
+
+# Initialisers that change the base weights: the adapter is saved converted to a plain LoRA on the original base.
+CONVERTED_INITS = ("pissa", "olora", "corda")
+
+
+class LoftqConfig(Section):
+    loftq_bits: Literal[4, 8] = Field(4, description="Bits of the quantized base weights LoftQ approximates.")
+    loftq_iter: AtLeastOne = Field(1, description="Alternating quantize/SVD iterations.")
+
+
+class EvaConfig(Section):
+    rho: float = Field(2.0, ge=1, description="How far a module's rank may grow above r when ranks are redistributed.")
+    tau: float = Field(0.99, gt=0, le=1, description="Stop the calibration once the components are this stable.")
+    use_label_mask: bool = Field(True, description="Calibrate on response (target) tokens only.")
+    whiten: bool = Field(False, description="Whiten the singular vectors.")
+    adjust_scaling_factors: bool = Field(True, description="Keep alpha / r constant when ranks are redistributed.")
+
+
 class AdapterPostprocessor(Section):
     merge_adapter_into_base_model: bool = Field(
         False, description="After training, merge the adapter and save a plain transformers model."
@@ -89,7 +140,7 @@ class AdapterPostprocessor(Section):
     progressbar: bool = False
 
 
-class AdaloraConfig(LoraConfig):
+class AdaloraConfig(LoraBase):
     type: Literal["adalora"] = "adalora"  # type: ignore[assignment]
     target_r: int = Field(8, ge=1)
     init_r: int = Field(12, ge=1)

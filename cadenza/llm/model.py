@@ -12,7 +12,8 @@ import torch
 
 from .. import device
 from ..train import loop as trainer_mod
-from ..adapters import apply_adapter, load_adapter
+from ..adapters import (apply_adapter, load_adapter, lora_plus_lr_ratio, needs_calibration, needs_conversion,
+                        save_adapter, snapshot_initial_adapter)
 from ..artifacts import (LLM_WEIGHTS, METADATA_FILE, MODEL_DIR, check_adapter_folder, check_local_source, read_json,
                          write_json)
 from ..data import assets
@@ -31,6 +32,7 @@ from .retrieval import Retriever
 from .tokenize import TokenizedRows, tokenize_rows, tokenizer_fingerprint
 
 RETRIEVAL_FILE = "retrieval_examples.json"
+CALIBRATION_ROWS = 256  # EVA/CorDA calibration: PEFT's CorDA guide finds a few hundred rows enough
 CPU_AUTO_BATCH = 8  # on CPU bigger micro-batches do not raise tokens/s; more optimizer steps help convergence
 BASE_NOT_SAVED = ("the model folder holds no copy of the base model (only the adapter trained on it): restore "
                   "that folder, or point base_model in model_hyperparameters.json at a copy of the same model")
@@ -47,6 +49,7 @@ class LlmModel:
         self.weights_kind = "base"   # what save() writes: base | adapter | merged | full
         self.truncated_rows = 0
         self._prepared = False
+        self._initial_adapter = None  # PiSSA/OLoRA/CorDA: the adapter before training, to save it converted
         out = config.output_features[0]
         self.output = out
         self.output_column = out.column or out.name
@@ -209,7 +212,15 @@ class LlmModel:
                 adapter = adapter.model_copy(update={"pretrained_adapter_weights":
                                                      str(_adapter_folder(adapter.pretrained_adapter_weights))})
                 log(f"continuing training of the adapter in {adapter.pretrained_adapter_weights}")
-            model = apply_adapter(model, adapter, "CAUSAL_LM", total_steps=getattr(self, "_total_steps", None))
+            calibration = None
+            rows = getattr(self, "_train_rows", None)  # set by fit's supervised path
+            if needs_calibration(adapter) and rows is not None:  # EVA/CorDA: forward passes over training rows
+                pad, on = self.tokenizer.pad_token_id, next(model.parameters()).device
+                calibration = lambda: list(_calibration_batches(rows, pad, self._batch_size(), on))  # noqa: E731
+            model = apply_adapter(model, adapter, "CAUSAL_LM", total_steps=getattr(self, "_total_steps", None),
+                                  calibration=calibration)
+            if needs_conversion(adapter):
+                self._initial_adapter = snapshot_initial_adapter(model)
             self.weights_kind = "adapter"
         else:
             for p in model.parameters():
@@ -301,7 +312,8 @@ class LlmModel:
             # the weight counts target tokens but FLOPs go to every computed token (shared prefixes once):
             # scale so MFU reports the work really done
             flops_per_unit=per_token * computed / max(target_tokens, 1),
-            tokens=lambda b: b["num_tokens"], micro_batch_rows=self._rows_per_micro_batch(size))
+            tokens=lambda b: b["num_tokens"], micro_batch_rows=self._rows_per_micro_batch(size),
+            lr_ratio=lora_plus_lr_ratio(self.config.adapter))
         precision = device.precision(t.use_mixed_precision, "train")
         log(precision.describe("train"))
         log(f"training on {len(rows)} rows, {total_tokens:,} tokens ({target_tokens:,} target tokens), "
@@ -479,7 +491,9 @@ class LlmModel:
         self._ensure_base()
         weights = model_dir / LLM_WEIGHTS
         weights.mkdir(parents=True, exist_ok=True)
-        if self.weights_kind in ("adapter", "merged", "full"):
+        if self.weights_kind == "adapter":  # PiSSA/OLoRA/CorDA: converted to a LoRA on the original base
+            save_adapter(self.model, weights, self._initial_adapter)
+        elif self.weights_kind in ("merged", "full"):
             self.model.save_pretrained(weights, safe_serialization=True)
         self.tokenizer.save_pretrained(weights)
         self._generation_config().save_pretrained(weights)
@@ -553,6 +567,22 @@ def _adapter_folder(path: str) -> Path:
             return candidate
     raise ModelFolderError(f"adapter.pretrained_adapter_weights: no adapter_config.json in {p}, {p / LLM_WEIGHTS} "
                            f"or {p / MODEL_DIR / LLM_WEIGHTS}")
+
+
+def _calibration_batches(rows: TokenizedRows, pad_id: int, size: int, on: torch.device):
+    """Padded batches of the first CALIBRATION_ROWS training rows for EVA/CorDA calibration; labels mark the
+    response tokens (EVA's use_label_mask) and are -100 on the prompt and the padding."""
+    for start in range(0, min(len(rows), CALIBRATION_ROWS), size):
+        chunk = [(ids, int(n)) for ids, n in zip(rows.ids[start:start + size], rows.prompt_lens[start:start + size])]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (ids, prompt_len) in enumerate(chunk):
+            input_ids[i, :len(ids)] = torch.from_numpy(ids)
+            labels[i, prompt_len:len(ids)] = torch.from_numpy(ids[prompt_len:])
+            mask[i, :len(ids)] = 1
+        yield {"input_ids": input_ids.to(on), "attention_mask": mask.to(on), "labels": labels.to(on)}
 
 
 def _enable_activation_checkpointing(model) -> None:

@@ -54,6 +54,7 @@ class TrainTask:
     flops_per_unit: Optional[float] = None  # for MFU (llm: ~6N or 4N per trained token)
     tokens: Optional[Callable[[Any], int]] = None  # all tokens processed in a batch (throughput)
     micro_batch_rows: Optional[int] = None  # rows per micro-batch, for trainer.effective_batch_size
+    lr_ratio: Optional[Callable[[str], float]] = None  # learning-rate factor by parameter name (LoRA+)
 
 
 @dataclass
@@ -170,7 +171,8 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise RuntimeError("nothing to train: every parameter is frozen")
-    optimizer = build_optimizer(trainable, cfg, world)
+    ratios = [task.lr_ratio(n) for n, p in model.named_parameters() if p.requires_grad] if task.lr_ratio else None
+    optimizer = build_optimizer(trainable, cfg, world, ratios)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -299,15 +301,25 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
 
 
 # =========================================================================================== builders and steps
-def build_optimizer(params, cfg: TrainerConfig, world: int = 1) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: TrainerConfig, world: int = 1,
+                    lr_ratios: Optional[list[float]] = None) -> torch.optim.Optimizer:
+    """`lr_ratios` (one per parameter; LoRA+) splits the parameters into groups learning at lr x ratio."""
     o = cfg.optimizer
     l2 = cfg.regularization_lambda if cfg.regularization_type in ("l2", "l1_l2") else 0.0
     decay = o.weight_decay + l2
     lr = scaled_learning_rate(cfg, world)
+    if lr_ratios is not None:
+        params = lr_ratio_groups(list(params), lr_ratios, lr)
     if o.type == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=decay)
     cls = torch.optim.AdamW if o.type == "adamw" else torch.optim.Adam
     return cls(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=decay)
+
+
+def lr_ratio_groups(params: list, ratios: list[float], lr: float) -> list[dict]:
+    # the ratio-1 group first: the loop logs the first group's rate as the run's learning rate
+    order = sorted(set(ratios), key=lambda r: (r != 1.0, r))
+    return [{"params": [p for p, q in zip(params, ratios) if q == r], "lr": lr * r} for r in order]
 
 
 def scaled_learning_rate(cfg: TrainerConfig, world: int) -> float:
