@@ -348,3 +348,11 @@ def test_a_misspelt_type_is_read_as_its_suggestion_to_check_the_rest():
 def test_an_unknown_model_type_brings_no_checks_of_another_model_type():
     found = problems(llm(model_type="gpt", trainer={"epochs": 0}))
     assert set(found) == {"model_type", "trainer.epochs"}  # no ecd complaints about the adapter or text output
+
+
+def test_conversations_are_llm_data_not_ecd_text():
+    config = {"input_features": [{"name": "m", "type": "text", "preprocessing": {"format": "messages"},
+                                  "encoder": {"type": "auto_transformer", "pretrained_model_name_or_path": "minilm"}}],
+              "output_features": [{"name": "y", "type": "category"}]}
+    with pytest.raises(ConfigError, match=r"input_features\[0\]\.preprocessing\.format: conversations"):
+        load_config(config)

@@ -252,6 +252,9 @@ def _check_ecd(config: CadenzaConfig, add) -> None:
         if f.type == "text" and f.encoder is None:
             add(f"input_features[{i}].encoder", "an ecd text input needs an encoder, e.g. "
                 "{type: auto_transformer, pretrained_model_name_or_path: minilm}")
+        if f.type == "text" and f.preprocessing.format == "messages":
+            add(f"input_features[{i}].preprocessing.format", "conversations (format: messages) are llm training "
+                "data; an ecd text encoder reads plain text (format: text)")
     for i, f in enumerate(config.output_features):
         if f.type not in OUTPUT_TYPES["ecd"]:
             add(f"output_features[{i}].type", f"{f.type} outputs need model_type: llm")
