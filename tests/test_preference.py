@@ -237,9 +237,11 @@ def test_adapter_reference_is_the_base_model(tiny_llama_dir):
     batch = pref.make_batch(data, list(range(8)), kto=False, packed=True, pad_id=2, share_prefix=True, paired=True)
     with torch.no_grad():
         with model.model.disable_adapter():
-            base = pref.sequence_logps(TargetLoss(model.model), batch)
-        adapted = pref.sequence_logps(TargetLoss(model.model), batch)
+            base = pref.sequence_logps(TargetLoss(model.model).eval(), batch)
+        adapted = pref.sequence_logps(TargetLoss(model.model).eval(), batch)
+        model.model.train()
         assert torch.allclose(reference(batch), base)
+        assert model.model.training  # the reference pass leaves the policy's mode (its dropout) as it was
         assert not torch.allclose(adapted, base)
 
 

@@ -292,8 +292,13 @@ def reference_logps(llm, log) -> Optional[Callable[[dict], torch.Tensor]]:
         log(f"{t.type}: reference model = the base model (the adapter disabled)")
 
         def with_adapter_off(batch: dict) -> torch.Tensor:
-            with llm.model.disable_adapter():
-                return sequence_logps(TargetLoss(llm.model).eval(), batch)
+            was_training = llm.model.training  # the policy's own mode (dropout) must survive the reference pass
+            llm.model.eval()
+            try:
+                with llm.model.disable_adapter():
+                    return sequence_logps(TargetLoss(llm.model), batch)
+            finally:
+                llm.model.train(was_training)
 
         return with_adapter_off
     frozen = TargetLoss(copy.deepcopy(llm.model).requires_grad_(False)).eval()
@@ -322,6 +327,8 @@ def fit(llm, splits: dict, *, run_dir, resume: bool, seed: int, fingerprints, tr
     llm._train_rows = train.rows  # (adapter initialisers that calibrate on training rows read them)
 
     size = llm._batch_size()
+    if kto and size < 2:
+        log("warning: kto with batch_size 1: the KL reference point is then the example's own log-ratio; use 2+")
     pad, packed = llm.tokenizer.pad_token_id, t.packing
     n_items = len(train.rows) if kto else train.items  # kto trains on single examples, dpo/orpo on pairs
 
