@@ -327,3 +327,13 @@ def test_config_keys_and_ranges():
         trainer_config(type="dpo", dpo_label_smoothing=0.6)
     with pytest.raises(Exception, match="dpo_loss_type"):
         trainer_config(type="dpo", dpo_loss_type="hinge")
+
+
+def test_the_example_config_loads():
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "dpo.yaml"
+    config = load_config(yaml.safe_load(path.read_text()))
+    assert (config.trainer.type, config.trainer.rejected_column, config.adapter.type) == ("dpo", "rejected", "lora")
