@@ -356,3 +356,11 @@ def test_conversations_are_llm_data_not_ecd_text():
               "output_features": [{"name": "y", "type": "category"}]}
     with pytest.raises(ConfigError, match=r"input_features\[0\]\.preprocessing\.format: conversations"):
         load_config(config)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "orpo", "kto", "none"])
+def test_llm_trainer_types_are_refused_for_ecd(kind):
+    config = {"input_features": [{"name": "x", "type": "number"}], "output_features": [{"name": "y", "type": "binary"}],
+              "trainer": {"type": kind}}
+    with pytest.raises(ConfigError, match=rf"trainer.type: '{kind}' is for model_type: llm"):
+        load_config(config)

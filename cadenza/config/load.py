@@ -243,6 +243,8 @@ def check_semantics(config: CadenzaConfig) -> list[tuple[str, str]]:
 
 
 def _check_ecd(config: CadenzaConfig, add) -> None:
+    if config.trainer.type in ("dpo", "orpo", "kto", "none"):
+        add("trainer.type", f"{config.trainer.type!r} is for model_type: llm; an ecd model trains with type: trainer")
     for key, where in (("adapter", "input_features[i].encoder.adapter"),
                        ("quantization", "input_features[i].encoder (llm encoder)"),
                        ("base_model", "input_features[i].encoder.pretrained_model_name_or_path")):
