@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 from .artifacts import write_json
+from .config.load import flatten as flatten_keys
 from .errors import CadenzaError
 
 LOGS_DIR = "logs"  # <run>/logs: TensorBoard event files
@@ -359,21 +360,10 @@ class MlflowRun:
         return {(key, m.step) for key in keys for m in self.client.get_metric_history(self.run_id, key)}
 
 
-def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
+def flatten_config(config: Any) -> dict[str, str]:
     """The resolved config as MLflow params: {"trainer.learning_rate": "0.0001", "input_features.0.name": ...}."""
-    if isinstance(config, dict) and config:
-        out: dict[str, str] = {}
-        for key, value in config.items():
-            out.update(flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    if isinstance(config, list) and config:
-        out = {}
-        for i, value in enumerate(config):
-            out.update(flatten_config(value, f"{prefix}.{i}"))
-        return out
-    if not prefix:
-        return {}
-    return {prefix: json.dumps(config) if isinstance(config, (dict, list)) else str(config)}
+    return {key: json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            for key, value in flatten_keys(config, index=".{}").items()}
 
 
 def mlflow_name(name: str) -> str:

@@ -584,3 +584,19 @@ def _list_item(ann):
 def _type_tags(model: type[BaseModel]) -> tuple:
     field = model.model_fields.get("type")
     return typing.get_args(field.annotation) if field else ()
+
+
+def flatten(value: Any, prefix: str = "", index: str = "[{}]") -> dict[str, Any]:
+    """Nested config data as {"trainer.learning_rate": 0.001, "input_features[0].name": "review", ...}: the key
+    paths errors print. `index` spells list positions (MLflow, which refuses brackets, takes ".{}")."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key), index))
+        return out
+    if isinstance(value, list) and value:
+        out = {}
+        for i, item in enumerate(value):
+            out.update(flatten(item, prefix + index.format(i), index))
+        return out
+    return {prefix: value} if prefix else {}

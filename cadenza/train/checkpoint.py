@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..artifacts import atomic_dir, write_json
+from ..config.load import flatten
 from ..device import is_cuda
 from ..errors import CadenzaError
 
@@ -249,28 +250,13 @@ def _and(items: list[str]) -> str:
 
 
 def _differences(then: dict, now: dict) -> list[str]:
-    before, after = _flatten(then), _flatten(now)
+    before, after = flatten(then), flatten(now)
     keys = list(before) + [k for k in after if k not in before]
     return [f"{k}: {_shown(before.get(k, _ABSENT))} in the checkpoint, {_shown(after.get(k, _ABSENT))} now"
             for k in keys if before.get(k, _ABSENT) != after.get(k, _ABSENT)]
 
 
 _ABSENT = object()
-
-
-def _flatten(value, prefix: str = "") -> dict:
-    """{"trainer.learning_rate": 0.001, "input_features[0].name": "review", ...}"""
-    if isinstance(value, dict) and value:
-        out = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(value, list) and value:
-        out = {}
-        for i, v in enumerate(value):
-            out.update(_flatten(v, f"{prefix}[{i}]"))
-        return out
-    return {prefix: value}
 
 
 def _shown(value) -> str:
