@@ -22,7 +22,7 @@ from .config.load import ConfigSource, load_config
 from .data.read import (DatasetSource, check_not_empty, read_dataset, sample, split_dataset,
                         warn_empty_splits)
 from .errors import CadenzaError, ConfigError, ModelFolderError
-from .track import tracking
+from .track import Tracker, tracking
 from .train import run_folder
 from .train.checkpoint import CHECKPOINT, check_resumable, run_fingerprints
 from .train.loop import process_state
@@ -86,11 +86,12 @@ class Model:
               output_directory: Union[str, Path] = "results", experiment_name: str = "experiment",
               model_name: str = "run", resume: Union[bool, str, Path] = False, random_seed: int = 42,
               skip_save_model: bool = False, skip_save_log: bool = False,
-              mlflow: Union[bool, str] = False) -> TrainOutput:
+              mlflow: Union[bool, str] = False, tracker: Optional[Tracker] = None) -> TrainOutput:
         """Train on `dataset` (split by preprocessing.split) or on explicit training/validation/test sets.
         resume: True continues the newest interrupted run of this experiment/model name; a path names the run.
         TensorBoard event files go to <run>/logs unless skip_save_log; mlflow: True logs to MLFLOW_TRACKING_URI
-        (else <output_directory>/mlflow.db), a string is the tracking URI (docs/tracking.md)."""
+        (else <output_directory>/mlflow.db), a string is the tracking URI (docs/tracking.md). tracker: reports
+        to it instead (cadenza.search's trials report epochs to their Optuna trial)."""
         dist = process_state()
         log = self.log if dist.is_main_process else (lambda _: None)
         splits = self._splits(dataset, training_set, validation_set, test_set, random_seed, log)
@@ -102,7 +103,8 @@ class Model:
                                log) as run_dir,
               tracking(run_dir, fingerprints["config"], tensorboard=not skip_save_log, mlflow=mlflow,
                        resume=bool(resume), experiment_name=experiment_name, output_directory=output_directory,
-                       random_seed=random_seed, enabled=dist.is_main_process, log=log) as tracker):
+                       random_seed=random_seed, enabled=dist.is_main_process, log=log) as run_tracker):
+            tracker = tracker or run_tracker
             started = time.perf_counter()
             result = self.model.fit(splits, run_dir=run_dir, resume=bool(resume), seed=random_seed,
                                     fingerprints=fingerprints, tracker=tracker, log=log)

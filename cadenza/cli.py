@@ -1,4 +1,4 @@
-"""The `cadenza` command: train, predict, evaluate, experiment, generate, render_config, upload."""
+"""The `cadenza` command: train, predict, evaluate, experiment, hyperopt, generate, render_config, upload."""
 
 from __future__ import annotations
 
@@ -62,6 +62,13 @@ def _summary(stats: dict) -> dict:
             for feature, values in stats.items()}
 
 
+def cmd_hyperopt(a) -> None:
+    from .search import hyperopt
+
+    hyperopt(a.config, a.dataset, output_directory=a.output_directory, experiment_name=a.experiment_name,
+             random_seed=a.random_seed)
+
+
 def cmd_predict(a) -> None:
     from .api import Model
 
@@ -114,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="train, then evaluate on the test split")
     _train_args(p)
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("hyperopt", help="search the config's hyperopt parameters with Optuna (docs/hyperopt.md)")
+    p.add_argument("-c", "--config", required=True, help="YAML config file with a hyperopt section")
+    p.add_argument("--dataset", required=True, help="data set, split by preprocessing.split")
+    p.add_argument("-od", "--output_directory", default="results")
+    p.add_argument("--experiment_name", default="hyperopt", help="also the Optuna study name (shared storage)")
+    p.add_argument("--random_seed", type=int, default=42)
+    p.set_defaults(func=cmd_hyperopt)
 
     for name, func, what in (("predict", cmd_predict, "predictions.csv"),
                              ("evaluate", cmd_evaluate, "test_statistics.json and predictions.csv")):

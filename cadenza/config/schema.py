@@ -741,6 +741,77 @@ class Defaults(Section):
     set: Optional[dict[str, Any]] = None
 
 
+# --------------------------------------------------------------------------------------------- hyperopt
+SearchSpace = Literal["choice", "grid_search", "uniform", "quniform", "loguniform", "qloguniform", "randint",
+                      "qrandint", "lograndint", "qlograndint"]
+_RANGE_SPACES = ("uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint", "lograndint",
+                 "qlograndint")
+
+
+class HyperoptParameter(Section):
+    """One searched key's space, as in Ludwig (Ray Tune's names); see docs/hyperopt.md."""
+
+    space: SearchSpace = Field(..., description="choice / grid_search take categories / values; the others a range "
+                               "[lower, upper] (randint and lograndint: upper excluded); q* round to multiples of q.")
+    categories: Optional[list[Any]] = Field(None, description="choice: the values to pick from.")
+    values: Optional[list[Any]] = Field(None, description="grid_search: the values to try.")
+    lower: Optional[float] = Field(None, description="Range spaces: the smallest value.")
+    upper: Optional[float] = Field(None, description="Range spaces: the largest value.")
+    q: Optional[PositiveFloat] = Field(None, description="q* spaces: the step values are rounded to.")
+    base: Optional[PositiveFloat] = Field(None, description="Accepted for Ludwig compatibility (log spaces).")
+
+    @model_validator(mode="after")
+    def _space_keys(self):
+        if self.space == "choice" and not self.categories:
+            raise ValueError("space choice needs a non-empty `categories` list")
+        if self.space == "grid_search" and not self.values:
+            raise ValueError("space grid_search needs a non-empty `values` list")
+        if self.space in _RANGE_SPACES:
+            if self.lower is None or self.upper is None:
+                raise ValueError(f"space {self.space} needs `lower` and `upper`")
+            if self.lower >= self.upper:
+                raise ValueError(f"lower ({self.lower:g}) must be below upper ({self.upper:g})")
+            if "log" in self.space and self.lower <= 0:
+                raise ValueError(f"space {self.space} needs lower > 0, got {self.lower:g}")
+            if self.space.startswith("q") and self.q is None:
+                raise ValueError(f"space {self.space} needs `q`")
+        return self
+
+
+class SearchAlgConfig(Section):
+    type: str = Field("variant_generator", description="Accepted for Ludwig compatibility; the executor's "
+                      "`sampler` picks the search algorithm.")
+    random_state: Optional[NonNegativeInt] = Field(None, description="Seed of the sampler (default: --random_seed).")
+
+
+class HyperoptExecutor(Section):
+    type: Literal["optuna"] = Field("optuna", description="Trials run in this process, one after another, by "
+                                    "Optuna (Ludwig 0.15+). Ludwig's default `ray` is not available.")
+    num_samples: AtLeastOne = Field(10, description="Trials to run (in total over every process on one storage).")
+    time_budget_s: Optional[PositiveFloat] = Field(None, description="Stop starting trials after this many seconds.")
+    sampler: Literal["auto", "tpe", "gp", "cmaes", "random"] = Field(
+        "auto", description="auto: a grid over grid_search values when every space is grid_search, else tpe.")
+    pruner: Optional[Literal["median", "hyperband"]] = Field(
+        None, description="Stop trials whose per-epoch validation score is poor (split: validation).")
+    storage: Optional[str] = Field(None, description="An RDB URL (sqlite:///study.db, postgresql://...): processes "
+                                   "on one storage and experiment name share one study.")
+
+
+class HyperoptConfig(Section):
+    """Hyperparameter search (`cadenza hyperopt`); training ignores this section."""
+
+    output_feature: str = Field("combined", description="The output feature scored (combined: all of them).")
+    metric: str = Field("loss", description="The metric of output_feature to optimize.")
+    goal: Literal["minimize", "maximize"] = Field("minimize", description="Whether a lower or a higher score wins.")
+    split: Literal["training", "validation", "test"] = Field("validation", description="The split scored.")
+    parameters: dict[str, HyperoptParameter] = Field(
+        ..., description="Dotted config paths (trainer.learning_rate, input_features.review.encoder."
+        "reduce_output; features by name) -> search space.")
+    search_alg: SearchAlgConfig = Field(default_factory=SearchAlgConfig, description="Ludwig's search algorithm "
+                                        "section (seed only here).")
+    executor: HyperoptExecutor = Field(default_factory=HyperoptExecutor, description="How the trials run.")
+
+
 class CadenzaConfig(Section):
     model_type: Literal["ecd", "llm"] = Field("ecd", description="ecd: predictive heads; llm: generative.")
     base_model: Optional[str] = Field(
@@ -758,6 +829,7 @@ class CadenzaConfig(Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     model_parameters: Optional[ModelParameters] = None
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    hyperopt: Optional[HyperoptConfig] = Field(None, description="Hyperparameter search (docs/hyperopt.md).")
     trust_remote_code: bool = Field(False, description="llm: run the model repo's own code (only when you trust it).")
     ludwig_version: Optional[str] = Field(None, description="Written by Ludwig into saved configs; ignored.")
     cadenza_version: Optional[str] = Field(None, description="Written into saved configs; informational.")
