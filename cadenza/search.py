@@ -175,7 +175,8 @@ def hyperopt(config: ConfigSource, dataset=None, *, output_directory: Union[str,
     splits = Model(base, log=lambda _: None)._splits(dataset, None, None, None, random_seed, log)
     folder = Path(output_directory) / experiment_name
     executor = settings.executor
-    study = optuna.create_study(study_name=experiment_name, storage=executor.storage, load_if_exists=True,
+    study = optuna.create_study(study_name=experiment_name, storage=_storage(optuna, executor.storage),
+                                load_if_exists=True,
                                 direction=settings.goal, sampler=_sampler(optuna, settings, random_seed),
                                 pruner=_pruner(optuna, executor.pruner))
     metric = metrics.canonical_name(settings.metric)
@@ -244,6 +245,23 @@ def _sampler(optuna, settings, random_seed: int):
     if kind == "gp":
         return optuna.samplers.GPSampler(seed=seed)
     return optuna.samplers.CmaEsSampler(seed=seed)
+
+
+def _storage(optuna, url: Optional[str], attempts: int = 6):
+    """The study's RDB storage (None: in memory). Processes that start together race to create its tables, and
+    the losers' first tries fail: they try again. SQLite waits up to a minute for another process's write."""
+    if url is None:
+        return None
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _pruner(optuna, kind: Optional[str]):
