@@ -16,8 +16,8 @@ from typing import Callable, Optional, Union
 import pandas as pd
 
 from . import __version__
-from .artifacts import (CONFIG_FILE, FORMAT_VERSION, MODEL_DIR, MODEL_INFO, SavedModel, atomic_dir,
-                        check_model_folder, write_json)
+from .artifacts import (CONFIG_FILE, MODEL_DIR, SavedModel, atomic_dir, check_model_folder, write_json,
+                        write_model_header)
 from .config.load import ConfigSource, load_config
 from .data.read import (DatasetSource, check_not_empty, read_dataset, sample, split_dataset,
                         warn_empty_splits)
@@ -234,11 +234,7 @@ class Model:
         """Write the model folder atomically: a crash leaves the previous folder (or none), never half of one."""
         model_dir = Path(model_dir)
         with atomic_dir(model_dir) as tmp:
-            write_json(tmp / MODEL_INFO, {"model_type": self.config.model_type, "cadenza_version": __version__,
-                                          "format": FORMAT_VERSION})
-            config = self.config.model_dump(mode="json")
-            config["cadenza_version"] = __version__
-            write_json(tmp / CONFIG_FILE, config)
+            write_model_header(tmp, self.config.model_dump(mode="json"))
             self.model.save(tmp)
         self.model_dir = model_dir
         self.log(f"model saved to {model_dir}")

@@ -59,6 +59,23 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_model_header(folder: Path, config: dict) -> None:
+    """cadenza_model.json and model_hyperparameters.json: what every model folder starts with (the model type
+    writes its weights and metadata beside them)."""
+    write_json(Path(folder) / MODEL_INFO, {"model_type": config["model_type"], "cadenza_version": __version__,
+                                           "format": FORMAT_VERSION})
+    write_json(Path(folder) / CONFIG_FILE, {**config, "cadenza_version": __version__})
+
+
+def unshared(tensors: dict) -> dict:
+    """safetensors refuses tensors that share storage (tied weights): store independent copies."""
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        out[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    return out
+
+
 def _finite(value: Any) -> Any:
     """NaN and infinities (a metric that cannot be computed on a split, e.g. roc_auc with one class) become null:
     strict JSON readers (jq, JavaScript, many dashboards) refuse Python's NaN."""

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import device
 from .. import metrics as M
-from ..artifacts import ECD_WEIGHTS, METADATA_FILE, hub_source_errors, read_json, write_json
+from ..artifacts import ECD_WEIGHTS, METADATA_FILE, hub_source_errors, read_json, unshared, write_json
 from ..data.cache import cache_root, configured_cache_dir
 from ..data.read import check_not_empty, require_columns
 from ..errors import DataError, ModelFolderError
@@ -347,7 +347,7 @@ class EcdModel:
         self._require_fitted()
         frozen = _frozen_pretrained(self.net)
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items() if k not in frozen}
-        save_file(_unshare(state), str(Path(model_dir) / ECD_WEIGHTS))
+        save_file(unshared(state), str(Path(model_dir) / ECD_WEIGHTS))
         write_json(Path(model_dir) / METADATA_FILE, self.metadata)
         for f in self._text_inputs():
             if f.encoder.adapter is not None and f.name in self._encoders:
@@ -378,14 +378,6 @@ class EcdModel:
 def _frozen_pretrained(net) -> set[str]:
     """Frozen pretrained encoder weights are not saved: they are reloaded from the encoder's source."""
     return {n for n, p in net.named_parameters() if not p.requires_grad and ".backbone." in f".{n}"}
-
-
-def _unshare(state: dict) -> dict:
-    seen, out = set(), {}
-    for k, v in state.items():
-        out[k] = v.clone() if v.data_ptr() in seen else v
-        seen.add(v.data_ptr())
-    return out
 
 
 def _to(inputs: dict, device) -> dict:

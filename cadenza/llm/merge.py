@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .. import __version__
 from ..adapters import load_adapter
-from ..artifacts import CONFIG_FILE, FORMAT_VERSION, LLM_WEIGHTS, MODEL_INFO, atomic_dir, check_model_folder, write_json
+from ..artifacts import LLM_WEIGHTS, atomic_dir, check_model_folder, write_model_header
 from ..config.load import load_config
 from ..errors import ConfigError, ModelFolderError
 from .model import LlmModel
@@ -46,8 +45,7 @@ def merge_models(model_paths: Sequence, output: Path, *, weights: Optional[Seque
         llm._merge(log)  # checks the merged model's logits against the adapter model's before saving
     output = Path(output)
     with atomic_dir(output) as tmp:
-        write_json(tmp / MODEL_INFO, {"model_type": "llm", "cadenza_version": __version__, "format": FORMAT_VERSION})
-        write_json(tmp / CONFIG_FILE, {**config.model_dump(mode="json"), "cadenza_version": __version__})
+        write_model_header(tmp, config.model_dump(mode="json"))
         llm.save(tmp)
     log(f"merged model saved to {output}")
     return output

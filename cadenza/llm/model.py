@@ -14,8 +14,8 @@ from .. import device
 from ..train import loop as trainer_mod
 from ..adapters import (apply_adapter, load_adapter, lora_plus_lr_ratio, needs_calibration, needs_conversion,
                         save_adapter, snapshot_initial_adapter)
-from ..artifacts import (LLM_WEIGHTS, METADATA_FILE, MODEL_DIR, check_adapter_folder, check_local_source, read_json,
-                         write_json)
+from ..artifacts import (LLM_WEIGHTS, METADATA_FILE, MODEL_DIR, RETRIEVAL_FILE, check_adapter_folder,
+                         check_local_source, read_json, write_json)
 from ..data import assets
 from ..data.cache import cache_root, configured_cache_dir
 from ..data.read import require_columns
@@ -31,7 +31,6 @@ from .prompt import PromptBuilder
 from .retrieval import Retriever
 from .tokenize import TokenizedRows, tokenize_rows, tokenizer_fingerprint
 
-RETRIEVAL_FILE = "retrieval_examples.json"
 CALIBRATION_ROWS = 256  # EVA/CorDA calibration: PEFT's CorDA guide finds a few hundred rows enough
 CPU_AUTO_BATCH = 8  # on CPU bigger micro-batches do not raise tokens/s; more optimizer steps help convergence
 BASE_NOT_SAVED = ("the model folder holds no copy of the base model (only the adapter trained on it): restore "

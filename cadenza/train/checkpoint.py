@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import atomic_dir, write_json
+from ..artifacts import atomic_dir, unshared, write_json
 from ..config.load import flatten
 from ..device import is_cuda
 from ..errors import CadenzaError
@@ -87,15 +87,6 @@ def trainable_state_names(model: torch.nn.Module) -> set[str]:
     return {k for k in model.state_dict() if k not in frozen}
 
 
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share storage (tied weights): store independent copies."""
-    seen, out = set(), {}
-    for k, v in tensors.items():
-        out[k] = v.clone() if v.data_ptr() in seen else v
-        seen.add(v.data_ptr())
-    return out
-
-
 # ------------------------------------------------------------------------------------------- random states
 TENSOR_STATES = ("torch", "cuda")  # saved in training_state.pt; the others are JSON
 
@@ -128,13 +119,13 @@ def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer, scheduler
     """Write the checkpoint folder in one atomic swap (a crash leaves the previous checkpoint whole).
     rng: `random_states()` of every process, in rank order."""
     with atomic_dir(ckpt_dir) as tmp:
-        save_file(_unshared(trainable_state(model)), str(tmp / WEIGHTS))
+        save_file(unshared(trainable_state(model)), str(tmp / WEIGHTS))
         files = [STATE, WEIGHTS, TRAINING_STATE]
         best = None
         if best_weights is not None:
             best = "current" if best_is_current else BEST
             if not best_is_current:  # most evaluations improve: the best weights are then the current ones
-                save_file(_unshared(best_weights), str(tmp / BEST))
+                save_file(unshared(best_weights), str(tmp / BEST))
                 files.append(BEST)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": [{k: v for k, v in r.items() if k in TENSOR_STATES} for r in rng]}, tmp / TRAINING_STATE)
