@@ -211,13 +211,15 @@ class Model:
         test = self._splits_used.get("test")
         test_stats: dict = {}
         predictions = None
+        main = process_state().is_main_process  # under torchrun every process evaluates; the main one writes
         if test is not None and len(test):
             test_stats, predictions = self.evaluate(test)
-            write_json(out.run_dir / "test_statistics.json", test_stats)
-            predictions.to_csv(out.run_dir / "predictions.csv", index=False)
-        else:
+            if main:
+                write_json(out.run_dir / "test_statistics.json", test_stats)
+                predictions.to_csv(out.run_dir / "predictions.csv", index=False)
+        elif main:
             self.log("no test split: skipping evaluation")
-        if process_state().is_main_process:
+        if main:
             from .plots import write_run_plots  # never raises: a plot that fails is one line of log
 
             write_run_plots(out.run_dir, test, predictions, self.log)

@@ -1,4 +1,5 @@
-"""Two CPU processes under torchrun (gloo): the same command scales out without code changes."""
+"""Two CPU processes under torchrun (gloo): the same command scales out without code changes, and with the same
+global batch (`trainer.effective_batch_size`) two processes take the very steps one process takes."""
 
 import json
 import subprocess
@@ -10,28 +11,101 @@ import pandas as pd
 import pytest
 import yaml
 
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def torchrun(args: list[str], cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", str(processes), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def reviews(rows: int = 90) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"review": [" ".join(rng.choice(["good", "bad", "plot", "fine"], 4)) for _ in range(rows)]})
+    df["sentiment"] = np.where(df.review.str.contains("good"), "pos", "neg")
+    return df
+
+
+def statistics(out: Path) -> dict:
+    return json.loads((out / "experiment_run" / "training_statistics.json").read_text())
+
 
 @pytest.mark.integration
 def test_torchrun_two_processes_trains_and_saves_once(tiny_bert_dir, cache_dir, tmp_path):
-    rng = np.random.default_rng(0)
-    df = pd.DataFrame({"review": [" ".join(rng.choice(["good", "bad", "plot", "fine"], 4)) for _ in range(90)]})
-    df["sentiment"] = np.where(df.review.str.contains("good"), "pos", "neg")
+    df = reviews()
     df.to_csv(tmp_path / "d.csv", index=False)
     cfg = {"input_features": [{"name": "review", "type": "text", "encoder": {
         "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_bert_dir)}}],
         "output_features": [{"name": "sentiment", "type": "category"}], "trainer": {"epochs": 2, "batch_size": 16}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cadenza", "train", "-c", "c.yaml",
-                           "--dataset", "d.csv", "-od", "out"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun(["-m", "cadenza", "experiment", "-c", "c.yaml", "--dataset", "d.csv", "-od", "out"], tmp_path)
     assert done.stdout.count("run folder:") == 1  # one run folder, named by the main process
     runs = list((tmp_path / "out").iterdir())
     assert [r.name for r in runs] == ["experiment_run"]
     stats = json.loads((runs[0] / "training_statistics.json").read_text())
     assert len(stats["training"]) == 2 and (runs[0] / "model" / "model_weights.safetensors").is_file()
+    # the test split's files, written by the main process alone
+    test_rows = json.loads((runs[0] / "description.json").read_text())["rows"]["test"]
+    assert len(pd.read_csv(runs[0] / "predictions.csv")) == test_rows > 0
+    assert (runs[0] / "test_statistics.json").is_file()
     from cadenza import Model
 
     predictions = Model.load(runs[0], log=lambda _: None).predict(df)
     assert len(predictions) == len(df)
+
+
+@pytest.mark.integration
+def test_ecd_two_processes_reach_the_single_process_loss(tiny_bert_dir, cache_dir, tmp_path):
+    """63 training rows in micro-batches of 8: 8 micro-batches, 2 per optimizer step either way (accumulated in one
+    process, one per rank in two). 8 does not divide 63: the short last micro-batch must weigh by its rows."""
+    reviews().to_csv(tmp_path / "d.csv", index=False)
+    cfg = {"input_features": [{"name": "review", "type": "text", "encoder": {
+        "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_bert_dir)}}],
+        "output_features": [{"name": "sentiment", "type": "category"}],
+        "trainer": {"epochs": 3, "batch_size": 8, "effective_batch_size": 16, "gradient_accumulation_steps": "auto",
+                    "learning_rate": 0.01, "use_mixed_precision": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    torchrun(["-m", "cadenza", "train", "-c", "c.yaml", "--dataset", "d.csv", "-od", "two"], tmp_path)
+    from cadenza import Model
+
+    Model(cfg, log=lambda _: None).train(dataset=tmp_path / "d.csv", output_directory=tmp_path / "one")
+    one, two = statistics(tmp_path / "one"), statistics(tmp_path / "two")
+    assert one["steps"] == two["steps"] == 3 * 4
+    # the loss reported is over every rank's rows, and each step's update is the single process's
+    for a, b in zip(one["training"], two["training"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    for a, b in zip(one["validation"], two["validation"], strict=True):
+        assert b["combined"]["loss"] == pytest.approx(a["combined"]["loss"], rel=1e-5)
+        assert b["sentiment"]["accuracy"] == a["sentiment"]["accuracy"]
+    assert one["validation"][-1]["combined"]["loss"] < one["validation"][0]["combined"]["loss"]  # it learned
+
+
+@pytest.mark.integration
+def test_llm_lora_two_processes_follow_the_single_process_loss_curve(tiny_llama_dir, cache_dir, tmp_path):
+    """LoRA on a tiny random Llama: 2 processes x micro-batches of 2 rows = 1 process x 2 accumulated micro-batches
+    of 2 rows; the validation loss every 3 steps (the curve) and each epoch's training loss agree."""
+    from cadenza.data import assets
+
+    assets.chatterbot_pairs().head(32)[["question", "answer"]].to_csv(tmp_path / "qa.csv", index=False)
+    cfg = {"model_type": "llm", "base_model": str(tiny_llama_dir),
+           "input_features": [{"name": "question", "type": "text"}],
+           "output_features": [{"name": "answer", "type": "text"}],
+           "adapter": {"type": "lora", "r": 4, "dropout": 0.0},
+           "preprocessing": {"split": {"type": "random", "probabilities": [0.75, 0.25, 0.0]}},
+           "trainer": {"type": "finetune", "epochs": 2, "batch_size": 2, "effective_batch_size": 4,
+                       "gradient_accumulation_steps": "auto", "learning_rate": 0.003, "eval_steps": 3,
+                       "use_mixed_precision": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    torchrun(["-m", "cadenza", "train", "-c", "c.yaml", "--dataset", "qa.csv", "-od", "two"], tmp_path)
+    from cadenza import Model
+
+    Model(cfg, log=lambda _: None).train(dataset=tmp_path / "qa.csv", output_directory=tmp_path / "one")
+    one, two = statistics(tmp_path / "one"), statistics(tmp_path / "two")
+    assert one["steps"] == two["steps"] > 4
+    curve = lambda s: [v["combined"]["loss"] for v in s["validation_steps"] + s["validation"]]  # noqa: E731
+    assert len(curve(one)) >= 4
+    assert curve(two) == pytest.approx(curve(one), rel=1e-4)
+    assert [e["loss"] for e in two["training"]] == pytest.approx([e["loss"] for e in one["training"]], rel=1e-4)
+    assert curve(one)[-1] < curve(one)[0]  # it learned

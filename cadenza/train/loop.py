@@ -91,7 +91,7 @@ class TrainState:
     statistics: dict = field(default_factory=lambda: {"training": [], "validation": [], "validation_steps": []})
 
     def count_step(self, loss_sum: float, weight: float) -> None:
-        """One optimizer step taken; `weight` is this process's share (its loss sum is over those units)."""
+        """One optimizer step taken; `loss_sum` and `weight` are over all processes (the same on every rank)."""
         self.global_step += 1
         self.step_in_epoch += 1
         self.epoch_loss += loss_sum
@@ -249,10 +249,10 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
 
-                    state.count_step(loss_sum, weight)
+                    state.count_step(loss_sum, total_weight)
                     session.add(weight, tokens)
                     totals.add(total_weight, tokens * world)
-                    tracker.log_step(state.global_step, loss=loss_sum / max(weight, 1.0), learning_rate=lr,
+                    tracker.log_step(state.global_step, loss=loss_sum / max(total_weight, 1.0), learning_rate=lr,
                                      units=total_weight, tokens=tokens * world)
                     bar.update(1)
                     bar.set_postfix(loss=f"{state.epoch_loss / max(state.epoch_weight, 1):.4f}",
@@ -365,9 +365,17 @@ def micro_batch_groups(batches: Iterable, accumulation: int, rank: int, world: i
         yield group
 
 
+@dataclass(frozen=True)
+class Repeated:
+    """A micro-batch a rank runs again only to keep in step with the others: its loss and rows count zero."""
+
+    batch: Any
+
+
 def _shard(batches: Iterable, num_batches: int, rank: int, world: int):
-    """Every rank must take the same number of steps (or the gradient all-reduce waits forever), so a rank left
-    short re-uses one of the first batches, as Accelerate's even_batches does."""
+    """Every rank must run the same number of micro-batches (or a collective — the gradient all-reduce, FSDP's
+    all-gathers — waits forever), so a rank left short re-runs one of the first batches, as Accelerate's
+    even_batches does; unlike even_batches, the re-run counts nothing, so the step equals the single-process one."""
     head, taken = [], 0
     for k, batch in enumerate(batches):
         if k < world:
@@ -377,26 +385,31 @@ def _shard(batches: Iterable, num_batches: int, rank: int, world: int):
             yield batch
     while world > 1 and taken < math.ceil(num_batches / world):
         taken += 1
-        yield head[rank % len(head)]
+        yield Repeated(head[rank % len(head)])
 
 
 def accumulate_gradients(accelerator: Accelerator, model, task: TrainTask, group: list, autocast: Callable,
                          world: int) -> tuple[float, float, float, int]:
     """Backward over one effective batch, each micro-batch's summed loss divided by the total weight of the whole
-    effective batch on all processes. Returns (loss sum, this process's weight, total weight, tokens)."""
-    weight = float(sum(task.weight(b) for b in group))
+    effective batch on all processes. Returns (loss sum over all processes, this process's weight, total weight,
+    this process's tokens)."""
+    weight = float(sum(task.weight(b) for b in group if not isinstance(b, Repeated)))
     total = torch.tensor(weight, device=accelerator.device)
     if world > 1:
         total = accelerator.reduce(total, "sum")
     loss_sum, tokens = 0.0, 0
-    for j, batch in enumerate(group):
+    for j, item in enumerate(group):
+        counts = 0.0 if isinstance(item, Repeated) else 1.0
+        batch = item.batch if isinstance(item, Repeated) else item
         # gradients are all-reduced once, with the last micro-batch; DDP averages them over processes, hence * world
         sync = contextlib.nullcontext() if j == len(group) - 1 else accelerator.no_sync(model)
         with sync, autocast():
             loss = task.loss_sum(model, batch)
-        accelerator.backward(loss * world / total.clamp_min(1.0))
-        loss_sum += float(loss.detach())
-        tokens += task.tokens(batch) if task.tokens else 0
+        accelerator.backward(loss * (counts * world) / total.clamp_min(1.0))
+        loss_sum += counts * float(loss.detach())
+        tokens += int(counts) * task.tokens(batch) if task.tokens else 0
+    if world > 1:  # the step's loss over every rank's rows, as one process would report it
+        loss_sum = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum"))
     return loss_sum, weight, float(total), tokens
 
 
