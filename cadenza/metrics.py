@@ -19,6 +19,10 @@ COMBINED = "combined"  # the validation field whose only metric is the weighted 
 # An llm scores every output (text or category) as tokens under teacher forcing; those metrics are the only ones
 # an llm computes while training, since the others need generated text.
 LLM_TOKENS = "llm"
+# An llm's preference trainers (trainer.type dpo / orpo / kto) score pairs of completions instead: their validation
+# rounds compute the preference loss and these reward metrics (TRL's names; the underscore spellings work too).
+PREFERENCE = "preference"
+PREFERENCE_TRAINERS = ("dpo", "orpo", "kto")
 
 
 class Metric(NamedTuple):
@@ -34,8 +38,9 @@ def _for(*kinds: str) -> frozenset[str]:
 
 
 METRICS: tuple[Metric, ...] = (
-    Metric("loss", _for(*OUTPUT_TYPES, COMBINED, LLM_TOKENS), False,
-           "The output's loss, averaged over rows (llm: over target tokens); combined: the loss-weighted sum."),
+    Metric("loss", _for(*OUTPUT_TYPES, COMBINED, LLM_TOKENS, PREFERENCE), False,
+           "The output's loss, averaged over rows (llm: over target tokens; preference trainers: over pairs, kto: "
+           "examples); combined: the loss-weighted sum."),
     Metric("accuracy", _for("category", "binary"), True, "Share of rows whose predicted label is right."),
     Metric("hits_at_k", _for("category"), True, "Share of rows whose label is among the top_k most probable."),
     Metric("precision", _for("category", "binary", "set"), True,
@@ -59,6 +64,18 @@ METRICS: tuple[Metric, ...] = (
     Metric("exact_match", _for("text"), True,
            "Share of generations equal to the reference (case and whitespace ignored)."),
     Metric("rouge_l", _for("text"), True, "ROUGE-L F1 of generation and reference (longest common subsequence)."),
+    Metric("rewards/accuracies", _for(PREFERENCE), True, "Share of pairs whose chosen completion gets the higher "
+           "reward (dpo/orpo/kto; none for kto on unpaired rows).", aliases=("rewards_accuracies",)),
+    Metric("rewards/margins", _for(PREFERENCE), True, "Mean reward of the chosen completions minus that of the "
+           "rejected ones.", aliases=("rewards_margins",)),
+    Metric("rewards/chosen", _for(PREFERENCE), True, "Mean reward of the chosen completions: beta (log pi - log "
+           "pi_ref) (orpo: beta times the mean token log-probability).", aliases=("rewards_chosen",)),
+    Metric("rewards/rejected", _for(PREFERENCE), False, "Mean reward of the rejected completions.",
+           aliases=("rewards_rejected",)),
+    Metric("logps/chosen", _for(PREFERENCE), True, "Mean log-probability (summed over its tokens) of a chosen "
+           "completion.", aliases=("logps_chosen",)),
+    Metric("logps/rejected", _for(PREFERENCE), False, "Mean log-probability of a rejected completion.",
+           aliases=("logps_rejected",)),
 )
 
 _BY_NAME = {m.name: m for m in METRICS}
@@ -71,19 +88,24 @@ def canonical_name(name: str) -> Optional[str]:
     return name if name in _BY_NAME else _ALIASES.get(name)
 
 
-def metric_names(output_type: str, model_type: str = "ecd") -> list[str]:
+def metric_names(output_type: str, model_type: str = "ecd", trainer_type: str = "finetune") -> list[str]:
     """What evaluation reports for an output of this type (or for COMBINED), in table order."""
+    preference = model_type == "llm" and trainer_type in PREFERENCE_TRAINERS and output_type != COMBINED
+
     def applies(m: Metric) -> bool:
         return output_type in m.applies_to or (model_type == "llm" and output_type != COMBINED
-                                               and LLM_TOKENS in m.applies_to)
+                                               and LLM_TOKENS in m.applies_to) or (preference and
+                                                                                   PREFERENCE in m.applies_to)
     return [m.name for m in METRICS if applies(m)]
 
 
-def validation_metric_names(output_type: str, model_type: str = "ecd") -> list[str]:
-    """What a validation round during training computes: everything for ecd, the token metrics for an llm."""
-    names = metric_names(output_type, model_type)
+def validation_metric_names(output_type: str, model_type: str = "ecd", trainer_type: str = "finetune") -> list[str]:
+    """What a validation round during training computes: everything for ecd, the token metrics for an llm, the
+    preference loss and rewards for an llm's preference trainers."""
+    names = metric_names(output_type, model_type, trainer_type)
     if model_type == "llm":
-        return [n for n in names if LLM_TOKENS in _BY_NAME[n].applies_to]
+        kind = PREFERENCE if trainer_type in PREFERENCE_TRAINERS else LLM_TOKENS
+        return [n for n in names if kind in _BY_NAME[n].applies_to]
     return names
 
 

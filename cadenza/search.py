@@ -128,7 +128,7 @@ def _metric_problems(config) -> list[tuple[str, str]]:
         return [("hyperopt.output_feature", f"{hyperopt.output_feature!r} is not an output feature; one of "
                  f"{', '.join([metrics.COMBINED, *types])}")]
     offered = metrics.validation_metric_names(types.get(hyperopt.output_feature, metrics.COMBINED),
-                                              config.model_type)
+                                              config.model_type, config.trainer.type)
     if metrics.canonical_name(hyperopt.metric) not in offered:
         return [("hyperopt.metric", f"{hyperopt.output_feature} does not compute {hyperopt.metric!r}; it offers "
                  f"{', '.join(offered)}")]

@@ -268,3 +268,39 @@ def test_chat_config_trains_evaluates_and_predicts(tiny_llama_dir, cache_dir, tm
     assert loaded.predict(ask).equals(predictions)
     metrics, _ = model.evaluate(ask)  # the loss on both rows' assistant turns; the texts against row 2's last reply
     assert np.isfinite(metrics["reply"]["loss"]) and set(metrics["reply"]) >= {"exact_match", "rouge_l"}
+
+
+# ---------------------------------------------------------------------------------------- preference data in chat form
+@pytest.mark.parametrize("family, end", [("smollm2", "<|im_end|>"), ("llama3", "<|eot_id|>")])
+def test_preference_completions_are_the_assistant_turn(request, tiny_llama_dir, family, end):
+    """A conversation ending with a user turn is the prompt; a completion, as text or as one assistant turn (TRL's
+    conversational format), is the assistant's answer: its tokens + the end-of-turn token are the target, the
+    rendered conversation with the assistant header is the prompt."""
+    tok = request.getfixturevalue(f"{family}_tok")
+    data = chat.ChatData(chat_config(tiny_llama_dir, trainer={"type": "dpo"}))
+    prompt = TURNS[:3]  # user, assistant, user: earlier assistant turns are prompt, not target
+    records = [{"messages": prompt, "reply": "It is 4.", "rejected": [{"role": "assistant", "content": "five"}],
+                chat.ROW: 0}]
+    for column, text in (("reply", "It is 4."), ("rejected", "five")):
+        rows = data.completion_rows(tok, records, column, None)
+        ids, n = rows.ids[0], int(rows.prompt_lens[0])
+        assert tok.decode(ids[n:]) == text + end
+        assert tok.decode(ids[:n]) == chat.render(tok, prompt, generation_prompt=True)
+    # (the prompt tokenized alone may merge differently at its end: this count is only for the long-prompt warning)
+    assert abs(data.prompt_lengths(tok, records)[0] - n) <= 1
+    # too long: the prompt keeps its end and the completion at least half the budget
+    cut = data.completion_rows(tok, records, "reply", 12)
+    assert cut.truncated == 1 and len(cut.ids[0]) == 12 and tok.decode(cut.ids[0][int(cut.prompt_lens[0]):]) == \
+        "It is 4." + end
+
+
+def test_preference_prompts_and_completions_with_errors_name_the_row(tiny_llama_dir, smollm2_tok):
+    data = chat.ChatData(chat_config(tiny_llama_dir, trainer={"type": "dpo"}))
+    df = pd.DataFrame({"messages": [json.dumps(TURNS[:1]), json.dumps(TURNS[:2])], "reply": ["a", "b"],
+                       "rejected": ["c", json.dumps(TURNS[:2])]})
+    with pytest.raises(DataError, match="row 1: a preference prompt must end with a user turn"):
+        data.prompt_records(df, "training")
+    records = data.prompt_records(df.iloc[[0, 0]].reset_index(drop=True).assign(rejected=["c", json.dumps(TURNS[:2])]),
+                                  "training")
+    with pytest.raises(DataError, match=r"column 'rejected', row 1: .*one assistant turn"):
+        data.completion_rows(smollm2_tok, records, "rejected", None)

@@ -14,6 +14,7 @@ from cadenza.config.load import load_config
 from cadenza.errors import DataError
 from cadenza.llm import LlmModel
 from cadenza.llm import preference as pref
+from cadenza.llm import train
 from cadenza.llm.load import load_causal_lm, load_tokenizer
 from cadenza.llm.loss import TargetLoss
 from cadenza.llm.tokenize import TokenizedRows
@@ -62,12 +63,12 @@ def paired_data(chosen: tuple, rejected: tuple) -> pref.PreferenceData:
 def cadenza_metrics(trainer_cfg, policy, ref, data, *, kto=False, packed=True) -> dict:
     """Our loss (loss_sum / weight, as the loop divides) and metrics on the whole fixed batch in one micro-batch."""
     reference = None if ref is None else (lambda b: pref.sequence_logps(TargetLoss(ref), b))
-    objective = pref.Objective(trainer_cfg, reference)
+    loss = train.LOSSES[trainer_cfg.type]  # the recipe's table: the loss the training loop calls
     rows = list(range(len(data.rows))) if not data.paired or kto else pref.item_rows(data, range(data.items))
     batch = pref.make_batch(data, rows, kto=kto, packed=packed, pad_id=2, share_prefix=True,
                             paired=data.paired and not kto)
     with torch.no_grad():
-        loss_sum, stats = objective(TargetLoss(policy), batch)
+        loss_sum, stats = loss(TargetLoss(policy), batch, trainer_cfg, reference)
     return {"loss": float(loss_sum) / batch["weight"], **pref.summarize([stats])}
 
 
@@ -337,3 +338,74 @@ def test_the_example_config_loads():
     path = Path(__file__).resolve().parents[1] / "examples" / "dpo.yaml"
     config = load_config(yaml.safe_load(path.read_text()))
     assert (config.trainer.type, config.trainer.rejected_column, config.adapter.type) == ("dpo", "rejected", "lora")
+
+
+# --------------------------------------------------------------- chat-form data, reward metrics, evaluate, reference
+def chat_rule_pairs(n, offset=0):
+    """rule_pairs with each prompt a conversation and the rejected answer as one assistant turn (TRL's format)."""
+    df = rule_pairs(n, offset)
+    df["question"] = [[{"role": "user", "content": "Which one?"}, {"role": "assistant", "content": "Which what?"},
+                       {"role": "user", "content": q}] for q in df.question]
+    df["rejected"] = [[{"role": "assistant", "content": r}] for r in df.rejected]
+    return df
+
+
+def test_chat_form_dpo_watches_rewards_accuracies_and_evaluate_reports_them(tiny_llama_dir, tmp_path):
+    """Chat-form preference data trains; validation_metric rewards_accuracies picks the best weights; evaluate on
+    the held-out pairs reports the rewards of that validation round, also after save and load."""
+    config = load_config({
+        "model_type": "llm", "base_model": str(tiny_llama_dir), "adapter": {"type": "lora", "r": 4},
+        "input_features": [{"name": "question", "type": "text", "preprocessing": {"format": "messages"}}],
+        "output_features": [{"name": "answer", "type": "text"}], "generation": {"max_new_tokens": 4},
+        "trainer": {"type": "dpo", "epochs": 3, "batch_size": 4, "learning_rate": 0.01, "use_mixed_precision": False,
+                    "validation_metric": "rewards_accuracies"}})
+    assert (config.trainer.validation_field, config.trainer.validation_metric) == ("answer", "rewards/accuracies")
+    train, val = chat_rule_pairs(16), chat_rule_pairs(8, offset=100)
+    model, result = fit(config, train, val)
+    history = [v["answer"] for v in result.statistics["validation"]]
+    assert result.best_value == max(h["rewards/accuracies"] for h in history)
+    best = history[result.best_epoch - 1]
+    assert best["rewards/accuracies"] == 1.0 and best["rewards/margins"] > 0
+    metrics, predictions = model.evaluate(val)
+    for key in pref.METRICS:
+        assert metrics["answer"][key] == pytest.approx(best[key], abs=1e-4), key
+    assert metrics["answer"]["preference_loss"] == pytest.approx(best["loss"], abs=1e-4)
+    assert {"loss", "perplexity", "rouge_l"} <= set(metrics["answer"]) and len(predictions) == len(val)
+    model.save(tmp_path)
+    loaded = LlmModel.load(tmp_path, config)
+    again, _ = loaded.evaluate(val)
+    assert again["answer"]["rewards/accuracies"] == best["rewards/accuracies"]
+    assert again["answer"]["rewards/margins"] == pytest.approx(best["rewards/margins"], abs=1e-4)
+
+
+def test_precomputed_reference_log_probs_replace_the_frozen_copy(tiny_llama_dir):
+    """Full fine-tuning with precompute_ref_log_probs: no frozen copy; the cached values are the base model's own
+    log-probs; training moves the margins as with the copy; evaluate loads the base again as its reference."""
+    trainer = {"type": "dpo", "epochs": 2, "batch_size": 4, "learning_rate": 1e-3, "use_mixed_precision": False,
+               "precompute_ref_log_probs": True}
+    logs = []
+    train, val = rule_pairs(8), rule_pairs(4, offset=50)
+    model, result = fit(make_config(tiny_llama_dir, trainer, adapter=False), train, val, logs)
+    assert not any("frozen copy" in line for line in logs)
+    assert any("computed once" in line for line in logs)
+    history = [v["answer"] for v in result.statistics["validation"]]
+    assert history[-1]["rewards/margins"] > history[0]["rewards/margins"] > 0
+    best = history[result.best_epoch - 1]  # the weights the loop keeps
+    # the cache holds the base model's log-probs of each row
+    base = LlmModel(make_config(tiny_llama_dir, trainer, adapter=False))
+    base._ensure_base(lambda *_: None)
+    data = pref.prepare(base, val, "validation", lambda *_: None)
+    batch = pref.make_batch(data, list(range(8)), kto=False, packed=True, pad_id=2, share_prefix=True, paired=True)
+    with torch.no_grad():
+        expected = pref.sequence_logps(TargetLoss(base.model).eval(), batch)
+    metrics, _ = model.evaluate(val)  # its reference: the base model loaded again
+    assert metrics["answer"]["rewards/margins"] == pytest.approx(best["rewards/margins"], abs=1e-4)
+    cached = pref.PreferenceData(data.rows, data.desirable, True)
+    pref.precomputed_reference(base, [cached], device_precision(), lambda *_: None)
+    assert np.allclose(cached.reference, expected.numpy(), atol=1e-4)
+
+
+def device_precision():
+    from cadenza.device import Precision
+
+    return Precision(False, "fp32")

@@ -150,57 +150,61 @@ def validation_target(config: CadenzaConfig) -> ValidationTarget:
     given_field = trainer.validation_field if "validation_field" in trainer.model_fields_set else None
     given_metric = trainer.validation_metric if "validation_metric" in trainer.model_fields_set else None
     types = {f.name: f.type for f in config.output_features}
+    kind = (config.model_type, trainer.type)  # what a validation round computes depends on both
     metric = metrics.canonical_name(given_metric) if given_metric else "loss"
     if metric is None:
-        problem = ("trainer.validation_metric", _unknown_metric(given_metric, types, config.model_type))
+        problem = ("trainer.validation_metric", _unknown_metric(given_metric, types, kind))
         return ValidationTarget(given_field or metrics.COMBINED, given_metric, [problem])
-    field, no_field = (given_field, None) if given_field else _field_computing(metric, types, config.model_type)
+    field, no_field = (given_field, None) if given_field else _field_computing(metric, types, kind)
     if no_field:
         return ValidationTarget(field, metric, [("trainer.validation_metric", no_field)])
     if field != metrics.COMBINED and field not in types:
         hint = difflib.get_close_matches(field, list(types), n=1)
         return ValidationTarget(field, metric, [("trainer.validation_field", f"{field!r} is not an output feature; "
                                 + (f"did you mean {hint[0]!r}?" if hint else f"choose one of {_choices(types)}"))])
-    watchable = metrics.validation_metric_names(types.get(field, metrics.COMBINED), config.model_type)
+    watchable = metrics.validation_metric_names(types.get(field, metrics.COMBINED), *kind)
     if metric not in watchable:
         return ValidationTarget(field, metric, [("trainer.validation_metric",
-                                                 _not_watchable(metric, field, types, config.model_type))])
+                                                 _not_watchable(metric, field, types, kind))])
     return ValidationTarget(field, metric, [])
 
 
-def _field_computing(metric: str, types: dict[str, str], model_type: str) -> tuple[str, Optional[str]]:
+def _field_computing(metric: str, types: dict[str, str], kind: tuple[str, str]) -> tuple[str, Optional[str]]:
     """(the one output feature that computes `metric`, None), or ("combined", why there is not one)."""
     if metric == "loss":
         return metrics.COMBINED, None
     # Searched among everything evaluate computes, so that a metric only evaluate has is explained afterwards
-    found = [name for name, kind in types.items() if metric in metrics.metric_names(kind, model_type)]
+    found = [name for name, output in types.items() if metric in metrics.metric_names(output, *kind)]
     if len(found) == 1:
         return found[0], None
     if found:
         return metrics.COMBINED, (f"{metric!r} is computed by several output features ({', '.join(found)}); set "
                                   f"trainer.validation_field to the one to watch")
-    return metrics.COMBINED, f"no output feature computes {metric!r}; {_offers(types, model_type)}"
+    return metrics.COMBINED, f"no output feature computes {metric!r}; {_offers(types, kind)}"
 
 
-def _unknown_metric(metric: str, types: dict[str, str], model_type: str) -> str:
+def _unknown_metric(metric: str, types: dict[str, str], kind: tuple[str, str]) -> str:
     known = [m.name for m in metrics.METRICS] + [a for m in metrics.METRICS for a in m.aliases]
     hint = difflib.get_close_matches(metric, known, n=1)
-    return f"unknown metric {metric!r}; " + (f"did you mean {hint[0]!r}?" if hint else _offers(types, model_type))
+    return f"unknown metric {metric!r}; " + (f"did you mean {hint[0]!r}?" if hint else _offers(types, kind))
 
 
-def _not_watchable(metric: str, field: str, types: dict[str, str], model_type: str) -> str:
-    kind = types.get(field, metrics.COMBINED)
-    watchable = ", ".join(metrics.validation_metric_names(kind, model_type))
-    what = field if field == metrics.COMBINED else f"{field!r} ({kind})"
-    if metric in metrics.metric_names(kind, model_type):  # an llm's generation metrics come from evaluate only
+def _not_watchable(metric: str, field: str, types: dict[str, str], kind: tuple[str, str]) -> str:
+    output = types.get(field, metrics.COMBINED)
+    watchable = ", ".join(metrics.validation_metric_names(output, *kind))
+    what = field if field == metrics.COMBINED else f"{field!r} ({output})"
+    if metric in metrics.metric_names(output, *kind) and kind[1] in metrics.PREFERENCE_TRAINERS:
+        return (f"{metric!r}: {kind[1]} validation rounds score chosen/rejected completions, so only evaluate "
+                f"computes it; while training {what} computes: {watchable}")
+    if metric in metrics.metric_names(output, *kind):  # an llm's generation metrics come from evaluate only
         return (f"{metric!r} needs generated text, so only evaluate computes it; while training {what} computes: "
                 f"{watchable}")
     return f"{what} does not compute {metric!r}; choose one of: {watchable}"
 
 
-def _offers(types: dict[str, str], model_type: str) -> str:
-    return "; ".join(f"{name} ({kind}) computes: {', '.join(metrics.validation_metric_names(kind, model_type))}"
-                     for name, kind in types.items())
+def _offers(types: dict[str, str], kind: tuple[str, str]) -> str:
+    return "; ".join(f"{name} ({output}) computes: {', '.join(metrics.validation_metric_names(output, *kind))}"
+                     for name, output in types.items())
 
 
 def _choices(types: dict[str, str]) -> str:
@@ -284,6 +288,14 @@ def _check_llm(config: CadenzaConfig, add) -> None:
     for i, f in enumerate(config.output_features):
         if f.type not in OUTPUT_TYPES["llm"]:
             add(f"output_features[{i}].type", f"llm outputs are text or category, not {f.type}")
+    t = config.trainer
+    if t.precompute_ref_log_probs and not (t.type == "dpo" and not t.dpo_reference_free):
+        add("trainer.precompute_ref_log_probs", "only for type: dpo with a reference model (kto's reference point "
+            "pairs completions per micro-batch, orpo and dpo_reference_free have no reference model); remove it")
+    if t.type == "kto" and t.kto_label_column and metrics.canonical_name(t.validation_metric or "") == \
+            "rewards/accuracies":
+        add("trainer.validation_metric", "kto on a kto_label_column has unpaired rows, hence no rewards/accuracies; "
+            "watch rewards/margins or loss")
     if config.trainer.type == "finetune" and config.output_features and config.output_features[0].type != "text" \
             and "type" in config.trainer.model_fields_set:
         add("output_features[0].type", "fine-tuning an llm needs a text output (use category for zero-shot)")

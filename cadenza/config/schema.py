@@ -629,6 +629,10 @@ class TrainerConfig(Section):
         0.0, ge=0, le=0.5, description="dpo sigmoid: assumed fraction of flipped labels (conservative DPO).")
     dpo_reference_free: bool = Field(
         False, description="dpo: no reference model (its log-probs taken as 0), as Ludwig's dpo.")
+    precompute_ref_log_probs: bool = Field(
+        False, description="dpo: compute the reference model's log-probs of every training and validation pair "
+        "once before training and keep them, instead of a frozen copy of the model (full fine-tuning) or a pass "
+        "with the adapter switched off at each step (TRL's name).")
     orpo_beta: PositiveFloat = Field(0.1, description="orpo: weight of the odds-ratio term next to the NLL.")
     kto_beta: PositiveFloat = Field(0.1, description="kto: strength of the pull towards the reference model.")
     kto_desirable_weight: PositiveFloat = Field(1.0, description="kto: weight of desirable examples' losses.")

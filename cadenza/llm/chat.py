@@ -26,7 +26,7 @@ import pandas as pd
 from jinja2.exceptions import TemplateError
 
 from ..errors import ConfigError, DataError
-from .tokenize import TokenizedRows
+from .tokenize import TokenizedRows, truncate
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -158,6 +158,19 @@ def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], Optional[str
         raise ConversationError("prediction needs a conversation that ends with a user turn (or with a user turn "
                                 "and then the assistant's answer, which is then the reference)")
     return messages, reference
+
+
+def completion_text(value) -> str:
+    """A preference completion (chosen or rejected): a text, or the assistant's answer as one turn, alone or in a
+    list (TRL's conversational format: `[{"role": "assistant", "content": ...}]`)."""
+    if isinstance(value, str) and not value.lstrip().startswith(("[", "{")):
+        return value
+    turns = _as_list(value) if not isinstance(value, dict) else [value]
+    messages = [_turn(t, k) for k, t in enumerate(turns)]
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise ConversationError(f"a completion is a text or one assistant turn; got {len(messages)} turns with "
+                                f"roles {[m['role'] for m in messages]}")
+    return messages[0]["content"]
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -357,6 +370,46 @@ class ChatData:
                 row, truncated = row[len(row) - max_len:], truncated + 1
             ids.append(np.asarray(row, dtype=np.int64))
         return TokenizedRows(ids, np.asarray([len(r) for r in ids], dtype=np.int64), truncated)
+
+    # preference data (trainer.type dpo / orpo / kto): the conversation is the prompt, the completions are its answer
+    def prompt_records(self, df: pd.DataFrame, where: str) -> list[dict]:
+        """Each row's cells, its conversation parsed: the prompt, which must end with a user turn."""
+        out = []
+        for record, parsed in zip(df.to_dict("records"), self._parse(df, where)):
+            if parsed[self.column][-1]["role"] != "user":
+                raise DataError(f"{where}: column {self.column!r}, row {parsed[ROW]}: a preference prompt must end "
+                                "with a user turn; the chosen and rejected completions are the assistant's answer")
+            out.append({**record, **parsed})
+        return out
+
+    def completion_rows(self, tokenizer, records: list[dict], column: str, max_len: Optional[int]) -> TokenizedRows:
+        """Each prompt conversation with the row's completion in `column` as the assistant's turn, rendered with
+        the chat template. The target is the completion's tokens and the template's end-of-turn token (found by
+        offsets, as in chat fine-tuning); everything before it is the prompt. Too long: the prompt keeps its end
+        and the completion at least half the budget, as single-turn rows."""
+        require_chat_template(tokenizer)
+        specials = special_ids(tokenizer)
+        ids, plens, truncated = [], [], 0
+        for record in records:
+            try:
+                answer = {"role": "assistant", "content": completion_text(record.get(column))}
+                row, mask = tokenize_conversation(tokenizer, record[self.column] + [answer], specials)
+            except (ConversationError, TemplateError) as e:
+                raise DataError(f"column {column!r}, row {record.get(ROW, '?')}: not a usable completion: {e}") \
+                    from None
+            end = len(mask) - int(np.argmax(mask[::-1]))  # one past the completion's last target token
+            before = np.flatnonzero(~mask[:end])
+            start = int(before[-1]) + 1 if len(before) else 0  # the completion's first token (earlier turns: prompt)
+            prompt, target, cut = truncate(list(row[:start]), list(row[start:end]), max_len)
+            truncated += cut
+            ids.append(np.asarray(prompt + target, dtype=np.int64))
+            plens.append(len(prompt))
+        return TokenizedRows(ids, np.asarray(plens, dtype=np.int64), truncated)
+
+    def prompt_lengths(self, tokenizer, records: list[dict]) -> list[int]:
+        """Tokens of each prompt conversation with the assistant header (to count prompts over the limit)."""
+        return [len(tokenizer(render(tokenizer, r[self.column], generation_prompt=True),
+                              add_special_tokens=False)["input_ids"]) for r in records]
 
     def _row_error(self, record: dict, error: Exception) -> DataError:
         what = "the chat template refuses it" if isinstance(error, TemplateError) else "not a usable conversation"

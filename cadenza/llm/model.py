@@ -12,8 +12,8 @@ import torch
 
 from .. import device
 from ..train import loop as trainer_mod
-from ..adapters import (apply_adapter, load_adapter, lora_plus_lr_ratio, needs_calibration, needs_conversion,
-                        save_adapter, snapshot_initial_adapter)
+from ..adapters import (apply_adapter, load_adapter, needs_calibration, needs_conversion, save_adapter,
+                        snapshot_initial_adapter)
 from ..artifacts import (LLM_WEIGHTS, METADATA_FILE, MODEL_DIR, RETRIEVAL_FILE, check_adapter_folder,
                          check_local_source, read_json, write_json)
 from ..data import assets
@@ -21,7 +21,7 @@ from ..data.cache import cache_root, configured_cache_dir
 from ..data.read import require_columns
 from ..errors import DataError, ModelFolderError
 from ..config.schema import CadenzaConfig
-from . import batching, chat, preference
+from . import batching, chat, preference, train
 from .generate import generate as generate_ids
 from .generate import hf_generation_config
 from .load import fix_special_tokens, load_causal_lm, load_tokenizer, plain_model_dir
@@ -236,112 +236,9 @@ class LlmModel:
 
     def fit(self, splits: dict[str, pd.DataFrame], *, run_dir: Optional[Path], resume: bool, seed: int,
             fingerprints: Optional[dict] = None, tracker=None, log=print) -> trainer_mod.TrainResult:
-        t = self.config.trainer
-        trainer_mod.seed_everything(seed)
-        if preference.is_preference(t.type):  # dpo / orpo / kto: their own data checks, batches and losses
-            return preference.fit(self, splits, run_dir=run_dir, resume=resume, seed=seed, fingerprints=fingerprints,
-                                  tracker=tracker, log=log)
-        # the data is checked before the base model loads: a bad data set fails in seconds, not minutes
-        train_df = splits["training"]
-        # zero-shot needs no answers, unless few-shot examples are drawn from the training rows
-        if t.type != "none" or self.config.prompt.retrieval.type:
-            train_records = self._answered_records(train_df, "training", log)
-            if not train_records:
-                raise DataError(f"training: no row has an answer in output column {self.output_column!r} (every "
-                                "value is missing or empty); check that it is the column of answers")
-        else:
-            train_records = self._records(train_df, need_output=False)
-        self._ensure_base(log)
-        self._build_labels(splits)
-        self._build_retriever(train_records, seed)
-        if t.type == "none":
-            log("trainer.type: none: no training (zero/few-shot); the base model is used as is")
-            return trainer_mod.TrainResult()
-
-        rows = self._tokenize(train_records, with_targets=True, self_index=True)
-        self._train_rows = rows
-        if rows.truncated:
-            log(f"preprocessing.global_max_sequence_length={self.config.preprocessing.global_max_sequence_length}: "
-                f"{rows.truncated} of {len(rows)} training rows truncated")
-        self.truncated_rows = rows.truncated
-        val_df = splits.get("validation")
-        val_rows = None
-        if val_df is not None and len(val_df) and not t.skip_all_evaluation:
-            val_records = self._answered_records(val_df, "validation", log)
-            if val_records:
-                val_rows = self._tokenize(val_records, with_targets=True)
-            else:
-                log("warning: validation: no row has an answer; training runs without validation")
-
-        size = self._batch_size()
-        groups0 = self._train_groups(rows, 0, seed, size)
-        # AdaLoRA's schedule needs the run's length before the adapter exists: the loop's own step arithmetic
-        self._total_steps = trainer_mod.plan_steps(t, len(groups0), self._rows_per_micro_batch(size),
-                                                   trainer_mod.process_state().num_processes).total_steps
-        self._prepare_for_training(log)
-        params = self.config.model_parameters
-        module = TargetLoss(self.model, neftune_noise_alpha=params.neftune_noise_alpha if params else 0.0)
-        if device.is_cuda() and t.batch_size == "auto":
-            size = self._auto_batch_size()
-            log(f"batch_size auto: {size} rows per micro-batch")
-        groups0 = self._train_groups(rows, 0, seed, size)
-
-        packed, pad, share = t.packing, self.tokenizer.pad_token_id, can_share_prefix(self.model)
-        make = lambda idx: batching.make_batch(rows, idx, packed=packed, train_on_inputs=t.train_on_inputs,  # noqa
-                                               pad_id=pad, share_prefix=share)
-
-        def batches(epoch: int):
-            groups = groups0 if epoch == 0 else self._train_groups(rows, epoch, seed, size)
-            return (make(g) for g in groups)
-
-        total_tokens = int(rows.lengths.sum())
-        target_tokens = int(rows.target_tokens(t.train_on_inputs).sum())
-        n_params = sum(p.numel() for p in causal_lm_of(self.model).parameters())
-        per_token = (4 if self.config.adapter is not None else 6) * n_params
-        computed = sum(batching.computed_tokens(rows, g, packed=packed, share_prefix=share) for g in groups0)
-        if computed < total_tokens:
-            log(f"shared prompt prefixes: {computed:,} tokens computed per epoch for {total_tokens:,} "
-                f"({total_tokens / computed:.2f}x less work, same loss)")
-        task = trainer_mod.TrainTask(
-            batches=batches, num_batches=len(groups0), weight=lambda b: float(b["target_ids"].numel()),
-            loss_sum=lambda m, b: m(b),
-            evaluate=(lambda m: self._loss_metrics(m, val_rows)) if val_rows is not None else None,
-            evaluate_training=lambda m: self._loss_metrics(m, rows),
-            unit="target_tokens",
-            # the weight counts target tokens but FLOPs go to every computed token (shared prefixes once):
-            # scale so MFU reports the work really done
-            flops_per_unit=per_token * computed / max(target_tokens, 1),
-            tokens=lambda b: b["num_tokens"], micro_batch_rows=self._rows_per_micro_batch(size),
-            lr_ratio=lora_plus_lr_ratio(self.config.adapter))
-        precision = device.precision(t.use_mixed_precision, "train")
-        log(precision.describe("train"))
-        log(f"training on {len(rows)} rows, {total_tokens:,} tokens ({target_tokens:,} target tokens), "
-            f"{'packed' if packed else 'padded'} micro-batches of {size} rows"
-            + (f" / {t.max_tokens_per_batch} tokens" if packed and t.max_tokens_per_batch else ""))
-        result = trainer_mod.fit(module, task, t, run_dir=run_dir, resume=resume, seed=seed,
-                                 precision=precision, fingerprints=fingerprints, tracker=tracker, log=log)
-        result.precision = {"part": "train", "precision": precision.name, "reason": precision.reason}
-        self.model.eval()
-        if self._should_merge():
-            self._merge(log)
-        return result
-
-    def _train_groups(self, rows: TokenizedRows, epoch: int, seed: int, size: int) -> list[list[int]]:
-        t = self.config.trainer
-        return batching.epoch_groups(rows, epoch, seed, packed=t.packing,
-                                     rows_per_batch=self._rows_per_micro_batch(size),
-                                     max_tokens=t.max_tokens_per_batch if t.packing else None,
-                                     shuffle=t.should_shuffle)
-
-    def _rows_per_micro_batch(self, size: int) -> int:
-        t = self.config.trainer
-        return size * (t.packing_max_sequences_per_pack or 1) if t.packing else size
-
-    def _loss_metrics(self, module: torch.nn.Module, rows: TokenizedRows) -> dict:
-        loss, n, correct = self._score(rows, module)
-        name = self.output.name
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(n, 1)}
-        return {name: metrics, "combined": {"loss": loss}}
+        """The generative recipe in cadenza/llm/train.py: data -> load -> loss (sft, dpo, orpo, kto) -> loop."""
+        return train.fit(self, splits, run_dir=run_dir, resume=resume, seed=seed, fingerprints=fingerprints,
+                         tracker=tracker, log=log)
 
     def _score(self, rows: TokenizedRows, module: Optional[torch.nn.Module] = None) -> tuple[float, int, int]:
         module = module if module is not None else TargetLoss(self.model)
@@ -482,6 +379,8 @@ class LlmModel:
         else:
             metrics.update(text_scores(list(predictions[f"{name}_predictions"]), ["" if x is None else str(x)
                                                                                    for x in truth]))
+        if preference.is_preference(self.config.trainer.type):  # rewards/* on these pairs, as in validation
+            metrics.update(train.held_out_rewards(self, df))
         return {name: metrics, "combined": {"loss": loss}}, predictions
 
     # ---------------------------------------------------------------------------------------- save/load

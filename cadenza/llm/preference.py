@@ -1,7 +1,10 @@
-"""Preference tuning of an llm: DPO (sigmoid, IPO), ORPO and KTO on the shared training loop.
+"""Preference tuning of an llm: the pieces of DPO (sigmoid, IPO), ORPO and KTO; cadenza/llm/train.py trains
+with them on the shared training loop (its dpo_loss / orpo_loss / kto_loss).
 
 The prompt is the input feature, the chosen completion the output feature and the rejected completion the column
-`trainer.rejected_column` names (KTO also takes unpaired rows with a boolean `trainer.kto_label_column`).
+`trainer.rejected_column` names (KTO also takes unpaired rows with a boolean `trainer.kto_label_column`). With chat
+data (`preprocessing.format: messages`) the prompt is a conversation ending with a user turn and each completion a
+text or one assistant turn, rendered with the chat template.
 
 A completion's log-probability log pi(y|x) is the SUM of log p over its tokens (the completion and the EOS), taken
 from `TargetLoss.target_logits`, so packing and shared prompt prefixes work as in fine-tuning: a pair's chosen and
@@ -9,7 +12,9 @@ rejected rows go into one micro-batch and their common prompt is computed once.
 
 The reference model: with an adapter, the same model with the adapter disabled (no second copy in memory; with
 `adapter.pretrained_adapter_weights` that is the base, not the adapter you start from); for full fine-tuning a
-frozen copy made before training. `trainer.dpo_reference_free: true` takes log pi_ref = 0 (as Ludwig's dpo).
+frozen copy made before training, or (`trainer.precompute_ref_log_probs`, dpo) the reference log-probs of every
+row computed once before training and cached. `trainer.dpo_reference_free: true` takes log pi_ref = 0 (as Ludwig's
+dpo).
 
 The shared loop divides `loss_sum` by the batch `weight`: weight = pairs (dpo, orpo) or examples (kto) and
 loss_sum = the sum of the per-pair (per-example) losses, so every step is the mean over the effective batch.
@@ -32,9 +37,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .. import device
 from ..errors import DataError
-from ..train import loop as trainer_mod
 from . import batching
 from .loss import TargetLoss, can_share_prefix
 from .tokenize import TokenizedRows, tokenize_rows
@@ -113,6 +116,7 @@ class PreferenceData:
     desirable: np.ndarray  # bool per row
     paired: bool
     long_prompts: int = 0  # prompts cut to fit global_max_sequence_length
+    reference: Optional[np.ndarray] = None  # trainer.precompute_ref_log_probs: log pi_ref(y|x) per row, cached
 
     @property
     def items(self) -> int:
@@ -149,16 +153,26 @@ def check_data(df: pd.DataFrame, prompt_columns: list[str], output_column: str, 
 
 
 def prepare(llm, df: pd.DataFrame, where: str, log) -> PreferenceData:
-    """Prompts as fine-tuning builds them (template, chat template), completions + EOS, tokenized and truncated."""
+    """Prompts as fine-tuning builds them (template, chat template; or a conversation column rendered with the
+    chat template), completions + end of turn (EOS), tokenized and truncated."""
     t, max_len = llm.config.trainer, llm.config.preprocessing.global_max_sequence_length
-    records = df.to_dict("records")
-    prompts = llm._prompts(records)
     label = t.kto_label_column if t.type == "kto" else None
+    if llm.chat:
+        records = llm.chat.prompt_records(df, where)
+        tokenize = lambda column: llm.chat.completion_rows(llm.tokenizer, records, column, max_len)  # noqa: E731
+        prompt_lengths = lambda: llm.chat.prompt_lengths(llm.tokenizer, records)  # noqa: E731
+    else:
+        records = df.to_dict("records")
+        prompts = llm._prompts(records)
 
-    def tokenize(column: str) -> TokenizedRows:
-        targets = [llm.builder.target(p, r.get(column)) for p, r in zip(prompts, records)]
-        return tokenize_rows(llm.tokenizer, prompts, targets, max_len=max_len,
-                             add_special_tokens=llm.builder.add_special_tokens, cache_dir=llm._cache() / "tokens")
+        def tokenize(column: str) -> TokenizedRows:
+            targets = [llm.builder.target(p, r.get(column)) for p, r in zip(prompts, records)]
+            return tokenize_rows(llm.tokenizer, prompts, targets, max_len=max_len,
+                                 add_special_tokens=llm.builder.add_special_tokens, cache_dir=llm._cache() / "tokens")
+
+        def prompt_lengths() -> list[int]:
+            return [len(x) for x in llm.tokenizer(prompts, add_special_tokens=llm.builder.add_special_tokens)[
+                "input_ids"]]
 
     chosen = tokenize(llm.output_column)
     if label:
@@ -169,10 +183,7 @@ def prepare(llm, df: pd.DataFrame, where: str, log) -> PreferenceData:
         plens = np.stack([chosen.prompt_lens, rejected.prompt_lens], 1).reshape(-1)
         rows = TokenizedRows(ids, plens, chosen.truncated + rejected.truncated)
         desirable, paired = np.tile([True, False], len(records)), True
-    long_prompts = 0
-    if max_len:
-        lengths = llm.tokenizer(prompts, add_special_tokens=llm.builder.add_special_tokens)["input_ids"]
-        long_prompts = sum(len(x) >= max_len for x in lengths)
+    long_prompts = sum(n >= max_len for n in prompt_lengths()) if max_len else 0
     if rows.truncated:
         log(f"{where}: preprocessing.global_max_sequence_length={max_len}: {rows.truncated} of {len(rows)} "
             f"completions truncated ({long_prompts} of {len(records)} prompts are longer than the limit; they keep "
@@ -204,63 +215,35 @@ def make_batch(data: PreferenceData, rows: list[int], *, kto: bool, packed: bool
     batch["desirable"] = torch.from_numpy(data.desirable[rows].copy())
     batch["paired"] = paired
     batch["weight"] = float(n // 2 if paired and not kto else n)
+    if data.reference is not None:
+        batch["reference_logps"] = torch.from_numpy(data.reference[rows])
     return batch
 
 
-# ============================================================================================ the objective
-class Objective:
-    """Loss and metric sums of one micro-batch for trainer.type dpo / orpo / kto."""
+# ======================================================================================= per-batch pieces
+def policy_and_reference(module: TargetLoss, batch: dict, reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(y|x) of every row of the batch (with gradient) and log pi_ref(y|x) (without; zeros when there is no
+    reference model: orpo, dpo_reference_free)."""
+    logps = sequence_logps(module, batch)
+    if reference is None:
+        return logps, torch.zeros_like(logps)
+    with torch.no_grad():
+        return logps, reference(batch).to(logps.device, logps.dtype)
 
-    def __init__(self, trainer_cfg, reference: Optional[Callable[[dict], torch.Tensor]]):
-        self.t = trainer_cfg
-        self.reference = reference  # batch -> reference log-probs per row (None: reference-free / orpo)
 
-    def __call__(self, module: TargetLoss, batch: dict) -> tuple[torch.Tensor, dict]:
-        t = self.t
-        logps = sequence_logps(module, batch)
-        tokens = batch["target_tokens"].to(logps.device)
-        if self.reference is not None:
-            with torch.no_grad():
-                ref = self.reference(batch).to(logps.device, logps.dtype)
-        else:
-            ref = torch.zeros_like(logps)
-        n = batch["examples"]
-        if t.type == "kto":
-            kl = kto_kl(logps[n:].detach(), ref[n:])
-            logps, ref, tokens = logps[:n], ref[:n], tokens[:n]
-            desirable = batch["desirable"].to(logps.device)
-            losses = kto_loss(logps - ref, desirable, kl, t.kto_beta, t.kto_desirable_weight, t.kto_undesirable_weight)
-            rewards = t.kto_beta * (logps - ref).detach()
-            return losses.sum(), self._stats(losses, rewards, logps, desirable, batch["paired"], kl=kl)
-        c, r = slice(0, None, 2), slice(1, None, 2)
-        if t.type == "orpo":
-            means = logps / tokens
-            losses = orpo_loss(means[c], means[r], -means[c], t.orpo_beta)
-            rewards = t.orpo_beta * means.detach()
-            stats = self._stats(losses, rewards, logps, batch["desirable"].to(logps.device), True)
-            stats["nll_loss"] = float(-means[c].detach().sum())
-            return losses.sum(), stats
-        if t.dpo_loss_type == "ipo":
-            losses = ipo_loss(logps[c], logps[r], ref[c], ref[r], tokens[c], tokens[r], t.dpo_beta)
-        else:
-            losses = dpo_sigmoid_loss(logps[c], logps[r], ref[c], ref[r], t.dpo_beta, t.dpo_label_smoothing)
-        rewards = t.dpo_beta * (logps - ref).detach()
-        return losses.sum(), self._stats(losses, rewards, logps, batch["desirable"].to(logps.device), True)
-
-    @staticmethod
-    def _stats(losses, rewards, logps, desirable, paired: bool, kl=None) -> dict:
-        """Sums (and counts) over the batch, so that an evaluation over many batches averages them exactly."""
-        logps = logps.detach()
-        stats = {"loss": float(losses.detach().sum()), "examples": int(losses.numel()),
-                 "chosen": int(desirable.sum()), "rejected": int((~desirable).sum()),
-                 "rewards/chosen": float(rewards[desirable].sum()), "rewards/rejected": float(rewards[~desirable].sum()),
-                 "logps/chosen": float(logps[desirable].sum()), "logps/rejected": float(logps[~desirable].sum())}
-        if paired:
-            stats["pairs"] = int(rewards.numel() // 2)
-            stats["rewards/accuracies"] = float((rewards[0::2] > rewards[1::2]).sum())
-        if kl is not None:
-            stats["kl"] = float(kl)
-        return stats
+def batch_stats(losses, rewards, logps, desirable, paired: bool, kl=None) -> dict:
+    """Sums (and counts) over the batch, so that an evaluation over many batches averages them exactly."""
+    logps = logps.detach()
+    stats = {"loss": float(losses.detach().sum()), "examples": int(losses.numel()),
+             "chosen": int(desirable.sum()), "rejected": int((~desirable).sum()),
+             "rewards/chosen": float(rewards[desirable].sum()), "rewards/rejected": float(rewards[~desirable].sum()),
+             "logps/chosen": float(logps[desirable].sum()), "logps/rejected": float(logps[~desirable].sum())}
+    if paired:
+        stats["pairs"] = int(rewards.numel() // 2)
+        stats["rewards/accuracies"] = float((rewards[0::2] > rewards[1::2]).sum())
+    if kl is not None:
+        stats["kl"] = float(kl)
+    return stats
 
 
 def summarize(stats: list[dict]) -> dict:
@@ -284,23 +267,14 @@ def summarize(stats: list[dict]) -> dict:
 # ================================================================================================ reference
 def reference_logps(llm, log) -> Optional[Callable[[dict], torch.Tensor]]:
     """Called BEFORE the adapter is applied. Adapter: the trained model with the adapter disabled; full
-    fine-tuning: a frozen copy of the model as it is now. None for orpo and dpo_reference_free."""
+    fine-tuning: a frozen copy of the model as it is now. None for orpo and dpo_reference_free.
+    (trainer.precompute_ref_log_probs replaces both by `precomputed_reference`.)"""
     t = llm.config.trainer
-    if t.type == "orpo" or (t.type == "dpo" and t.dpo_reference_free):
+    if not needs_reference(t):
         return None
     if llm.config.adapter is not None:
         log(f"{t.type}: reference model = the base model (the adapter disabled)")
-
-        def with_adapter_off(batch: dict) -> torch.Tensor:
-            was_training = llm.model.training  # the policy's own mode (dropout) must survive the reference pass
-            llm.model.eval()
-            try:
-                with llm.model.disable_adapter():
-                    return sequence_logps(TargetLoss(llm.model), batch)
-            finally:
-                llm.model.train(was_training)
-
-        return with_adapter_off
+        return adapter_off_reference(llm)
     frozen = TargetLoss(copy.deepcopy(llm.model).requires_grad_(False)).eval()
     log(f"{t.type}: reference model = a frozen copy of the base model")
 
@@ -310,75 +284,67 @@ def reference_logps(llm, log) -> Optional[Callable[[dict], torch.Tensor]]:
     return from_copy
 
 
-# ================================================================================================ training
-def fit(llm, splits: dict, *, run_dir, resume: bool, seed: int, fingerprints, tracker, log):
-    """LlmModel.fit for trainer.type dpo / orpo / kto: check the data, load, tokenize, train with the shared loop."""
-    cfg, t = llm.config, llm.config.trainer
-    kto = t.type == "kto"
-    val_df = splits.get("validation")
-    use_val = val_df is not None and len(val_df) and not t.skip_all_evaluation
-    check_data(splits["training"], llm.inputs, llm.output_column, cfg, "training")
-    if use_val:
-        check_data(val_df, llm.inputs, llm.output_column, cfg, "validation")
-    llm._ensure_base(log)
-    train = prepare(llm, splits["training"], "training", log)
-    val = prepare(llm, val_df, "validation", log) if use_val else None
-    llm.truncated_rows = train.rows.truncated
-    llm._train_rows = train.rows  # (adapter initialisers that calibrate on training rows read them)
+def needs_reference(trainer_cfg) -> bool:
+    return not (trainer_cfg.type == "orpo" or (trainer_cfg.type == "dpo" and trainer_cfg.dpo_reference_free))
 
-    size = llm._batch_size()
-    if kto and size < 2:
-        log("warning: kto with batch_size 1: the KL reference point is then the example's own log-ratio; use 2+")
-    pad, packed = llm.tokenizer.pad_token_id, t.packing
-    n_items = len(train.rows) if kto else train.items  # kto trains on single examples, dpo/orpo on pairs
 
-    def groups(epoch: int) -> list[list[int]]:
-        order = np.random.default_rng(seed * 1000003 + epoch).permutation(n_items) if t.should_shuffle \
-            else np.arange(n_items)
-        order = [int(i) for i in order]
-        return [order[i:i + size] for i in range(0, n_items, size)]
+def adapter_off_reference(llm) -> Callable[[dict], torch.Tensor]:
+    """log pi_ref = the PEFT model with its adapter switched off (no second copy of the weights)."""
+    def with_adapter_off(batch: dict) -> torch.Tensor:
+        was_training = llm.model.training  # the policy's own mode (dropout) must survive the reference pass
+        llm.model.eval()
+        try:
+            with llm.model.disable_adapter():
+                return sequence_logps(TargetLoss(llm.model), batch)
+        finally:
+            llm.model.train(was_training)
 
-    num_batches = len(groups(0))
-    llm._total_steps = trainer_mod.plan_steps(t, num_batches, size, trainer_mod.process_state().num_processes
-                                              ).total_steps
-    reference = reference_logps(llm, log)
-    llm._prepare_for_training(log)
-    share = can_share_prefix(llm.model)
-    objective = Objective(t, reference)
+    return with_adapter_off
 
-    def batches(epoch: int):
-        for g in groups(epoch):
-            rows = g if kto else item_rows(train, g)
-            yield make_batch(train, rows, kto=kto, packed=packed, pad_id=pad, share_prefix=share, paired=not kto)
 
-    def evaluate(module, data: PreferenceData) -> dict:
-        # paired data is evaluated in pairs (rewards/accuracies), also for kto
-        n = data.items
-        eval_size = llm._batch_size(eval_=True)
-        stats = [objective(module, make_batch(data, item_rows(data, list(range(i, min(i + eval_size, n)))), kto=kto,
-                                              packed=packed, pad_id=pad, share_prefix=share, paired=data.paired))[1]
-                 for i in range(0, n, eval_size)]
-        metrics = summarize(stats)
-        return {llm.output.name: metrics, "combined": {"loss": metrics["loss"]}}
-
-    task = trainer_mod.TrainTask(
-        batches=batches, num_batches=num_batches, weight=lambda b: b["weight"],
-        loss_sum=lambda m, b: objective(m, b)[0],
-        evaluate=(lambda m: evaluate(m, val)) if val is not None else None,
-        evaluate_training=lambda m: evaluate(m, train),
-        unit="examples" if kto else "pairs", tokens=lambda b: b["num_tokens"], micro_batch_rows=size)
-    precision = device.precision(t.use_mixed_precision, "train")
-    log(precision.describe("train"))
-    log(f"{t.type}: training on {train.items} {'pairs' if train.paired else 'examples'}"
-        + (f", validating on {val.items}" if val is not None else "") + f", micro-batches of {size}")
-    module = TargetLoss(llm.model)
-    result = trainer_mod.fit(module, task, t, run_dir=run_dir, resume=resume, seed=seed, precision=precision,
-                             fingerprints=fingerprints, tracker=tracker, log=log)
-    result.precision = {"part": "train", "precision": precision.name, "reason": precision.reason}
+@torch.no_grad()
+def precomputed_reference(llm, datasets: list[PreferenceData], precision, log) -> Callable[[dict], torch.Tensor]:
+    """trainer.precompute_ref_log_probs (dpo): log pi_ref(y|x) of every training and validation row, computed once
+    before training with the model as it is then (the base model: called before the adapter is applied), in eval
+    mode and the training precision; each batch then carries its rows' values. No frozen copy in memory and no
+    reference pass per step."""
+    t, pad = llm.config.trainer, llm.tokenizer.pad_token_id
+    module, share = TargetLoss(llm.model), can_share_prefix(llm.model)
+    was_training = llm.model.training
     llm.model.eval()
-    if llm._should_merge():
-        llm._merge(log)
-    return result
+    size = llm._batch_size(eval_=True)
+    try:
+        with precision.autocast(next(llm.model.parameters()).device.type):
+            for data in datasets:
+                values = np.zeros(len(data.rows), dtype=np.float32)
+                for start in range(0, data.items, size):
+                    rows = item_rows(data, list(range(start, min(start + size, data.items))))
+                    batch = make_batch(data, rows, kto=False, packed=t.packing, pad_id=pad, share_prefix=share,
+                                       paired=data.paired)
+                    values[rows] = sequence_logps(module, batch).float().cpu().numpy()
+                data.reference = values
+    finally:
+        llm.model.train(was_training)
+    log(f"{t.type}: reference log-probs of {sum(len(d.rows) for d in datasets)} completions computed once "
+        "(trainer.precompute_ref_log_probs), before training")
+    return lambda batch: batch["reference_logps"]
+
+
+def evaluation_reference(llm) -> Optional[Callable[[dict], torch.Tensor]]:
+    """The reference for `evaluate` of a trained preference model: the adapter switched off, or for full (or
+    merged) weights the base model loaded again from base_model; None for orpo and dpo_reference_free."""
+    t = llm.config.trainer
+    if not needs_reference(t):
+        return None
+    if llm.weights_kind == "adapter":
+        return adapter_off_reference(llm)
+    from .load import load_causal_lm, plain_model_dir
+
+    base = load_causal_lm(plain_model_dir(llm.config.base_model, str(llm._cache())),
+                          dtype=next(llm.model.parameters()).dtype, trust_remote_code=llm.config.trust_remote_code,
+                          rope_scaling=llm._rope_scaling())
+    frozen = TargetLoss(base.requires_grad_(False).to(next(llm.model.parameters()).device)).eval()
+    return lambda batch: sequence_logps(frozen, batch)
 
 
 def _blank(value) -> bool:
