@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cadenza.config.load import load_config
-from cadenza.llm import LlmModel, batching
+from cadenza.llm import LlmModel, attention, batching
 from cadenza.llm.load import load_causal_lm, load_tokenizer
 from cadenza.llm.loss import TargetLoss
 from cadenza.llm.tokenize import tokenize_rows
@@ -284,11 +284,53 @@ def test_shared_prefix_batch_equals_separate_rows(tiny_llama_dir, attn, train_on
         batching.make_batch(rows, [i], packed=True, train_on_inputs=train_on_inputs)["target_ids"].numel() for i in idx)
     assert torch.allclose(one, both, rtol=1e-5, atol=1e-4)
     assert torch.allclose(g_one, g_both, rtol=1e-4, atol=1e-5)
-    # a mask that lets rows see each other changes the loss: the test can fail
-    leaky = dict(shared, attention_mask=torch.ones_like(shared["attention_mask"]).tril())
+    # a mask that lets rows see each other changes the loss: the test can fail (both attention paths)
+    leaky_mask = dict(shared, segments=None, attention_mask=torch.ones_like(shared["attention_mask"]).tril())
+    segments = shared["segments"]
+    leaky_rows = dict(shared, segments=attention.Segments(segments.prefix, segments.rows, segments.inverse,
+                                                          torch.ones_like(segments.mask)))
     with torch.no_grad():
-        leak = module(leaky)
-    assert abs(leak - both) > max(1e-3, 10 * abs(one - both))
+        for leaky in (leaky_mask, leaky_rows) if attn == "sdpa" else (leaky_mask,):  # eager: the mask only
+            assert abs(module(leaky) - both) > max(1e-3, 10 * abs(one - both))
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_row_attention_equals_block_mask(tiny_llama_dir, share):
+    """Segment attention (rows gathered, prefix shared) gives the block mask's loss and gradients, with rows of
+    different lengths (padding inside the gathered batch) and grouped-query heads."""
+    tok = load_tokenizer(str(tiny_llama_dir))
+    df = qa_frame(6)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q * (1 + i % 3)}], tokenize=False,
+                                       add_generation_prompt=True) for i, q in enumerate(df.question)]
+    rows = tokenize_rows(tok, prompts if share else list(df.question), list(df.answer), max_len=None,
+                         add_special_tokens=False)
+    batch = batching.make_batch(rows, list(range(len(rows))), packed=True, share_prefix=True)
+    assert (batch["segments"].prefix > 0) == share and len(set(rows.lengths)) > 1
+    model = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    module = TargetLoss(model)
+
+    def loss_and_grads(b):
+        model.zero_grad()
+        loss = module(b)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    # the reference: sdpa with the block mask (the 4D shared-prefix mask, or without a common prefix the
+    # block-diagonal mask transformers builds from the restarting position ids)
+    ref_loss, ref_grads = loss_and_grads(dict(batch, segments=None))
+    assert model.config._attn_implementation == "sdpa"
+    loss, grads = loss_and_grads(batch)
+    assert model.config._attn_implementation == attention.NAME
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-4)
+    assert len(grads) == len(ref_grads) and all(torch.allclose(g, r, rtol=1e-4, atol=1e-5)
+                                                 for g, r in zip(grads, ref_grads))
+    # the switched model still generates as an sdpa one (no segments: transformers' sdpa function and masks)
+    ids = torch.from_numpy(np.stack([rows.ids[0][:5], rows.ids[1][:5]])).long()
+    fresh = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32)
+    generate = dict(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1] * 5]), max_new_tokens=4,
+                    do_sample=False)
+    assert torch.equal(model.eval().generate(**generate), fresh.eval().generate(**generate))
 
 
 def test_gradient_checkpointing_gives_the_same_training(tiny_llama_dir):

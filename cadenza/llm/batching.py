@@ -13,6 +13,11 @@ remaining tokens continue at the prefix's positions and attend to the prefix plu
 exactly the same computation and loss as repeating the prefix in every row, with the duplicate work removed;
 gradients through the shared prefix add up as they would over the copies. (Checked by the tests.)
 
+With `share_prefix` (a model whose attention allows it, `loss.can_share_prefix`) a packed batch also carries
+`segments` (`attention.Segments`): where each row sits, so attention runs row by row over (prefix + own tokens)
+instead of over the whole packed sequence with a mask (`cadenza/llm/attention.py`); the 4D mask stays in the batch
+for models that cannot switch (eager attention).
+
 Each batch also carries `target_index` (flat positions whose hidden state predicts a target token) and
 `target_ids`, so the loss applies the LM head only to those rows of hidden states.
 """
@@ -24,6 +29,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from .attention import Segments
 from .tokenize import TokenizedRows
 
 
@@ -66,6 +72,7 @@ def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_in
         return _shared_prefix_batch(rows, idx, seqs, shared, train_on_inputs)
     if packed:
         input_ids = torch.from_numpy(np.concatenate(seqs)).view(1, -1)
+        segments = Segments.build(0, lens) if share_prefix else None
         position_ids = torch.cat([torch.arange(n) for n in lens]).view(1, -1)
         offset = 0
         for s, i, n in zip(seqs, idx, lens):
@@ -75,6 +82,7 @@ def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_in
             offset += n
         attention_mask = None
     else:
+        segments = None
         width = max(lens)
         input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -89,6 +97,7 @@ def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_in
         "input_ids": input_ids,
         "position_ids": position_ids,
         "attention_mask": attention_mask,
+        "segments": segments,
         "target_index": torch.from_numpy(np.concatenate(targets_index)).long(),
         "target_ids": torch.from_numpy(np.concatenate(targets)).long(),
         "num_tokens": int(sum(lens)),
@@ -130,6 +139,7 @@ def _shared_prefix_batch(rows: TokenizedRows, idx: list[int], seqs: list[np.ndar
         "input_ids": torch.from_numpy(np.concatenate(parts)).view(1, -1),
         "position_ids": torch.from_numpy(np.concatenate(positions)).view(1, -1),
         "attention_mask": (causal & visible).view(1, 1, total, total),
+        "segments": Segments.build(shared, [len(s) - shared for s in seqs]),
         "target_index": torch.from_numpy(np.concatenate(targets_index)).long(),
         "target_ids": torch.from_numpy(np.concatenate(targets)).long(),
         "num_tokens": int(sum(len(s) for s in seqs)),  # tokens of the rows as given (the work they stand for)

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .attention import NAME as SEGMENT_ATTENTION, use_segment_attention
+
 
 def causal_lm_of(model):
     """The transformers model under a PEFT wrapper (PEFT injects its layers in place, so it sees them)."""
@@ -23,7 +25,7 @@ def can_share_prefix(model) -> bool:
     """Shared-prefix batches pass an explicit 4D mask, which sdpa/eager honour. A 4D mask replaces the model's
     own mask building, so models with sliding-window or other non-full attention layers keep plain packing."""
     config = causal_lm_of(model).config
-    if config._attn_implementation not in ("sdpa", "eager") or getattr(config, "sliding_window", None):
+    if config._attn_implementation not in ("sdpa", "eager", SEGMENT_ATTENTION) or getattr(config, "sliding_window", None):
         return False
     return all(t == "full_attention" for t in (getattr(config, "layer_types", None) or []))
 
@@ -44,6 +46,10 @@ class TargetLoss(torch.nn.Module):
         kwargs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
                   "use_cache": False}  # a cache disables transformers' packed-sequence detection
         mask = batch.get("attention_mask")
+        segments = batch.get("segments")
+        if segments is not None and use_segment_attention(causal_lm_of(self.model)):
+            # row-by-row attention (cadenza.llm.attention): no (T x T) scores over the packed sequence
+            kwargs["segments"], mask = segments.to(device), None
         if mask is not None:
             mask = mask.to(device)
             if mask.dim() == 4 and config._attn_implementation == "eager":
