@@ -38,7 +38,8 @@ def test_torchrun_two_processes_trains_and_saves_once(tiny_bert_dir, cache_dir, 
     df.to_csv(tmp_path / "d.csv", index=False)
     cfg = {"input_features": [{"name": "review", "type": "text", "encoder": {
         "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_bert_dir)}}],
-        "output_features": [{"name": "sentiment", "type": "category"}], "trainer": {"epochs": 2, "batch_size": 16}}
+        "output_features": [{"name": "sentiment", "type": "category"}], "trainer": {"epochs": 2, "batch_size": 16},
+        "backend": {"type": "ddp", "ddp": {"find_unused_parameters": True}}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     done = torchrun(["-m", "cadenza", "experiment", "-c", "c.yaml", "--dataset", "d.csv", "-od", "out"], tmp_path)
     assert done.stdout.count("run folder:") == 1  # one run folder, named by the main process
@@ -58,13 +59,14 @@ def test_torchrun_two_processes_trains_and_saves_once(tiny_bert_dir, cache_dir, 
 
 @pytest.mark.integration
 def test_ecd_two_processes_reach_the_single_process_loss(tiny_bert_dir, cache_dir, tmp_path):
-    """63 training rows in micro-batches of 8: 8 micro-batches, 2 per optimizer step either way (accumulated in one
-    process, one per rank in two). 8 does not divide 63: the short last micro-batch must weigh by its rows."""
+    """63 training rows in micro-batches of 9: 7 micro-batches, 2 per optimizer step either way (accumulated in one
+    process, one per rank in two). The last step has one micro-batch: the second rank re-runs one that counts
+    nothing."""
     reviews().to_csv(tmp_path / "d.csv", index=False)
     cfg = {"input_features": [{"name": "review", "type": "text", "encoder": {
         "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_bert_dir)}}],
         "output_features": [{"name": "sentiment", "type": "category"}],
-        "trainer": {"epochs": 3, "batch_size": 8, "effective_batch_size": 16, "gradient_accumulation_steps": "auto",
+        "trainer": {"epochs": 3, "batch_size": 9, "effective_batch_size": 18, "gradient_accumulation_steps": "auto",
                     "learning_rate": 0.01, "use_mixed_precision": False}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     torchrun(["-m", "cadenza", "train", "-c", "c.yaml", "--dataset", "d.csv", "-od", "two"], tmp_path)
@@ -109,3 +111,60 @@ def test_llm_lora_two_processes_follow_the_single_process_loss_curve(tiny_llama_
     assert curve(two) == pytest.approx(curve(one), rel=1e-4)
     assert [e["loss"] for e in two["training"]] == pytest.approx([e["loss"] for e in one["training"]], rel=1e-4)
     assert curve(one)[-1] < curve(one)[0]  # it learned
+
+
+# ------------------------------------------------------------------------------ backend presets (one process)
+def backend_config(backend: dict):
+    from cadenza.config.load import load_config
+
+    return load_config({"model_type": "llm", "base_model": "smollm2", "input_features": [{"name": "q", "type": "text"}],
+                        "output_features": [{"name": "a", "type": "text"}], "backend": backend}).backend
+
+
+def test_backend_presets_validate_and_name_the_wrong_key():
+    from cadenza.errors import ConfigError
+
+    assert backend_config({"type": "fsdp", "fsdp": {"reshard_after_forward": False}}).fsdp.auto_wrap == "transformer"
+    assert backend_config({"type": "deepspeed", "deepspeed": {"zero_stage": 3, "offload_param_device": "cpu"}})
+    for bad, says in [({"type": "ddp", "fsdp": {}}, "backend.fsdp is set but backend.type is 'ddp'"),
+                      ({"type": "deepspeed", "deepspeed": {"offload_param_device": "cpu"}}, "needs zero_stage: 3"),
+                      ({"type": "fsdp", "fsdp": {"sharding": "full"}}, "unknown key 'sharding'"),
+                      ({"type": "ray"}, "'ray' is not allowed")]:
+        with pytest.raises(ConfigError, match=says):
+            backend_config(bad)
+
+
+def test_backend_maps_to_accelerate_arguments(tiny_llama_dir):
+    from accelerate.utils import DistributedDataParallelKwargs
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cadenza.config.schema import FsdpOptions
+    from cadenza.errors import HardwareError
+    from cadenza.train.backend import accelerator_options, fsdp_plugin
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=2))
+    for kind in ("local", "ddp", "fsdp", "deepspeed"):  # one process trains the plain model whatever the type
+        assert accelerator_options(backend_config({"type": kind}), model, world=1) == {}
+    (ddp,) = accelerator_options(backend_config({"type": "ddp", "ddp": {"find_unused_parameters": True}}), model,
+                                 world=2)["kwargs_handlers"]
+    assert isinstance(ddp, DistributedDataParallelKwargs) and ddp.find_unused_parameters
+    # sharded types are refused with the reason where they cannot run (here: CPU processes)
+    for kind in ("fsdp", "deepspeed"):
+        with pytest.raises(HardwareError, match=f"backend.type: {kind} .*use backend.type: ddp"):
+            accelerator_options(backend_config({"type": kind}), model, world=2)
+    # what fsdp maps to: FSDP2, each decoder layer its own unit although the PEFT wrapper hides _no_split_modules
+    plugin = fsdp_plugin(FsdpOptions(reshard_after_forward=False, cpu_offload=True), model)
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy"
+
+
+def test_a_rank_left_short_reruns_a_batch_that_counts_nothing():
+    from cadenza.train.loop import Repeated, micro_batch_groups
+
+    batches = [f"b{k}" for k in range(7)]
+    rank0 = list(micro_batch_groups(iter(batches), 2, rank=0, world=2, num_batches=7))
+    rank1 = list(micro_batch_groups(iter(batches), 2, rank=1, world=2, num_batches=7))
+    assert rank0 == [["b0", "b2"], ["b4", "b6"]]
+    assert rank1 == [["b1", "b3"], ["b5", Repeated("b1")]]  # the same number of micro-batches on every rank

@@ -728,11 +728,72 @@ class ModelParameters(Section):
     neftune_noise_alpha: float = Field(0.0, ge=0)
 
 
+class DdpOptions(Section):
+    """`backend.ddp`: settings of torch's DistributedDataParallel (type ddp)."""
+
+    find_unused_parameters: bool = Field(
+        False, description="Needed only when a trainable parameter gets no gradient in some step; costs a graph "
+        "traversal per step.")
+    bucket_cap_mb: Optional[PositiveFloat] = Field(None, description="Gradient all-reduce bucket size (null: 25 MB).")
+
+
+class FsdpOptions(Section):
+    """`backend.fsdp`: settings of FSDP2 (torch's fully_shard, through Accelerate; type fsdp)."""
+
+    reshard_after_forward: bool = Field(
+        True, description="true: each layer's parameters are sharded again after its forward (ZeRO-3: least "
+        "memory); false: kept gathered until its backward (ZeRO-2-like: less communication, more memory).")
+    auto_wrap: Literal["transformer", "size", "none"] = Field(
+        "transformer", description="The units that are gathered one at a time: transformer: each transformer layer "
+        "(the model's `_no_split_modules` classes); size: each submodule above min_num_params; none: the whole model.")
+    min_num_params: int = Field(100_000_000, ge=1, description="auto_wrap: size: parameters per unit.")
+    cpu_offload: bool = Field(
+        False, description="Keep parameters, gradients and optimizer state in CPU memory (the optimizer step runs on "
+        "the CPU): the largest models on the fewest GPUs, much slower.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each wrapped layer's activations in the backward instead of keeping them.")
+
+
+class DeepSpeedOptions(Section):
+    """`backend.deepspeed`: DeepSpeed ZeRO through Accelerate's DeepSpeedPlugin (type deepspeed; CUDA only)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="1: optimizer state sharded; 2: and gradients; 3: and parameters.")
+    offload_optimizer_device: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Where ZeRO keeps the optimizer state (stage 1-3).")
+    offload_param_device: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Where ZeRO keeps the parameters (stage 3 only).")
+    config_file: Optional[str] = Field(
+        None, description="A DeepSpeed JSON config; replaces the keys above (Accelerate fills its `auto` values).")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage_3(self):
+        if self.offload_param_device != "none" and self.zero_stage != 3:
+            raise ValueError("offload_param_device needs zero_stage: 3 (only stage 3 shards parameters)")
+        return self
+
+
 class BackendConfig(Section):
-    type: Literal["local"] = Field("local", description="Only local; multi-GPU/multi-node via `accelerate launch`.")
+    type: Literal["local", "ddp", "fsdp", "deepspeed"] = Field(
+        "local", description="How the processes of `torchrun` / `accelerate launch` share the work (one process: "
+        "plain training whatever the type). local and ddp: every process holds the whole model and gradients are "
+        "averaged (DistributedDataParallel). fsdp (FSDP2) and deepspeed (ZeRO) shard the model: they validate, but a "
+        "run of several processes stops at its start with the reason (not supported yet). See "
+        "[docs/distributed.md](distributed.md).")
+    ddp: Optional[DdpOptions] = Field(None, description="type ddp: DistributedDataParallel settings.")
+    fsdp: Optional[FsdpOptions] = Field(None, description="type fsdp: FSDP2 settings (null: the defaults).")
+    deepspeed: Optional[DeepSpeedOptions] = Field(None, description="type deepspeed: ZeRO settings (null: stage 2).")
     cache_dir: Optional[str] = None
     cache_credentials: Optional[dict[str, Any]] = None
     trainer: Optional[dict[str, Any]] = Field(None, description="Accepted for Ludwig compatibility (strategy hints).")
+
+    @model_validator(mode="after")
+    def _options_match_type(self):
+        for name in ("ddp", "fsdp", "deepspeed"):
+            if getattr(self, name) is not None and self.type != name:
+                raise ValueError(f"backend.{name} is set but backend.type is {self.type!r}: set type: {name} "
+                                 f"or remove the {name} section")
+        return self
 
 
 class Defaults(Section):

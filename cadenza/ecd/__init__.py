@@ -256,7 +256,7 @@ class EcdModel:
         precision = device.precision(cfg.use_mixed_precision, part)
         log(precision.describe(part))
         result = fit(self.net, task, cfg, run_dir=run_dir, resume=resume, seed=seed, precision=precision,
-                     fingerprints=fingerprints, tracker=tracker, log=log)
+                     fingerprints=fingerprints, tracker=tracker, log=log, backend=self.config.backend)
         result.precision = {"part": part, "precision": precision.name, "reason": precision.reason}
         self.net = self.net.cpu().eval()
         return result

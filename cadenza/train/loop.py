@@ -28,10 +28,11 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from ..config.schema import TrainerConfig
+from ..config.schema import BackendConfig, TrainerConfig
 from ..device import Precision, is_cuda, peak_flops
 from ..metrics import is_better
 from ..track import Tracker
+from .backend import accelerator_options, check_launch
 from .checkpoint import (CHECKPOINT, check_same_batches, load_trainable_state, random_states, read_checkpoint,
                          restore_random_states, save_checkpoint, trainable_state)
 from .interrupt import TrainingInterrupted, stop_on_signals
@@ -151,20 +152,25 @@ def freeze_by_regex(model: torch.nn.Module, pattern: Optional[str]) -> int:
 # ==================================================================================================== the recipe
 def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir: Optional[Path] = None,
         resume: bool = False, seed: int = 42, precision: Precision = Precision(False, "fp32"),
-        fingerprints: Optional[dict] = None, tracker: Optional[Tracker] = None, log: Callable = print) -> TrainResult:
+        fingerprints: Optional[dict] = None, tracker: Optional[Tracker] = None, log: Callable = print,
+        backend: Optional[BackendConfig] = None) -> TrainResult:
     """Train `model` on `task`; with `run_dir`, checkpoints go to run_dir/checkpoint and `resume` continues one.
     `fingerprints` (config, seed, data) are stored in each checkpoint for `--resume` to compare against, with the
-    step arithmetic, which the loop compares itself. `tracker` (cadenza.track) gets the statistics as they come."""
+    step arithmetic, which the loop compares itself. `tracker` (cadenza.track) gets the statistics as they come.
+    `backend` (the config's backend section) says how the processes of a distributed run share the work."""
     # ---- setup
     # measured before seeding: the measurement draws random numbers, and only the first run in a process measures
     peak = peak_flops(precision.bf16) if task.flops_per_unit else None
     seed_everything(seed)
     # Accelerate's state is global to the process and refuses a second, different mixed_precision: keep it
     # constant ("no") and apply this run's precision with our own autocast, so runs in one process stay independent
-    accelerator = Accelerator(mixed_precision="no", cpu=not is_cuda())
-    autocast = lambda: precision.autocast(accelerator.device.type)  # noqa: E731
-    world = accelerator.num_processes
+    world = process_state().num_processes
     plan = plan_steps(cfg, task.num_batches, task.micro_batch_rows, world)
+    clip = cfg.gradient_clipping.clipglobalnorm or cfg.gradient_clipping.clipnorm
+    accelerator = Accelerator(mixed_precision="no", cpu=not is_cuda(), **accelerator_options(
+        backend, model, world, accumulation=plan.accumulation, micro_batch_rows=task.micro_batch_rows, clip_norm=clip))
+    check_launch(accelerator.distributed_type)
+    autocast = lambda: precision.autocast(accelerator.device.type)  # noqa: E731
     model = model.to(accelerator.device)
     if cfg.compile:  # in place (nn.Module.compile): parameter names and checkpoints stay those of the eager module
         model.compile(dynamic=True)
