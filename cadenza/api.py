@@ -96,6 +96,8 @@ class Model:
         log = self.log if dist.is_main_process else (lambda _: None)
         splits = self._splits(dataset, training_set, validation_set, test_set, random_seed, log)
         self._splits_used = splits
+        if dist.is_main_process:
+            self._say_estimate(splits, random_seed, log)
         # what a resumed run must find unchanged; stored in every checkpoint
         fingerprints = run_fingerprints(self.config.model_dump(mode="json"), splits, random_seed, dist.num_processes)
         description = self._description(splits, fingerprints)
@@ -120,6 +122,30 @@ class Model:
                 shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # finished: nothing left to resume
             dist.wait_for_everyone()
         return TrainOutput(statistics, run_dir, model_dir, result.throughput, result.best_epoch)
+
+    def estimate(self, dataset: Optional[DatasetSource] = None, *, training_set: Optional[DatasetSource] = None,
+                 validation_set: Optional[DatasetSource] = None, test_set: Optional[DatasetSource] = None,
+                 random_seed: int = 42, available_bytes: Optional[int] = None, refresh: bool = False):
+        """Predicted peak memory (RSS, or GPU memory on CUDA) and time per epoch and in total of train() on this
+        data, without training (cadenza.estimate; docs/estimate.md). available_bytes: compare with this instead
+        of the machine's available memory; refresh: calibrate this machine again."""
+        from .estimate import estimate
+
+        splits = self._splits(dataset, training_set, validation_set, test_set, random_seed, lambda _: None)
+        return estimate(self.config, splits, available_bytes=available_bytes, refresh=refresh, seed=random_seed,
+                        log=self.log)
+
+    def _say_estimate(self, splits: dict, seed: int, log: Callable[[str], None]) -> None:
+        """One or two lines before training: predicted peak memory and time, and a warning when the run will not
+        fit (training goes on). Only a cached calibration is used, so this costs well under a second for ecd and a
+        few seconds for llm (tokenizing, which training reuses); an estimate that fails never stops the run."""
+        from .estimate import estimate
+
+        try:
+            for line in estimate(self.config, splits, cached_only=True, seed=seed, log=log).summary():
+                log(line)
+        except Exception as e:  # noqa: BLE001 - a prediction must never break a run
+            log(f"estimate: skipped ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
 
     def _splits(self, dataset, training_set, validation_set, test_set, seed: int,
                 log: Callable[[str], None]) -> dict[str, pd.DataFrame]:

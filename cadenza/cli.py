@@ -1,4 +1,4 @@
-"""The `cadenza` command: train, predict, evaluate, experiment, hyperopt, generate, render_config, upload."""
+"""The `cadenza` command: train, predict, evaluate, experiment, hyperopt, estimate, generate, render_config, upload."""
 
 from __future__ import annotations
 
@@ -69,6 +69,16 @@ def cmd_hyperopt(a) -> None:
              random_seed=a.random_seed)
 
 
+def cmd_estimate(a) -> None:
+    from .api import Model
+
+    available = int(a.available_memory_gb * 2**30) if a.available_memory_gb else None
+    est = Model(a.config).estimate(a.dataset, training_set=a.training_set, validation_set=a.validation_set,
+                                   test_set=a.test_set, random_seed=a.random_seed, available_bytes=available,
+                                   refresh=a.recalibrate)
+    print(json.dumps(est.to_dict(), indent=2) if a.output == "json" else "\n".join(est.lines))
+
+
 def cmd_predict(a) -> None:
     from .api import Model
 
@@ -129,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment_name", default="hyperopt", help="also the Optuna study name (shared storage)")
     p.add_argument("--random_seed", type=int, default=42)
     p.set_defaults(func=cmd_hyperopt)
+
+    p = sub.add_parser("estimate", help="predict peak memory and time of `train` before running it "
+                       "(docs/estimate.md)")
+    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    _data_args(p)
+    p.add_argument("--random_seed", type=int, default=42)
+    p.add_argument("--output", choices=("table", "json"), default="table")
+    p.add_argument("--available_memory_gb", type=float, help="compare with this much memory instead of what the "
+                   "machine has available now")
+    p.add_argument("--recalibrate", action="store_true", help="measure this machine again (the calibration is "
+                   "cached in <cache>/estimate/)")
+    p.set_defaults(func=cmd_estimate)
 
     for name, func, what in (("predict", cmd_predict, "predictions.csv"),
                              ("evaluate", cmd_evaluate, "test_statistics.json and predictions.csv")):

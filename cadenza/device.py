@@ -146,3 +146,27 @@ def peak_flops(bf16: bool) -> float:
             a @ a
         _MEASURED_PEAK[bf16] = 2 * 2048**3 * reps / (time.perf_counter() - t0)
     return _MEASURED_PEAK[bf16]
+
+
+def available_memory(hw: Optional[Hardware] = None) -> Optional[int]:
+    """Bytes a new run can use: free GPU memory on CUDA, else the kernel's MemAvailable (RAM not needed by
+    others, page cache included); None when the machine does not say."""
+    hw = hw or hardware()
+    if hw.device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def machine_key(hw: Optional[Hardware] = None) -> str:
+    """What a speed measurement on this machine depends on: the device, its bf16 units, threads, torch."""
+    hw = hw or hardware()
+    return f"{hw.device}|{hw.name}|{hw.bf16_units}|{torch.get_num_threads()}|{torch.__version__}"
