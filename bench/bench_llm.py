@@ -10,13 +10,18 @@ Part 1, training (same model, data, adapter, epoch, machine; measured back to ba
             peft.get_peft_model(LoraConfig(r=8, alpha 16, dropout 0.05, PEFT's default Llama targets q/v)),
             chat-templated prompt + answer + EOS with the prompt labelled -100, length-grouped right-padded
             batches of 8 (transformers' get_length_grouped_indices, as Trainer(group_by_length=True), batch
-            order shuffled), model(input_ids, attention_mask, labels).loss, AdamW lr 2e-4, fp32. No Cadenza
-            code besides the packaged GGUF's path and the data (cadenza.data.assets).
+            order shuffled), model(input_ids, attention_mask, labels).loss, AdamW lr 2e-4; run twice: in fp32
+            and under bf16 autocast (fp32 weights, as `Trainer(bf16=True)` does on a CPU). No Cadenza code
+            besides the packaged GGUF's path and the data (cadenza.data.assets).
   cadenza   `cadenza.Model` with model_type llm, base_model smollm2, the same LoRA r=8 and trainer
-            {epochs 1, batch_size 8, learning_rate 2e-4}, everything else Cadenza's defaults.
-  Each variant runs in its own process (`--variant baseline|cadenza`), so peak RSS is its own; the parent
-  collects one JSON line from each. A third process (`--variant eval`) loads the fp32 base once per adapter
-  and computes the validation loss of BOTH saved adapters with the same function (`validation_loss`).
+            {epochs 1, batch_size 8, learning_rate 2e-4}, everything else Cadenza's defaults (auto precision:
+            bf16 where the CPU has bf16 units); and once more with use_mixed_precision: false, which is what
+            auto picks on a CPU without bf16 units.
+  The comparisons: cadenza auto against the FASTER of the two plain loops (this machine as it is), and cadenza
+  fp32 against the fp32 plain loop (a machine without bf16 units). Without bf16 units only the fp32 pair runs.
+  Each variant runs in its own process (`--variant baseline|cadenza --precision ...`), so peak RSS is its own;
+  the parent collects one JSON line from each. Another process (`--variant eval`) loads the fp32 base once per
+  adapter and computes the validation loss of ALL saved adapters with the same function (`validation_loss`).
 
 Part 2, classification (fresh vs rotten Rotten Tomatoes snippets, the same held-out rows for both):
   ecd       frozen MiniLM (`minilm`) mean-pooled embeddings + a category head, trained on other snippets
@@ -61,6 +66,11 @@ LR = 2e-4
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05}  # Cadenza's defaults for `{type: lora, r: 8}` (alpha 2r, dropout 0.05)
 SEED = 0
 SAMPLE_QUESTIONS = ["Hello, how are you?", "What is your favorite book?", "Do you like music?"]
+
+
+def lr(a) -> float:
+    """LoRA's usual 2e-4; full fine-tuning of every weight takes a 10x smaller step."""
+    return LR / 10 if a.full else LR
 
 
 def log(msg: str) -> None:
@@ -117,9 +127,10 @@ def padded_batch(tokenizer, rows: list[tuple[list[int], int]]):
     return input_ids, attention_mask, labels
 
 
-def model_flops(lengths, n_params: int, layers: int, width: int) -> float:
-    """FLOPs of one LoRA epoch over rows of these lengths (see the module docstring)."""
-    return float(sum(t * (4 * n_params + 12 * layers * width * t) for t in lengths))
+def model_flops(lengths, n_params: int, layers: int, width: int, full: bool = False) -> float:
+    """FLOPs of one epoch over rows of these lengths (see the module docstring); full fine-tuning adds the weight
+    gradients (6N per token instead of 4N)."""
+    return float(sum(t * ((6 if full else 4) * n_params + 12 * layers * width * t) for t in lengths))
 
 
 # ------------------------------------------------------------------------------------------- children
@@ -175,8 +186,9 @@ def child_baseline(a) -> dict:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     layers, width = model.config.num_hidden_layers, model.config.hidden_size
-    model = peft.get_peft_model(model, peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
-                                                       lora_dropout=LORA["dropout"], task_type="CAUSAL_LM"))
+    if not a.full:
+        model = peft.get_peft_model(model, peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
+                                                           lora_dropout=LORA["dropout"], task_type="CAUSAL_LM"))
     train, _ = chat_pairs(a.rows, a.val)
     rows = [encode(tok, q, ans) for q, ans in zip(train.question, train.answer)]
     lengths = [len(ids) for ids, _ in rows]
@@ -187,37 +199,44 @@ def child_baseline(a) -> dict:
     order = get_length_grouped_indices(lengths, BATCH, mega_batch_mult=50, generator=gen)
     batches = [order[i:i + BATCH] for i in range(0, len(order), BATCH)]
     batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr(a), weight_decay=0.0)
     model.train()
     padded = 0
+    bf16 = a.precision == "bf16"  # bf16 autocast as the transformers docs show it (fp32 weights, bf16 matmuls)
     t0 = time.perf_counter()
     for idx in batches:
         input_ids, attention_mask, labels = padded_batch(tok, [rows[i] for i in idx])
         padded += input_ids.numel()
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
     rss = peak_rss_mb()
-    out_dir = Path(a.workdir) / "baseline_adapter"
+    out_dir = Path(a.workdir) / f"baseline_{a.precision}_adapter"
     model.save_pretrained(out_dir)
+    if a.full:
+        tok.save_pretrained(out_dir)
     return {"train_seconds": seconds, "tokens": sum(lengths), "target_tokens": sum(n - p for n, (_, p) in
                                                                                   zip(lengths, rows)),
-            "padded_tokens": padded, "computed_tokens": padded, "flops": model_flops(lengths, n_params, layers, width),
-            "n_params": n_params, "steps": len(batches), "bf16": False, "peak_rss_mb": rss, "adapter": str(out_dir)}
+            "padded_tokens": padded, "computed_tokens": padded, "flops": model_flops(lengths, n_params, layers, width, a.full),
+            "n_params": n_params, "steps": len(batches), "bf16": bf16, "peak_rss_mb": rss, "adapter": str(out_dir)}
 
 
 def child_cadenza(a) -> dict:
     from cadenza import Model
-    from cadenza.device import hardware
 
     train, _ = chat_pairs(a.rows, a.val)
     config = {"model_type": "llm", "base_model": "smollm2",
               "input_features": [{"name": "question", "type": "text"}],
               "output_features": [{"name": "answer", "type": "text"}],
               "adapter": {"type": "lora", "r": LORA["r"]},
-              "trainer": {"type": "finetune", "epochs": 1, "batch_size": BATCH, "learning_rate": LR}}
+              "trainer": {"type": "finetune", "epochs": 1, "batch_size": BATCH, "learning_rate": lr(a)}}
+    if a.full:
+        del config["adapter"]
+    if a.precision == "fp32":  # as on a CPU without bf16 units (auto would pick fp32 there)
+        config["trainer"]["use_mixed_precision"] = False
     lines: list[str] = []
 
     def capture(msg: str) -> None:
@@ -225,7 +244,8 @@ def child_cadenza(a) -> dict:
         log("  [cadenza] " + msg)
 
     model = Model(config, log=capture)
-    out = model.train(training_set=train, output_directory=str(Path(a.workdir) / "cadenza_runs"), random_seed=SEED)
+    out = model.train(training_set=train, output_directory=str(Path(a.workdir) / f"cadenza_{a.precision}_runs"),
+                      random_seed=SEED)
     rss = peak_rss_mb()
     seconds = out.statistics["training"][0]["seconds"]  # the epoch loop (batches built inside it), no evaluation
     text = "\n".join(lines)
@@ -236,11 +256,11 @@ def child_cadenza(a) -> dict:
     m = re.search(r"shared prompt prefixes: ([\d,]+) tokens computed", text)
     computed = int(m.group(1).replace(",", "")) if m else tokens
     adapter = Path(out.model_dir) / "model_weights"  # the documented model-folder layout (docs/llm.md)
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg = {} if a.full else json.loads((adapter / "adapter_config.json").read_text())
     return {"train_seconds": seconds, "tokens": tokens, "target_tokens": target, "computed_tokens": computed,
             "reported_tokens_per_second": out.throughput.get("tokens_per_second"),
             "reported_mfu": out.throughput.get("mfu"), "steps": out.statistics.get("steps"),
-            "bf16": bool(hardware().bf16_units), "peak_rss_mb": rss, "adapter": str(adapter),
+            "bf16": out.statistics["precision"]["precision"] == "bf16", "peak_rss_mb": rss, "adapter": str(adapter),
             "adapter_config": {k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}}
 
 
@@ -274,8 +294,11 @@ def child_eval(a) -> dict:
     rows = [encode(tok, q, ans) for q, ans in zip(val.question, val.answer)]
     out = {}
     for name, adapter in [("base", None)] + [(k, v) for k, v in json.loads(a.adapters).items()]:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        if adapter:
+        if adapter and a.full:  # a whole fine-tuned model folder
+            model = AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        if adapter and not a.full:
             model = peft.PeftModel.from_pretrained(model, adapter)
         loss, count = validation_loss(model, tok, rows)
         answers = []
@@ -361,7 +384,7 @@ CHILDREN = {"prepare": child_prepare, "baseline": child_baseline, "cadenza": chi
 def run_child(variant: str, a, env: dict, extra: list[str] = ()) -> dict:
     args = [sys.executable, __file__, "--variant", variant, "--workdir", a.workdir, "--rows", str(a.rows),
             "--val", str(a.val), "--clf-rows", str(a.clf_rows), "--clf-train", str(a.clf_train),
-            *(["--quick"] if a.quick else []), *extra]
+            "--precision", a.precision, *(["--quick"] if a.quick else []), *(["--full"] if a.full else []), *extra]
     log(f"--- {variant}")
     t0 = time.perf_counter()
     # stderr passes through (progress); stdout carries the one RESULT line
@@ -382,10 +405,13 @@ def main() -> None:
     ap.add_argument("--clf-rows", type=int, default=None, help="reviews classified (default 200; 24 with --quick)")
     ap.add_argument("--clf-train", type=int, default=None, help="reviews the ecd head trains on (default 1000)")
     ap.add_argument("--quick", action="store_true", help="small sizes, no sample answers: a smoke run")
+    ap.add_argument("--full", action="store_true", help="full fine-tuning (every weight, lr 2e-5) instead of LoRA")
     ap.add_argument("--skip", default="", help="comma list of parts to leave out: train, classify")
     ap.add_argument("--workdir", help="reuse this folder (converted models, caches) instead of a fresh temp one")
     ap.add_argument("--variant", choices=sorted(CHILDREN), help="(internal) run one measurement in this process")
     ap.add_argument("--adapters", help="(internal) JSON {name: adapter folder} for --variant eval")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="(internal) the precision of a baseline / cadenza variant")
     a = ap.parse_args()
     q = a.quick
     a.rows = a.rows or (48 if q else 300)
@@ -427,47 +453,70 @@ def main() -> None:
             shutil.rmtree(a.workdir, ignore_errors=True)
 
 
+# (name, child, precision): the plain loop in both precisions; Cadenza with its auto precision and forced to fp32
+TRAINING_VARIANTS = [("baseline fp32", "baseline", "fp32"), ("baseline bf16", "baseline", "bf16"),
+                     ("cadenza auto", "cadenza", "auto"), ("cadenza fp32", "cadenza", "fp32")]
+
+
 def report_training(a, env: dict, peaks: dict) -> None:
-    res = {"baseline": run_child("baseline", a, env), "cadenza": run_child("cadenza", a, env)}
+    fast_bf16 = peaks[True] is not None
+    # without bf16 units a bf16 run is emulated (slow) and says nothing: both sides in fp32 only
+    variants = [v for v in TRAINING_VARIANTS if fast_bf16 or v[2] != "bf16"]
+    if not fast_bf16:
+        variants = [v for v in variants if v[0] != "cadenza fp32"]  # auto is fp32 there
+    res = {}
+    for name, child, precision in variants:
+        a.precision = precision
+        res[name] = run_child(child, a, env)
+    a.precision = "auto"
     ev = run_child("eval", a, env, ["--adapters", json.dumps({k: r["adapter"] for k, r in res.items()})])
-    b = res["baseline"]
-    for r in res.values():  # model FLOPs of the rows are the same for both (same tokens), from the baseline
+    b = res["baseline fp32"]
+    for r in res.values():  # model FLOPs of the rows are the same for all (same tokens), from the baseline
         r["flops"] = b["flops"]
-        peak = peaks[bool(r["bf16"])] or peaks[False]
-        r["mfu"] = r["flops"] / r["train_seconds"] / peak
-    c = res["cadenza"]
-    print(f"\nPart 1: LoRA r={LORA['r']} (alpha {LORA['alpha']}, dropout {LORA['dropout']}, q_proj/v_proj) on "
-          f"SmolLM2-135M-Instruct (N = {b['n_params'] / 1e6:.1f}M, fp32 weights), one epoch of {a.rows} chatterbot "
-          f"pairs, batches of {BATCH}, AdamW lr {LR}; validation on {a.val} held-out pairs")
+        r["mfu"] = r["flops"] / r["train_seconds"] / (peaks[True] if r["bf16"] else peaks[False])
+    c = res["cadenza auto"]
+    what = "full fine-tuning (every weight)" if a.full else \
+        f"LoRA r={LORA['r']} (alpha {LORA['alpha']}, dropout {LORA['dropout']}, q_proj/v_proj)"
+    print(f"\nPart 1: {what} on SmolLM2-135M-Instruct (N = {b['n_params'] / 1e6:.1f}M), one epoch of {a.rows} "
+          f"chatterbot pairs, batches of {BATCH}, AdamW lr {lr(a)}; validation on {a.val} held-out pairs")
     print(f"tokens = non-pad tokens of the rows (prompt + answer + EOS): {b['tokens']:,}; target tokens "
           f"(answer + EOS, the loss) {b['target_tokens']:,}. Cadenza reports {c['tokens']:,} / {c['target_tokens']:,}"
           + ("" if (c["tokens"], c["target_tokens"]) == (b["tokens"], b["target_tokens"]) else "  <-- MISMATCH"))
-    print(f"MFU = sum over rows of T*(4N + 12*L*d*T) / train seconds / peak "
-          f"= {b['flops'] / 1e12:.2f} TFLOP per epoch / s / {peaks[False] / 1e9:.0f} GFLOPS")
-    print(f"\n{'variant':<10}{'train s':>9}{'wall s':>8}{'tokens/s':>10}{'target tok/s':>14}{'MFU':>7}"
-          f"{'peak RSS MB':>13}{'val loss':>10}{'steps':>7}")
+    print(f"MFU = sum over rows of T*({6 if a.full else 4}N + 12*L*d*T) = {b['flops'] / 1e12:.2f} TFLOP per epoch / train seconds / the "
+          f"peak of the precision the variant computes in (fp32 {peaks[False] / 1e9:.0f} GFLOPS"
+          + (f", bf16 {peaks[True] / 1e9:.0f} GFLOPS)" if fast_bf16 else ")"))
+    print(f"\n{'variant':<15}{'precision':>10}{'train s':>9}{'wall s':>8}{'tokens/s':>10}{'target tok/s':>14}"
+          f"{'MFU':>7}{'peak RSS MB':>13}{'val loss':>10}{'steps':>7}")
     for name, r in res.items():
         tps = r["tokens"] / r["train_seconds"]
-        print(f"{name:<10}{r['train_seconds']:9.1f}{r['wall_seconds']:8.1f}{tps:10.1f}"
-              f"{r['target_tokens'] / r['train_seconds']:14.1f}{100 * r['mfu']:6.1f}%{r['peak_rss_mb']:13.0f}"
-              f"{ev[name]['validation_loss']:10.4f}{r['steps']:>7}")
-    print(f"{'(base)':<10}{'':63}{ev['base']['validation_loss']:10.4f}   untrained, same function")
-    ratio = b["train_seconds"] / c["train_seconds"]
-    print(f"\ncadenza/baseline tokens/s: {ratio:.2f}x   (validation loss {ev['cadenza']['validation_loss']:.4f} vs "
-          f"{ev['baseline']['validation_loss']:.4f}, {ev['base']['tokens']} held-out target tokens)")
-    print(f"baseline ran {b['padded_tokens']:,} positions for {b['tokens']:,} tokens "
+        print(f"{name:<15}{'bf16' if r['bf16'] else 'fp32':>10}{r['train_seconds']:9.1f}{r['wall_seconds']:8.1f}"
+              f"{tps:10.1f}{r['target_tokens'] / r['train_seconds']:14.1f}{100 * r['mfu']:6.1f}%"
+              f"{r['peak_rss_mb']:13.0f}{ev[name]['validation_loss']:10.4f}{r['steps']:>7}")
+    print(f"{'(base)':<15}{'':71}{ev['base']['validation_loss']:10.4f}   untrained, same function")
+    # the two comparisons the issue asks for: this machine as it is, and a machine without bf16 units (both fp32)
+    faster = min((r for n, r in res.items() if n.startswith("baseline")), key=lambda r: r["train_seconds"])
+    faster_name = next(n for n, r in res.items() if r is faster)
+    print(f"\ncadenza auto / the faster plain loop ({faster_name}): {faster['train_seconds'] / c['train_seconds']:.2f}x "
+          f"tokens/s  (validation loss {ev['cadenza auto']['validation_loss']:.4f} vs {ev[faster_name]['validation_loss']:.4f})")
+    if "cadenza fp32" in res:
+        f = res["cadenza fp32"]
+        print(f"cadenza fp32 / baseline fp32 (as on a CPU without bf16 units): {b['train_seconds'] / f['train_seconds']:.2f}x "
+              f"tokens/s  (validation loss {ev['cadenza fp32']['validation_loss']:.4f} vs "
+              f"{ev['baseline fp32']['validation_loss']:.4f})")
+    print(f"the plain loop ran {b['padded_tokens']:,} positions for {b['tokens']:,} tokens "
           f"({100 * (b['padded_tokens'] / b['tokens'] - 1):.1f}% padding) and the LM head on all of them; "
           f"cadenza ran {c['computed_tokens']:,} positions (rows packed without padding, the shared system-prompt "
           f"prefix once per micro-batch), LM head on the {c['target_tokens']:,} target positions only")
     print(f"wall s = the whole variant process (imports, loading, tokenizing, training, saving the adapter); "
           f"Cadenza's own log says {c['reported_tokens_per_second']:.1f} tokens/s, MFU "
-          f"{100 * (c['reported_mfu'] or 0):.1f}% (it counts 4N per token actually computed)")
-    print(f"cadenza adapter as saved: {c['adapter_config']}")
+          f"{100 * (c['reported_mfu'] or 0):.1f}% (it counts the FLOPs of the tokens it actually computed)")
+    if not a.full:
+        print(f"cadenza adapter as saved: {c['adapter_config']}")
     if any(ev[n]["answers"] for n in res):
         print("\nsample greedy answers (max 40 new tokens; [eos] = stopped by itself):")
         for name in res:
             for x in ev[name]["answers"]:
-                print(f"  {name:<9} Q: {x['q']}  A: {x['a']!r}{' [eos]' if x['eos'] else ''}")
+                print(f"  {name:<14} Q: {x['q']}  A: {x['a']!r}{' [eos]' if x['eos'] else ''}")
 
 
 def report_classify(a, env: dict) -> None:
