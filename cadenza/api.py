@@ -5,6 +5,7 @@ object (cadenza.ecd.EcdModel / cadenza.llm.LlmModel) does the rest (see docs/arc
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 import shutil
 import sys
@@ -15,7 +16,7 @@ from typing import Callable, Optional, Union
 
 import pandas as pd
 
-from . import __version__
+from . import __version__, phases
 from .artifacts import (CONFIG_FILE, MODEL_DIR, SavedModel, atomic_dir, check_model_folder, write_json,
                         write_model_header)
 from .config.load import ConfigSource, load_config
@@ -60,6 +61,21 @@ def _from_main_process(value, dist):
     return broadcast_object_list([value], from_process=0)[0]
 
 
+def _recorded(method):
+    """The phase breakdown of a run (cadenza.phases) recorded around `method` and printed at its end by the main
+    process; inside a recording already open (the CLI's, or experiment's around train) that one goes on."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with phases.recording() as record:
+            result = method(self, *args, **kwargs)
+        if phases.current() is None and process_state().is_main_process:  # this call opened the recording
+            self.log(record.table())
+        return result
+
+    return run
+
+
 def _saved_config(saved: SavedModel):
     """The saved config, validated; one that this Cadenza rejects names the file (a newer Cadenza may have added
     keys)."""
@@ -81,6 +97,7 @@ class Model:
         self.model_dir: Optional[Path] = None
 
     # ---------------------------------------------------------------------------------------------- train
+    @_recorded
     def train(self, dataset: Optional[DatasetSource] = None, *, training_set: Optional[DatasetSource] = None,
               validation_set: Optional[DatasetSource] = None, test_set: Optional[DatasetSource] = None,
               output_directory: Union[str, Path] = "results", experiment_name: str = "experiment",
@@ -94,7 +111,8 @@ class Model:
         to it instead (cadenza.search's trials report epochs to their Optuna trial)."""
         dist = process_state()
         log = self.log if dist.is_main_process else (lambda _: None)
-        splits = self._splits(dataset, training_set, validation_set, test_set, random_seed, log)
+        with phases.phase("data"):
+            splits = self._splits(dataset, training_set, validation_set, test_set, random_seed, log)
         self._splits_used = splits
         if dist.is_main_process:
             self._say_estimate(splits, random_seed, log)
@@ -112,13 +130,15 @@ class Model:
                                     fingerprints=fingerprints, tracker=tracker, log=log)
             statistics = {**result.statistics, "best_epoch": result.best_epoch, "best_step": result.best_step,
                           "steps": result.steps, "precision": result.precision,
-                          "throughput": result.throughput, "seconds": time.perf_counter() - started}
+                          "throughput": result.throughput, "seconds": time.perf_counter() - started,
+                          "phases": phases.current().summary()}  # so far: experiment adds its evaluation later
             model_dir = None if skip_save_model else run_dir / MODEL_DIR
             if dist.is_main_process:
-                write_json(run_dir / "training_statistics.json", statistics)
-                if model_dir is not None:
-                    self.save(model_dir)
-                tracker.finish(statistics, model_dir)
+                with phases.phase("writing"):
+                    write_json(run_dir / "training_statistics.json", statistics)
+                    if model_dir is not None:
+                        self.save(model_dir)
+                    tracker.finish(statistics, model_dir)
                 shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # finished: nothing left to resume
             dist.wait_for_everyone()
         return TrainOutput(statistics, run_dir, model_dir, result.throughput, result.best_epoch)
@@ -230,6 +250,7 @@ class Model:
         """(metrics per output feature and "combined", predictions)."""
         return self.model.evaluate(read_dataset(dataset), batch_size=batch_size)
 
+    @_recorded
     def experiment(self, dataset: Optional[DatasetSource] = None, **train_kwargs) -> tuple[TrainOutput, dict]:
         """Train, then evaluate on the test split; writes test_statistics.json and predictions.csv, and the plots
         learning_curves.png and (category outputs) confusion_matrix.png when matplotlib is installed."""
@@ -241,14 +262,19 @@ class Model:
         if test is not None and len(test):
             test_stats, predictions = self.evaluate(test)
             if main:
-                write_json(out.run_dir / "test_statistics.json", test_stats)
-                predictions.to_csv(out.run_dir / "predictions.csv", index=False)
+                with phases.phase("writing"):
+                    write_json(out.run_dir / "test_statistics.json", test_stats)
+                    predictions.to_csv(out.run_dir / "predictions.csv", index=False)
         elif main:
             self.log("no test split: skipping evaluation")
         if main:
-            from .plots import write_run_plots  # never raises: a plot that fails is one line of log
+            with phases.phase("plots"):
+                from .plots import write_run_plots  # never raises: a plot that fails is one line of log
 
-            write_run_plots(out.run_dir, test, predictions, self.log)
+                write_run_plots(out.run_dir, test, predictions, self.log)
+            # the whole experiment's breakdown, evaluation and plots included
+            out.statistics["phases"] = phases.current().summary()
+            write_json(out.run_dir / "training_statistics.json", out.statistics)
         return out, test_stats
 
     def generate(self, prompts: Union[str, list[str]], **generation) -> list[str]:

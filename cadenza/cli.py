@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from . import phases
+
 DEBUG_HINT = "rerun with --debug (or CADENZA_DEBUG=1) for the full traceback, and include it if you report a bug"
 
 
@@ -43,14 +45,16 @@ def _train_kwargs(a) -> dict:
 
 
 def cmd_train(a) -> None:
-    from .api import Model
+    with phases.phase("imports"):
+        from .api import Model
 
     out = Model(a.config).train(**_train_kwargs(a))
     print(f"done: {out.run_dir}")
 
 
 def cmd_experiment(a) -> None:
-    from .api import Model
+    with phases.phase("imports"):
+        from .api import Model
 
     out, test_stats = Model(a.config).experiment(**_train_kwargs(a))
     print(json.dumps(_summary(test_stats), indent=2))
@@ -80,7 +84,8 @@ def cmd_estimate(a) -> None:
 
 
 def cmd_predict(a) -> None:
-    from .api import Model
+    with phases.phase("imports"):
+        from .api import Model
 
     predictions = Model.load(a.model_path).predict(a.dataset)
     out = Path(a.output_directory)
@@ -90,8 +95,9 @@ def cmd_predict(a) -> None:
 
 
 def cmd_evaluate(a) -> None:
-    from .api import Model
-    from .artifacts import write_json
+    with phases.phase("imports"):
+        from .api import Model
+        from .artifacts import write_json
 
     stats, predictions = Model.load(a.model_path).evaluate(a.dataset)
     out = Path(a.output_directory)
@@ -201,10 +207,25 @@ def main(argv=None) -> int:
     """Exit codes: 0 done, 2 a user error (CadenzaError: config, data, model folder, Hub, hardware) printed as
     one paragraph, 1 anything else (a bug: one line and how to see the traceback), 130 Ctrl-C and 143 SIGTERM
     (training saves a checkpoint first: rerun with --resume)."""
+    # the run's breakdown of time by phase; as the `cadenza` command, from the process's start (the interpreter
+    # starting and every import included)
+    with phases.recording(from_process_start=argv is None) as record:
+        with phases.phase("imports"):
+            args = build_parser().parse_args(argv)
+        code = _run(args)
+    if code == 0 and args.func in RECORDED:
+        from .train.loop import process_state  # imported by the verb already
+
+        if process_state().is_main_process:
+            print(record.table(), flush=True)
+    return code
+
+
+def _run(args) -> int:
+    """Exit codes as main() documents them."""
     from .errors import CadenzaError
     from .train.interrupt import TrainingInterrupted
 
-    args = build_parser().parse_args(argv)
     debug = _debug_requested(args)
     try:
         args.func(args)
@@ -225,6 +246,10 @@ def main(argv=None) -> int:
         print(f"unexpected error: {_one_line(e)}\n{DEBUG_HINT}", file=sys.stderr)
         return 1
     return 0
+
+
+# the verbs that print their breakdown of time by phase (cadenza.phases) at the end
+RECORDED = {cmd_train, cmd_experiment, cmd_predict, cmd_evaluate}
 
 
 def _one_line(e: BaseException) -> str:

@@ -17,10 +17,11 @@ from ..artifacts import ECD_WEIGHTS, METADATA_FILE, hub_source_errors, read_json
 from ..data.cache import cache_root, configured_cache_dir
 from ..data.read import check_not_empty, require_columns
 from ..errors import DataError, ModelFolderError
+from ..phases import note, phase
 from ..train.loop import TrainResult, TrainTask, fit, freeze_by_regex, process_state
 from . import features as FT
 from .embed_cache import EmbeddingCache, cached_embeddings, embed_texts
-from .network import CategoryEmbedding, EcdNet, output_loss
+from .network import CategoryEmbedding, EcdNet, output_loss, threads_for, torch_threads
 from .text_encoder import (TextEncoder, check_encoder_sources, encoder_source, fingerprint, load_tokenizer,
                            revision_known)
 
@@ -53,9 +54,11 @@ class EcdModel:
     def _encoder(self, feature):
         if feature.name not in self._encoders:
             cache = str(self._cache_folder())  # where a GGUF encoder's converted copy goes
-            with self._hub_source_errors(feature):
+            # a cached encoder only embeds: its weights load in the embedding precision (no per-batch casts)
+            dtype = self._embed_precision().dtype if self.is_cached(feature) else torch.float32
+            with self._hub_source_errors(feature), phase("model load"):
                 tokenizer = load_tokenizer(feature.encoder, cache)
-                self._encoders[feature.name] = (TextEncoder(feature.encoder, cache=cache), tokenizer)
+                self._encoders[feature.name] = (TextEncoder(feature.encoder, cache=cache, dtype=dtype), tokenizer)
         return self._encoders[feature.name]
 
     def _tokenizer(self, feature):
@@ -143,7 +146,7 @@ class EcdModel:
 
         def compute(missing: list[str]) -> np.ndarray:
             encoder, tokenizer = self._encoder(feature)
-            return embed_texts(missing, encoder, tokenizer, meta["max_length"], self._embed_precision())
+            return encoder.embed(missing, tokenizer, meta["max_length"], self._embed_precision())
 
         # under `accelerate launch` the main process embeds first; the others then read its cache entries
         with process_state().main_process_first():
@@ -255,8 +258,12 @@ class EcdModel:
         part = "train" if any(not self.metadata[f.name]["cached"] for f in self._text_inputs()) else "head"
         precision = device.precision(cfg.use_mixed_precision, part)
         log(precision.describe(part))
-        result = fit(self.net, task, cfg, run_dir=run_dir, resume=resume, seed=seed, precision=precision,
-                     fingerprints=fingerprints, tracker=tracker, log=log, backend=self.config.backend)
+        threads = threads_for(self.net, self.batch_size)  # 1 for a small head: robust to a busy machine
+        with phase("head epochs" if part == "head" else "epochs"), torch_threads(threads):
+            result = fit(self.net, task, cfg, run_dir=run_dir, resume=resume, seed=seed, precision=precision,
+                         fingerprints=fingerprints, tracker=tracker, log=log, backend=self.config.backend)
+        note("head epochs" if part == "head" else "epochs", rows=train_data["n"] * len(result.statistics["training"]),
+             threads=threads or torch.get_num_threads())
         result.precision = {"part": part, "precision": precision.name, "reason": precision.reason}
         self.net = self.net.cpu().eval()
         return result
@@ -265,7 +272,7 @@ class EcdModel:
         self.net.eval()
         device = next(self.net.parameters()).device
         outs: dict[str, list] = {f.name: [] for f in self.config.output_features}
-        with torch.no_grad():
+        with torch.inference_mode(), torch_threads(threads_for(self.net, self.eval_batch_size)):
             for batch in self._batches(data, self.eval_batch_size, None, False):
                 logits = self.net(_to(batch["inputs"], device))
                 for name, value in logits.items():
@@ -273,15 +280,16 @@ class EcdModel:
         return {k: (torch.cat(v) if v else torch.zeros(0)).numpy() for k, v in outs.items()}
 
     def _evaluate_prepared(self, data: dict) -> tuple[dict, dict]:
-        raw = self._run(data)
-        results, combined = {}, 0.0
-        for f in self.config.output_features:
-            meta, logits, target = self.metadata[f.name], torch.from_numpy(raw[f.name]), data["targets"][f.name]
-            t = torch.from_numpy(target)
-            loss = float(output_loss(f, logits, t, meta)) / max(1, data["n"])
-            combined += f.loss.weight * loss
-            results[f.name] = {"loss": loss, **self._metrics(f, raw[f.name], target)}
-        results["combined"] = {"loss": combined}
+        with phase("evaluation"):
+            raw = self._run(data)
+            results, combined = {}, 0.0
+            for f in self.config.output_features:
+                meta, logits, target = self.metadata[f.name], torch.from_numpy(raw[f.name]), data["targets"][f.name]
+                t = torch.from_numpy(target)
+                loss = float(output_loss(f, logits, t, meta)) / max(1, data["n"])
+                combined += f.loss.weight * loss
+                results[f.name] = {"loss": loss, **self._metrics(f, raw[f.name], target)}
+            results["combined"] = {"loss": combined}
         return results, raw
 
     def _metrics(self, f, logits: np.ndarray, target: np.ndarray) -> dict:

@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+# A head on cached embeddings multiplies (rows x width) by (width x outputs): microseconds of work per op, about what
+# handing an op to a team of OpenMP threads costs; and on a busy machine the team waits for a core that another
+# process holds (one busy process on a 2-core machine took the README head from ~37,000 to ~400 rows/s). A network
+# whose largest matmul on a batch is below this many FLOPs runs on one thread.
+ONE_THREAD_BELOW_FLOPS = 2**24
+LARGE_NETWORK_PARAMETERS = 10_000_000  # a trained text encoder inside: its matmuls are worth every thread
+
+
+def threads_for(net: nn.Module, rows: int) -> Optional[int]:
+    """1 where every matmul of `net` on `rows` rows is too small to share out, else None (torch's own setting)."""
+    if sum(p.numel() for p in net.parameters()) > LARGE_NETWORK_PARAMETERS:
+        return None
+    largest = max((m.in_features * m.out_features for m in net.modules() if isinstance(m, nn.Linear)), default=0)
+    return 1 if 2 * rows * largest < ONE_THREAD_BELOW_FLOPS else None
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside the block and restored after it (None: left alone)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 

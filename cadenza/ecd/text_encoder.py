@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -13,6 +16,8 @@ from torch import nn
 from ..adapters import apply_adapter
 from ..artifacts import check_adapter_folder, check_local_source, check_remote_code, refuse_pickled_weights
 from ..data.assets import resolve_model_name
+from ..device import Precision, peak_flops
+from ..phases import note, phase
 
 
 def encoder_source(encoder_cfg) -> str:
@@ -54,7 +59,8 @@ def _load_kwargs(encoder_cfg, source: str, cache: Optional[str] = None) -> tuple
 
 
 def load_tokenizer(encoder_cfg, cache: Optional[str] = None):
-    from transformers import AutoTokenizer
+    with phase("imports"):
+        from transformers import AutoTokenizer
 
     path, kwargs = _load_kwargs(encoder_cfg, encoder_source(encoder_cfg), cache)
     kwargs.pop("dtype", None)
@@ -66,16 +72,18 @@ def load_tokenizer(encoder_cfg, cache: Optional[str] = None):
     return tok
 
 
-def load_backbone(encoder_cfg, cache: Optional[str] = None) -> nn.Module:
-    """AutoModel gives the base transformer (LlamaModel, BertModel, ...) without any LM head."""
-    from transformers import AutoConfig, AutoModel
+def load_backbone(encoder_cfg, cache: Optional[str] = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """AutoModel gives the base transformer (LlamaModel, BertModel, ...) without any LM head. `dtype`: bf16 for a
+    frozen encoder that only embeds in bf16 (no per-batch casts of its weights), fp32 where weights train."""
+    with phase("imports"):  # transformers' modelling code: most of a cold run's import time
+        from transformers import AutoConfig, AutoModel
 
     path, kwargs = _load_kwargs(encoder_cfg, encoder_source(encoder_cfg), cache)
     if getattr(encoder_cfg, "use_pretrained", True):
         # safetensors only, whatever pretrained_kwargs say: transformers would otherwise fall back on pickled .bin
         kwargs["use_safetensors"] = True
-        return AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
-    return AutoModel.from_config(AutoConfig.from_pretrained(path, **kwargs))
+        return AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
+    return AutoModel.from_config(AutoConfig.from_pretrained(path, **kwargs)).to(dtype)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -95,13 +103,17 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
+TOKENS_PER_BATCH = 8192  # tokens per embedding batch: matmuls of 8192 rows, attention of at most 128 x 64 x 64
+
+
 class TextEncoder(nn.Module):
     """token ids → pooled vector. Frozen unless `trainable`; an adapter makes only its own weights trainable."""
 
-    def __init__(self, encoder_cfg, backbone: Optional[nn.Module] = None, cache: Optional[str] = None):
+    def __init__(self, encoder_cfg, backbone: Optional[nn.Module] = None, cache: Optional[str] = None,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.cfg = encoder_cfg
-        self.backbone = backbone if backbone is not None else load_backbone(encoder_cfg, cache)
+        self.backbone = backbone if backbone is not None else load_backbone(encoder_cfg, cache, dtype)
         if encoder_cfg.adapter is not None:
             self.backbone = apply_adapter(self.backbone, encoder_cfg.adapter, "FEATURE_EXTRACTION")
         elif not encoder_cfg.trainable:
@@ -114,7 +126,74 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        return pool(out.last_hidden_state, attention_mask, self.cfg.reduce_output).float()
+        # pooled in fp32: a bf16 sum over the tokens would round each embedding to 8 bits of mantissa
+        return pool(out.last_hidden_state.float(), attention_mask, self.cfg.reduce_output)
+
+    def embed(self, texts: list[str], tokenizer, max_length: int, precision: Precision,
+              tokens_per_batch: int = TOKENS_PER_BATCH) -> np.ndarray:
+        """Pooled embeddings of `texts` (row order kept), as float32, for the embedding cache. Tokenized in one
+        call; embedded in length-sorted batches of about `tokens_per_batch` tokens (little padding, large matmuls),
+        under inference_mode, in `precision` (bf16 weights run as they are; fp32 weights under bf16 autocast).
+        FLOPs and tokens go to the run's phase breakdown (cadenza.phases)."""
+        if not texts:
+            return np.zeros((0, self.output_size), dtype=np.float32)
+        with phase("tokenize"):
+            ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            order = np.argsort(lengths, kind="stable")
+        with phase("measure peak"):  # for the share of peak in the breakdown: measured once a process
+            peak = peak_flops(precision.bf16)
+        device = next(self.parameters()).device
+        # weights already in the precision (a frozen encoder loaded in bf16) need no autocast re-casting them
+        weights_dtype = next(self.parameters()).dtype
+        cast = precision.autocast(device.type) if weights_dtype != precision.dtype else contextlib.nullcontext()
+        out = np.zeros((len(texts), self.output_size), dtype=np.float32)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eval()
+        padded_tokens = 0
+        with phase("embed"), torch.inference_mode(), cast:
+            for index in length_batches(lengths, order, tokens_per_batch):
+                input_ids, mask = _padded(ids, lengths, index, pad)
+                out[index] = self(input_ids.to(device), mask.to(device)).float().cpu().numpy()
+                padded_tokens += input_ids.numel()
+        note("embed", flops=self.flops(lengths), tokens=int(lengths.sum()), padded_tokens=padded_tokens,
+             texts=len(texts), peak_flops=peak, precision=precision.name)
+        return out
+
+    def flops(self, lengths: np.ndarray) -> float:
+        """Forward FLOPs of embedding sequences of these lengths (padding not counted): 2 per weight of every
+        linear layer per token, plus attention's two (L x L x hidden) matmuls per layer per sequence. The pooler
+        (once per sequence) and the embedding lookups are left out."""
+        cfg = self.backbone.config
+        linear = sum(m.weight.numel() for name, m in self.backbone.named_modules()
+                     if isinstance(m, nn.Linear) and "pooler" not in name)
+        layers = getattr(cfg, "num_hidden_layers", 0) or 0
+        lengths = lengths.astype(np.float64)
+        return float(2 * linear * lengths.sum() + 4 * layers * cfg.hidden_size * (lengths ** 2).sum())
+
+
+def length_batches(lengths: np.ndarray, order: np.ndarray, tokens_per_batch: int):
+    """Index arrays of texts of similar length (`order` sorts `lengths`), each padded to at most about
+    `tokens_per_batch` tokens; a text longer than that is a batch of its own."""
+    start = 0
+    while start < len(order):
+        end = start + 1
+        # the batch grows while (rows x its longest length) stays within the budget; lengths grow along `order`
+        while end < len(order) and (end + 1 - start) * lengths[order[end]] <= tokens_per_batch:
+            end += 1
+        yield order[start:end]
+        start = end
+
+
+def _padded(ids: list, lengths: np.ndarray, index: np.ndarray, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and attention mask of the texts `index` (pooling handles either side)."""
+    width = int(lengths[index].max())
+    input_ids = np.full((len(index), width), pad, dtype=np.int64)
+    mask = np.zeros((len(index), width), dtype=np.int64)
+    for row, i in enumerate(index):
+        input_ids[row, :lengths[i]] = ids[i]
+        mask[row, :lengths[i]] = 1
+    return torch.from_numpy(input_ids), torch.from_numpy(mask)
 
 
 def fingerprint(encoder_cfg, max_length: int) -> str:
