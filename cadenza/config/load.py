@@ -243,6 +243,8 @@ def check_semantics(config: CadenzaConfig) -> list[tuple[str, str]]:
         _check_ecd(config, add)
     else:
         _check_llm(config, add)
+    if config.distill is not None:
+        problems += distill_problems(config)
     return problems
 
 
@@ -333,6 +335,103 @@ def _check_llm(config: CadenzaConfig, add) -> None:
 
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+# ------------------------------------------------------------------------------------------- distillation
+def distill_problems(config: CadenzaConfig) -> list[Problem]:
+    """The distill section: an ecd student with a category/binary output to fill, and an llm teacher (checked
+    like any config, its problems under distill.teacher.config) whose classes are known before it runs."""
+    section = config.distill
+    if config.model_type != "ecd":
+        return [("distill", "the distill section belongs to the student's config, which is model_type: ecd; the "
+                 "llm goes under distill.teacher")]
+    problems: list[Problem] = []
+    student = distill_output(config)
+    if student is None:
+        names = [f.name for f in config.output_features]
+        where = "distill.output_feature"
+        if section.output_feature is None:
+            problems.append((where, f"the student has several output features ({', '.join(names)}): name the one "
+                             "the teacher labels"))
+        else:
+            hint = difflib.get_close_matches(section.output_feature, names, n=1)
+            problems.append((where, f"{section.output_feature!r} is not an output feature"
+                             + (f"; did you mean {hint[0]!r}?" if hint else f"; one of {', '.join(names)}")))
+    elif student.type not in ("category", "binary"):
+        problems.append(("distill.output_feature", f"{student.name!r} is a {student.type} output; the teacher's "
+                         "labels fill a category or binary output"))
+    teacher = section.teacher
+    if teacher.config is None:
+        return problems  # a model folder: its classes are read when it is loaded
+    try:
+        teacher_config = load_teacher_config(teacher.config)
+    except ConfigError as e:
+        return problems + [(_join("distill.teacher.config", path), message) for path, message in e.problems]
+    problems += teacher_problems(teacher_config, teacher.method, teacher.verbalizer, "distill.teacher.config")
+    classes = teacher_classes(teacher_config, teacher.verbalizer)
+    if student is not None and student.type == "binary" and classes and len(classes) != 2:
+        problems.append(("distill.output_feature", f"{student.name!r} is binary but the teacher has "
+                         f"{len(classes)} classes ({', '.join(classes)}); use a category output"))
+    return problems
+
+
+def distill_output(config: CadenzaConfig):
+    """The student's output feature that the teacher's labels fill (None when the section names none that exists)."""
+    name = config.distill.output_feature
+    if name is None:
+        return config.output_features[0] if len(config.output_features) == 1 else None
+    return next((f for f in config.output_features if f.name == name), None)
+
+
+def load_teacher_config(source: Union[str, dict]) -> CadenzaConfig:
+    """The teacher's llm config from distill.teacher.config: a mapping, or a YAML path (relative to the current
+    folder, like every other path in a config)."""
+    return load_config(source if isinstance(source, dict) else Path(source))
+
+
+def teacher_problems(teacher: CadenzaConfig, method: str, verbalizer: Optional[dict], where: str,
+                     saved: tuple = ()) -> list[Problem]:
+    """A teacher must be an llm with one category or text output whose classes are named somewhere."""
+    if teacher.model_type != "llm":
+        return [(f"{where}.model_type", "the teacher is an llm config (model_type: llm)")]
+    if teacher.trainer.type != "none":
+        return [(f"{where}.trainer.type", "a teacher config is used as it is (zero-shot): set trainer.type: none, "
+                 "or train the llm first (cadenza train) and give its folder as distill.teacher.model")]
+    if teacher.prompt.retrieval.type is not None:
+        return [(f"{where}.prompt.retrieval", "few-shot examples come from labelled training rows: build the "
+                 "teacher with cadenza train (trainer.type: none) on them and give its folder as "
+                 "distill.teacher.model")]
+    output = teacher.output_features[0]
+    if output.type == "category" and output.match and verbalizer:
+        unknown = [label for label in verbalizer if label not in output.match]
+        if unknown:
+            return [("distill.teacher.verbalizer", f"{', '.join(map(repr, unknown))} not among the teacher's "
+                     f"classes (its output's match keys: {', '.join(output.match)})")]
+    classes = teacher_classes(teacher, verbalizer, saved)
+    if len(classes) < 2:
+        return [("distill.teacher.verbalizer", "the teacher's classes are unknown: name at least two, as keys of "
+                 f"distill.teacher.verbalizer or of {where}.output_features[0].match")]
+    if method == "generate" and output.type == "category" and not output.match:
+        return [(f"{where}.output_features[0].match", "method: generate reads the class from generated text with "
+                 "these rules (label: {type: contains | regex, value: ...}); add them, or use method: score")]
+    return []
+
+
+def teacher_classes(teacher: CadenzaConfig, verbalizer: Optional[dict], saved: tuple = ()) -> list[str]:
+    """The classes the teacher chooses among, in order: its output's match keys, then verbalizer keys, then the
+    labels a trained teacher saved, then its fallback_label."""
+    output = teacher.output_features[0]
+    match = list(output.match or {}) if output.type == "category" else []
+    fallback = [output.fallback_label] if output.type == "category" and output.fallback_label else []
+    classes: list[str] = []
+    for label in [*match, *(verbalizer or {}), *saved, *fallback]:
+        if label not in classes:
+            classes.append(label)
+    return classes
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if path else prefix
 
 
 def _placeholders(template: str) -> list[str]:

@@ -877,6 +877,44 @@ class HyperoptConfig(Section):
     executor: HyperoptExecutor = Field(default_factory=HyperoptExecutor, description="How the trials run.")
 
 
+# ------------------------------------------------------------------------------------------- distillation
+class DistillTeacher(Section):
+    """The llm that labels the rows (docs/distill.md): a config (zero-/few-shot) or a trained model folder."""
+
+    config: Optional[Union[str, dict[str, Any]]] = Field(
+        None, description="An llm config, inline or the path of its YAML file, used as it is (trainer.type: none: "
+        "zero-shot use of its base_model), with a category output.")
+    model: Optional[str] = Field(None, description="Instead of config: a trained llm's run or model folder (fine-tuned, "
+                                 "or few-shot: trained with trainer.type: none and prompt.retrieval).")
+    method: Literal["score", "generate"] = Field(
+        "score", description="score: the likeliest class, by the log-likelihood of each class's answer text (its "
+        "verbalizer entry, then end-of-sequence) after the prompt, all of a batch in one forward pass; generate: "
+        "generate text and read the class with the output's match rules (as zero-shot predict does; slower).")
+    verbalizer: Optional[dict[str, str]] = Field(
+        None, description="class → the answer text scored for it, e.g. {fresh: positive, rotten: negative}; a "
+        "class not named here is scored by its own name. Its keys are classes, like the output's match keys.")
+    batch_size: AtLeastOne = Field(16, description="Rows per forward pass (score) or per generate call.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.config is None) == (self.model is None):
+            raise ValueError("give the teacher either `config` (an llm config, inline or a YAML path) or `model` "
+                             "(a trained llm's folder)")
+        return self
+
+
+class DistillConfig(Section):
+    """`cadenza distill`: an llm teacher labels rows, this (ecd) config is the student trained on its labels."""
+
+    teacher: DistillTeacher = Field(..., description="The llm that labels the rows.")
+    output_feature: Optional[str] = Field(
+        None, description="The student's category or binary output feature that the teacher's labels fill (null: "
+        "the only output feature).")
+    rows: Optional[AtLeastOne] = Field(
+        None, description="Rows of the training split the teacher labels for the student (null: all). The "
+        "validation split is labelled by the teacher too; the test split keeps its true labels and scores both.")
+
+
 class CadenzaConfig(Section):
     model_type: Literal["ecd", "llm"] = Field("ecd", description="ecd: predictive heads; llm: generative.")
     base_model: Optional[str] = Field(
@@ -895,6 +933,8 @@ class CadenzaConfig(Section):
     model_parameters: Optional[ModelParameters] = None
     backend: BackendConfig = Field(default_factory=BackendConfig)
     hyperopt: Optional[HyperoptConfig] = Field(None, description="Hyperparameter search (docs/hyperopt.md).")
+    distill: Optional[DistillConfig] = Field(
+        None, description="ecd: train this model on an llm teacher's labels with `cadenza distill` (docs/distill.md).")
     trust_remote_code: bool = Field(False, description="llm: run the model repo's own code (only when you trust it).")
     ludwig_version: Optional[str] = Field(None, description="Written by Ludwig into saved configs; ignored.")
     cadenza_version: Optional[str] = Field(None, description="Written into saved configs; informational.")

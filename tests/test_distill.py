@@ -1,0 +1,236 @@
+"""Distillation (cadenza/distill.py): the teacher's one-pass answer scoring equals scoring each answer alone, the
+teacher labels rows (cached by prompt), the student trains on those labels, the report compares both, and bad
+distill sections are config errors naming their path. Tiny random models with real tokenizers."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from cadenza import Model
+from cadenza.cli import main
+from cadenza.config.load import load_config
+from cadenza.distill import (LABELS_FILE, REPORT_FILE, LabelCache, answer_log_likelihoods, distill, label_rows,
+                             load_teacher, packed_batch, tree_batch)
+from cadenza.errors import ConfigError, DataError
+from cadenza.llm.load import load_causal_lm, load_tokenizer
+
+pytestmark = [pytest.mark.usefixtures("simulated_hardware"), pytest.mark.timeout(300)]
+
+MATCH = {"fresh": {"type": "regex", "value": r"\b(fresh|positive)\b"},
+         "rotten": {"type": "regex", "value": r"\b(rotten|negative)\b"}}
+
+
+def teacher_config(llama, **extra) -> dict:
+    cfg = {"model_type": "llm", "base_model": str(llama), "input_features": [{"name": "review", "type": "text"}],
+           "output_features": [{"name": "sentiment", "type": "category", "match": MATCH}],
+           # a plain prompt that ends with the review's last word: the random teacher's scores then depend on the
+           # row (behind a chat template's fixed last tokens they hardly do), so it labels rows with both classes
+           "prompt": {"template": "Review of the film: {review}", "use_chat_template": False},
+           "generation": {"max_new_tokens": 3}, "trainer": {"type": "none"}}
+    cfg.update(extra)
+    return cfg
+
+
+def student_config(bert, llama, **distill_keys) -> dict:
+    section = {"teacher": {"config": teacher_config(llama), "verbalizer": {"fresh": "positive", "rotten": "negative"},
+                           "batch_size": 4}, "rows": 24}
+    section.update(distill_keys)
+    return {"model_type": "ecd",
+            "input_features": [{"name": "review", "type": "text", "encoder": {
+                "type": "auto_transformer", "pretrained_model_name_or_path": str(bert), "trainable": False}}],
+            "output_features": [{"name": "sentiment", "type": "category"}],
+            "preprocessing": {"split": {"type": "random", "probabilities": [0.6, 0.2, 0.2]}},
+            "trainer": {"epochs": 2, "batch_size": 8}, "distill": section}
+
+
+def reviews(n=40) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    words = ["a moving", "a dull", "witty", "tedious", "film", "story", "great acting", "awful pacing"]
+    texts = [f"({i}) " + " ".join(rng.choice(words, 4)) for i in range(n)]
+    return pd.DataFrame({"review": texts, "sentiment": ["fresh" if i % 2 else "rotten" for i in range(n)]})
+
+
+# ------------------------------------------------------------------------------------------- scoring
+@pytest.mark.parametrize("build", [tree_batch, packed_batch])
+def test_one_pass_scores_equal_each_answer_scored_alone(tiny_llama_dir, simulated_hardware, build):
+    tok = load_tokenizer(str(tiny_llama_dir))
+    model = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32).eval()
+    system = "<|im_start|>system\nYou are a careful film critic who answers in one word.<|im_end|>\n"
+    prompts = [np.asarray(tok(system + f"<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+               for t in ("a moving story", "tedious and long, with awful pacing", "witty")]
+    answers = [[np.asarray(tok(w, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+                for w in ("positive", "negative", "not sure at all")] for _ in prompts]
+    assert len({len(a) for a in answers[0]}) > 1  # answers of different lengths
+    with torch.no_grad():
+        expected = np.zeros((3, 3))
+        for r, p in enumerate(prompts):
+            for a, ans in enumerate(answers[r]):
+                logits = model(torch.from_numpy(np.concatenate([p, ans])).view(1, -1)).logits[0].float()
+                logp = torch.log_softmax(logits, -1)
+                expected[r, a] = sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(ans))
+    if build is tree_batch:  # the common system prompt once, each row's prompt once
+        every_prompt_once = sum(len(p) + sum(len(a) for a in ans) for p, ans in zip(prompts, answers))
+        assert tree_batch(prompts, answers)["input_ids"].shape[1] < every_prompt_once
+    got = answer_log_likelihoods(model, prompts, answers, batch_size=2, build=build)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+    assert not np.allclose(got[0], got[1])  # rows do not see each other: different prompts, different scores
+
+
+# ------------------------------------------------------------------------------------------- labelling
+def test_teacher_labels_rows_and_the_cache_is_hit_on_rerun(tiny_llama_dir, tiny_bert_dir, cache_dir):
+    config = load_config(student_config(tiny_bert_dir, tiny_llama_dir))
+    df = reviews(12)
+    teacher = load_teacher(config.distill.teacher, log=lambda _: None)
+    assert teacher.classes == ["fresh", "rotten"] and teacher.answers == ["positive", "negative"]
+    cache = LabelCache(cache_dir, teacher.fingerprint)
+    first = label_rows(teacher, df, cache, "training", log=lambda _: None)
+    assert first.computed == 12 and first.cached == 0
+    assert set(first.labels) <= {"fresh", "rotten"} and first.probabilities.shape == (12, 2)
+    np.testing.assert_allclose(first.probabilities.sum(1), 1.0, rtol=1e-6)
+    assert [teacher.classes[i] for i in first.probabilities.argmax(1)] == first.labels
+    # a new process (a new cache object on the same folder) computes nothing again, and labels the same
+    again = label_rows(teacher, df, LabelCache(cache_dir, teacher.fingerprint), "training", log=lambda _: None)
+    assert again.computed == 0 and again.cached == 12 and again.labels == first.labels
+    assert again.seconds == pytest.approx(first.seconds)  # the teacher's time as measured when it labelled
+    # another verbalizer is another teacher: its own cache entries
+    other = load_config(student_config(tiny_bert_dir, tiny_llama_dir, teacher={
+        "config": teacher_config(tiny_llama_dir), "verbalizer": {"fresh": "good", "rotten": "bad"}}))
+    assert load_teacher(other.distill.teacher, log=lambda _: None).fingerprint != teacher.fingerprint
+
+
+def test_generate_method_reads_the_class_with_the_match_rules(tiny_llama_dir, tiny_bert_dir, cache_dir):
+    config = load_config(student_config(tiny_bert_dir, tiny_llama_dir, teacher={
+        "config": teacher_config(tiny_llama_dir, output_features=[{
+            "name": "sentiment", "type": "category", "fallback_label": "rotten",
+            "match": {"fresh": {"type": "regex", "value": r"\w"}}}]), "method": "generate", "batch_size": 4}))
+    teacher = load_teacher(config.distill.teacher, log=lambda _: None)
+    df = reviews(6)
+    labels = label_rows(teacher, df, LabelCache(cache_dir, teacher.fingerprint), "test", log=lambda _: None)
+    texts = teacher.llm._generate_records(df.to_dict("records"), 4)
+    assert labels.labels == ["fresh" if any(c.isalnum() for c in t) else "rotten" for t in texts]
+
+
+# ------------------------------------------------------------------------------------------- the recipe
+def test_student_trains_on_teacher_labels_and_the_report_compares_both(tiny_llama_dir, tiny_bert_dir, cache_dir,
+                                                                       tmp_path):
+    logs = []
+    report = distill(student_config(tiny_bert_dir, tiny_llama_dir), reviews(), output_directory=tmp_path,
+                     log=logs.append)
+    run = tmp_path / "distill_run"
+    assert json.loads((run / REPORT_FILE).read_text())["student"]["accuracy"] == report["student"]["accuracy"]
+    assert report["labelled_rows"] == {"training": 24, "validation": 8}
+    for who in ("teacher", "student"):
+        assert 0 <= report[who]["accuracy"] <= 1 and report[who]["rows_per_second"] > 0
+    assert report["test_rows"] == 8 and report["speedup"] > 0 and 0 <= report["agreement"] <= 1
+    assert "teacher accuracy" in "\n".join(logs) and "student accuracy" in "\n".join(logs)
+    # the student learned the teacher's labels, not the data's: its training rows carry the teacher's classes
+    labels = pd.read_csv(run / LABELS_FILE)
+    teacher = load_teacher(load_config(student_config(tiny_bert_dir, tiny_llama_dir)).distill.teacher,
+                           log=lambda _: None)
+    training = labels[labels.split == "training"]
+    again = label_rows(teacher, training, LabelCache(cache_dir, teacher.fingerprint), "training", log=lambda _: None)
+    assert again.computed == 0 and list(training.sentiment) == again.labels
+    assert (training.sentiment != training.sentiment_true).any()  # a random teacher disagrees with the truth
+    saved = Model.load(run)
+    assert set(json.loads((run / "model" / "training_set_metadata.json").read_text())["sentiment"]["vocab"]) \
+        == set(training.sentiment)
+    assert len(saved.predict(reviews(3))) == 3
+    assert (run / "test_statistics.json").is_file() and (run / "predictions.csv").is_file()
+    # a rerun labels nothing again
+    logs.clear()
+    rerun = distill(student_config(tiny_bert_dir, tiny_llama_dir), reviews(), output_directory=tmp_path,
+                    log=logs.append)
+    assert rerun["teacher"]["computed"] == 0 and rerun["teacher"]["from_cache"] == 8
+    assert all(v["computed"] == 0 for v in rerun["teacher"]["labelling"].values())
+    assert rerun["teacher"]["accuracy"] == report["teacher"]["accuracy"]
+    assert not any(line.startswith("teacher: labelling") for line in logs)
+
+
+def test_cli_distill_writes_the_report(tiny_llama_dir, tiny_bert_dir, cache_dir, tmp_path):
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(teacher_config(tiny_llama_dir)))
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, rows=12)
+    cfg["distill"]["teacher"]["config"] = str(tmp_path / "teacher.yaml")
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(cfg))
+    reviews().to_csv(tmp_path / "reviews.csv", index=False)
+    assert main(["distill", "-c", str(tmp_path / "student.yaml"), "--dataset", str(tmp_path / "reviews.csv"),
+                 "-od", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "distill_run" / REPORT_FILE).read_text())
+    assert report["labelled_rows"]["training"] == 12 and "accuracy" in report["student"]
+
+
+# ------------------------------------------------------------------------------------------- errors
+def problems_of(raw) -> dict:
+    """key path -> its messages, joined"""
+    with pytest.raises(ConfigError) as e:
+        load_config(raw)
+    found: dict = {}
+    for path, message in e.value.problems:
+        found[path] = f"{found[path]}; {message}" if path in found else message
+    return found
+
+
+def test_bad_distill_sections_are_config_errors_naming_the_path(tiny_llama_dir, tiny_bert_dir, tmp_path):
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir)
+    cfg["distill"]["teacher"]["verbalizr"] = {}
+    cfg["distill"]["rows"] = 0
+    found = problems_of(cfg)
+    assert "did you mean 'verbalizer'" in found["distill.teacher.verbalizr"]
+    assert "distill.rows" in found
+
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, output_feature="sentimnt")
+    assert "did you mean 'sentiment'" in problems_of(cfg)["distill.output_feature"]
+
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir)
+    cfg["output_features"] = [{"name": "sentiment", "type": "number"}]
+    assert "category or binary" in problems_of(cfg)["distill.output_feature"]
+
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir)
+    cfg["distill"]["teacher"]["model"] = "somewhere"
+    assert "either `config`" in problems_of(cfg)["distill.teacher"]
+
+    bad_teacher = teacher_config(tiny_llama_dir, trainer={"type": "finetune"})
+    bad_teacher["output_features"][0]["type"] = "categroy"
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, teacher={"config": bad_teacher})
+    assert any(p.startswith("distill.teacher.config.output_features[0]") for p in problems_of(cfg))
+
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, teacher={
+        "config": teacher_config(tiny_llama_dir, trainer={"type": "finetune"})})
+    cfg["distill"]["teacher"]["config"]["output_features"] = [{"name": "sentiment", "type": "text"}]
+    assert "trainer.type: none" in problems_of(cfg)["distill.teacher.config.trainer.type"]
+
+    no_classes = teacher_config(tiny_llama_dir, output_features=[{"name": "sentiment", "type": "category"}])
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, teacher={"config": no_classes, "method": "generate"})
+    assert "classes are unknown" in problems_of(cfg)["distill.teacher.verbalizer"]
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, teacher={"config": no_classes, "method": "generate",
+                                                                 "verbalizer": {"a": "x", "b": "y"}})
+    assert "method: generate reads" in problems_of(cfg)["distill.teacher.config.output_features[0].match"]
+
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, teacher={"config": teacher_config(tiny_llama_dir),
+                                                                 "verbalizer": {"fressh": "positive"}})
+    assert "'fressh' not among the teacher's classes" in problems_of(cfg)["distill.teacher.verbalizer"]
+
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, teacher={"config": str(tmp_path / "missing.yaml")})
+    assert "does not exist" in problems_of(cfg)["distill.teacher.config"]
+
+    llm_student = {**teacher_config(tiny_llama_dir), "distill": student_config(tiny_bert_dir, tiny_llama_dir)["distill"]}
+    assert "model_type: ecd" in problems_of(llm_student)["distill"]
+
+
+def test_train_refuses_a_student_config_and_unknown_true_labels_are_data_errors(tiny_llama_dir, tiny_bert_dir,
+                                                                                cache_dir, tmp_path, capsys):
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir)
+    with pytest.raises(ConfigError, match="cadenza distill"):
+        Model(cfg).train(reviews(), output_directory=tmp_path)
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(cfg))
+    reviews().to_csv(tmp_path / "reviews.csv", index=False)
+    assert main(["train", "-c", str(tmp_path / "student.yaml"), "--dataset", str(tmp_path / "reviews.csv"),
+                 "-od", str(tmp_path / "out")]) == 2
+    assert "distill" in capsys.readouterr().err
+    df = reviews()
+    df.loc[df.index % 2 == 0, "sentiment"] = "plot"
+    with pytest.raises(DataError, match=r"'plot'.*not among the teacher's classes"):
+        distill(cfg, df, output_directory=tmp_path, log=lambda _: None)
