@@ -109,9 +109,6 @@ class Model:
         TensorBoard event files go to <run>/logs unless skip_save_log; mlflow: True logs to MLFLOW_TRACKING_URI
         (else <output_directory>/mlflow.db), a string is the tracking URI (docs/tracking.md). tracker: reports
         to it instead (cadenza.search's trials report epochs to their Optuna trial)."""
-        if self.config.distill is not None:
-            raise ConfigError([("distill", "this config is a student that learns an llm teacher's labels: run "
-                                "`cadenza distill` (cadenza.distill.distill); train would use the data's own labels")])
         dist = process_state()
         log = self.log if dist.is_main_process else (lambda _: None)
         with phases.phase("data"):
@@ -176,9 +173,13 @@ class Model:
         if dataset is not None:
             if training_set is not None:
                 raise CadenzaError("give either dataset or training_set (with optional validation/test sets)")
-            df = sample(read_dataset(dataset), pre.sample_ratio, pre.sample_size, seed)
-            check_not_empty(df, f"data set {dataset if not isinstance(dataset, pd.DataFrame) else '(DataFrame)'}")
-            splits = split_dataset(df, pre.split, seed)
+            # a Parquet file larger than memory: row numbers per split, read in chunks (docs/scale.md)
+            streamed = getattr(self.model, "streamed_splits", None)
+            splits = streamed(dataset, seed, log) if streamed else None
+            if splits is None:
+                df = sample(read_dataset(dataset), pre.sample_ratio, pre.sample_size, seed)
+                check_not_empty(df, f"data set {dataset if not isinstance(dataset, pd.DataFrame) else '(DataFrame)'}")
+                splits = split_dataset(df, pre.split, seed)
         elif training_set is not None:
             empty = pd.DataFrame()
             splits = {"training": read_dataset(training_set),
@@ -248,6 +249,16 @@ class Model:
     def predict(self, dataset: DatasetSource, batch_size: Optional[int] = None) -> pd.DataFrame:
         """A DataFrame with `<output>_predictions` (and probabilities) per row of `dataset`."""
         return self.model.predict(read_dataset(dataset), batch_size=batch_size)
+
+    def predict_to_file(self, dataset: DatasetSource, path: Union[str, Path], batch_size: Optional[int] = None) -> int:
+        """Predictions of every row of `dataset` written to `path` (.csv or .parquet); returns the rows written.
+        ecd reads a Parquet file and writes its predictions a chunk at a time, so memory does not grow with the
+        rows (docs/scale.md); otherwise the same as predict() then writing."""
+        if hasattr(self.model, "predict_to_file"):
+            return self.model.predict_to_file(dataset, Path(path), batch_size)
+        from .data.stream import write_frames
+
+        return write_frames([self.predict(dataset, batch_size)], Path(path))
 
     def evaluate(self, dataset: DatasetSource, batch_size: Optional[int] = None) -> tuple[dict, pd.DataFrame]:
         """(metrics per output feature and "combined", predictions)."""

@@ -29,9 +29,14 @@ _COMPRESSION = {".bz2", ".gz", ".xz", ".zip", ".zst"}
 def read_dataset(source: DatasetSource) -> pd.DataFrame:
     """A DataFrame from a DataFrame, a file (csv, tsv, json, jsonl, parquet, optionally compressed) or a packaged
     data set's short name (`rotten_tomatoes`, `chatterbot`). A file that cannot give rows raises a DataError that
-    names it and says why: missing, empty, not UTF-8, malformed, or a header without rows."""
+    names it and says why: missing, empty, not UTF-8, malformed, or a header without rows. A streamed split
+    (cadenza.data.stream.FileRows: rows of a file larger than memory) is returned as it is."""
     if isinstance(source, pd.DataFrame):
         return source.reset_index(drop=True)
+    from .stream import FileRows
+
+    if isinstance(source, FileRows):
+        return source
     from .assets import DATASET_SHORT_NAMES
 
     if isinstance(source, str) and source in DATASET_SHORT_NAMES and not Path(source).exists():

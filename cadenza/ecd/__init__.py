@@ -3,8 +3,10 @@ a concat combiner and one head per output. Implements the model-type contract in
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -15,17 +17,19 @@ from .. import device
 from .. import metrics as M
 from ..artifacts import ECD_WEIGHTS, METADATA_FILE, hub_source_errors, read_json, unshared, write_json
 from ..data.cache import cache_root, configured_cache_dir
-from ..data.read import check_not_empty, require_columns
+from ..data import stream
+from ..data.read import check_not_empty, read_dataset, require_columns
 from ..errors import DataError, ModelFolderError
 from ..phases import note, phase
 from ..train.loop import TrainResult, TrainTask, fit, freeze_by_regex, process_state
 from . import features as FT
-from .embed_cache import EmbeddingCache, cached_embeddings, embed_texts
+from .embed_cache import CachedEmbedder, EmbeddingCache, embed_texts
 from .network import CategoryEmbedding, EcdNet, output_loss, threads_for, torch_threads
 from .text_encoder import (TextEncoder, check_encoder_sources, encoder_source, fingerprint, load_tokenizer,
                            revision_known)
 
 DEFAULT_BATCH_SIZE = 64
+RELEASE_EVERY = 32  # batches between releases of a streamed split's mapped pages (bounds the resident rows read)
 # a saved ecd model names its pretrained encoder; the encoder's pretrained weights are not in the model folder
 FROZEN_ENCODER_SOURCE = ("the model folder holds no copy of the pretrained encoder: restore that folder, or point "
                          "model_hyperparameters.json at a copy of the same encoder")
@@ -37,6 +41,7 @@ class EcdModel:
         self.metadata: Optional[dict] = None
         self.net: Optional[EcdNet] = None
         self._encoders: dict[str, tuple] = {}  # feature → (TextEncoder, tokenizer), loaded only when needed
+        self._embedders: dict[str, CachedEmbedder] = {}  # feature → its cache's key index, for one pass over data
         self.log: Callable = print
 
     # ------------------------------------------------------------------------------------------- helpers
@@ -108,7 +113,7 @@ class EcdModel:
     def _prepare(self, frames: dict[str, pd.DataFrame], with_targets: bool) -> dict[str, dict]:
         """Arrays per feature for each frame; cached text features are embedded in one pass over all frames."""
         frames = {k: self._clean(df, with_targets, k) for k, df in frames.items()}
-        prepared = {k: {"n": len(df), "inputs": {}, "targets": {}} for k, df in frames.items()}
+        prepared = {k: {"n": len(df), "index": df.index, "inputs": {}, "targets": {}} for k, df in frames.items()}
         for f in self.config.input_features:
             for k, df in frames.items():
                 if f.type != "text":
@@ -137,21 +142,102 @@ class EcdModel:
         return (values.str.lower() if feature.preprocessing.lowercase else values).tolist()
 
     def _embed(self, feature, texts: list[str]) -> np.ndarray:
+        """Row-aligned embeddings through the on-disk cache. One embedder (the cache's key index) serves a whole
+        pass over the data, chunk after chunk; each pass (fit, predict, evaluate) starts with a fresh one."""
         meta = self.metadata[feature.name]
-        if not revision_known(feature.encoder):
-            # a hub model not downloaded yet: download it first, so the cache key names its commit
-            self._encoder(feature)
-            meta["encoder_fingerprint"] = fingerprint(feature.encoder, meta["max_length"])
-        cache = EmbeddingCache(self._cache_folder() / "embeddings" / meta["encoder_fingerprint"])
-
-        def compute(missing: list[str]) -> np.ndarray:
-            encoder, tokenizer = self._encoder(feature)
-            return encoder.embed(missing, tokenizer, meta["max_length"], self._embed_precision())
-
         # under `accelerate launch` the main process embeds first; the others then read its cache entries
         with process_state().main_process_first():
-            vectors, self.cache_stats = cached_embeddings(texts, cache, compute, self.log)
+            if feature.name not in self._embedders:
+                if not revision_known(feature.encoder):
+                    # a hub model not downloaded yet: download it first, so the cache key names its commit
+                    self._encoder(feature)
+                    meta["encoder_fingerprint"] = fingerprint(feature.encoder, meta["max_length"])
+                cache = EmbeddingCache(self._cache_folder() / "embeddings" / meta["encoder_fingerprint"])
+
+                def compute(missing: list[str]) -> np.ndarray:
+                    encoder, tokenizer = self._encoder(feature)
+                    return encoder.embed(missing, tokenizer, meta["max_length"], self._embed_precision())
+
+                self._embedders[feature.name] = CachedEmbedder(cache, compute, self.log)
+            embedder = self._embedders[feature.name]
+            vectors = embedder(texts)
+        self.cache_stats = embedder.stats
         return vectors
+
+    # ------------------------------------------------------------------------------ data larger than memory
+    def streamed_splits(self, dataset, seed: int, log: Callable = print) -> Optional[dict]:
+        """The splits of a Parquet file too big for the in-memory path (cadenza.data.stream.MIN_ROWS rows or
+        more), as row numbers of the file; None where the in-memory path applies."""
+        if not stream.streams(dataset):
+            return None
+        blocker = self._stream_blocker()
+        if blocker:
+            log(f"{dataset}: read into memory although it has {stream.parquet_rows(dataset)} rows: {blocker}")
+            return None
+        log(f"{dataset}: streamed in chunks of {stream.CHUNK_ROWS} rows (docs/scale.md)")
+        return stream.split_file(dataset, self.config.preprocessing, seed)
+
+    def _stream_blocker(self) -> Optional[str]:
+        """Why this config cannot stream, or None."""
+        for f in list(self.config.input_features) + list(self.config.output_features):
+            if f.type == "text" and not self.is_cached(f):
+                return f"text input {f.name!r} has a trained encoder (only cached embeddings are streamed)"
+            if f.preprocessing.missing_value_strategy in ("bfill", "ffill"):
+                return f"feature {f.name!r} fills missing values from neighbouring rows ({f.preprocessing.missing_value_strategy})"
+        return None
+
+    def _prepare_streamed(self, splits: dict, with_targets: bool, folder: Path) -> dict[str, dict]:
+        """What _prepare gives, chunk by chunk: inputs go to row arrays on disk (embeddings through the cache),
+        targets stay in memory (a few bytes a row). Rows dropped for missing values are left out by `rows`."""
+        features = list(self.config.input_features) + (list(self.config.output_features) if with_targets else [])
+        columns = list(dict.fromkeys(FT.column(f) for f in features))
+        prepared = {}
+        for k, rows in splits.items():
+            store = stream.RowArrays(Path(folder) / k, len(rows))
+            kept = np.zeros(len(rows), bool)
+            targets: dict[str, np.ndarray] = {}
+            for positions, chunk in rows.chunks(columns):
+                part = self._prepare({k: chunk}, with_targets)[k]
+                at = positions[chunk.index.get_indexer(part["index"])]
+                kept[at] = True
+                for name, values in part["inputs"].items():
+                    store.write(name, at, np.asarray(values))
+                for name, values in part["targets"].items():
+                    if name not in targets:
+                        targets[name] = np.zeros((len(rows),) + values.shape[1:], values.dtype)
+                    targets[name][at] = values
+                store.release()
+            index = np.flatnonzero(kept)
+            prepared[k] = {"n": len(index), "rows": index if len(index) < len(rows) else None,
+                           "inputs": {name: store[name] for name in store.arrays},
+                           "targets": {name: t[index] for name, t in targets.items()}, "release": store.release}
+        return prepared
+
+    def _scratch(self):
+        """A folder for one pass's row arrays, removed afterwards (under the cache folder: the same disk)."""
+        root = self._cache_folder() / "rows"
+        root.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix="pass-", dir=root)
+
+    def predict_to_file(self, dataset, path: Path, batch_size: Optional[int] = None) -> int:
+        """Predictions of every row written to `path` (.csv/.parquet) chunk by chunk: a Parquet file is read a chunk
+        at a time whatever its size, so memory does not grow with rows. Returns the rows written."""
+        self._require_fitted()
+        self._embedders = {}
+
+        def chunks():
+            if stream.parquet_rows(dataset) is not None:
+                yield from (frame for _, frame in stream.whole_file(dataset).chunks())
+            else:
+                frame = read_dataset(dataset)
+                yield from (frame.iloc[i:i + stream.CHUNK_ROWS] for i in range(0, len(frame), stream.CHUNK_ROWS))
+
+        def predictions():
+            for frame in chunks():
+                data = self._prepare({"predict": frame}, with_targets=False)["predict"]
+                yield self._predictions(self._run(data), index=None)
+
+        return stream.write_frames(predictions(), Path(path))
 
     def _embed_precision(self) -> device.Precision:
         precision = device.precision(self.config.trainer.use_mixed_precision, "embed")
@@ -184,6 +270,8 @@ class EcdModel:
 
     def _batch(self, data: dict, index: np.ndarray, with_targets: bool) -> dict:
         inputs = {}
+        # streamed data keeps the rows dropped for missing values in its arrays: `rows` maps around them
+        stored = index if data.get("rows") is None else data["rows"][index]
         for f in self.config.input_features:
             value = data["inputs"][f.name]
             if f.type == "text" and not self.metadata[f.name]["cached"]:
@@ -191,7 +279,7 @@ class EcdModel:
                 padded = tok.pad({"input_ids": [value[i] for i in index]}, return_tensors="pt")
                 inputs[f.name] = (padded["input_ids"], padded["attention_mask"])
             else:
-                inputs[f.name] = torch.from_numpy(np.asarray(value[index]))
+                inputs[f.name] = torch.from_numpy(np.asarray(value[stored]))
         batch = {"inputs": inputs, "n": len(index)}
         if with_targets:
             batch["targets"] = {k: torch.from_numpy(v[index]) for k, v in data["targets"].items()}
@@ -201,8 +289,11 @@ class EcdModel:
         order = np.arange(data["n"])
         if shuffle_seed is not None:
             order = np.random.default_rng(shuffle_seed).permutation(data["n"])
-        for start in range(0, data["n"], batch_size):
+        release = data.get("release")  # streamed data: drop the pages of the row arrays read so far, now and then
+        for i, start in enumerate(range(0, data["n"], batch_size)):
             yield self._batch(data, order[start:start + batch_size], with_targets)
+            if release is not None and i % RELEASE_EVERY == RELEASE_EVERY - 1:
+                release()
 
     def _loss_sum(self, net, batch) -> torch.Tensor:
         device = next(net.parameters()).device
@@ -216,7 +307,15 @@ class EcdModel:
     # ------------------------------------------------------------------------------------------ contract
     def fit(self, splits: dict[str, pd.DataFrame], *, run_dir: Optional[Path], resume: bool, seed: int,
             fingerprints: Optional[dict] = None, tracker=None, log: Callable = print) -> TrainResult:
+        """splits: DataFrames, or cadenza.data.stream.FileRows for a Parquet file larger than memory."""
+        with contextlib.ExitStack() as held:  # a streamed run's row arrays live until training ends
+            return self._fit(splits, held, run_dir=run_dir, resume=resume, seed=seed, fingerprints=fingerprints,
+                             tracker=tracker, log=log)
+
+    def _fit(self, splits: dict, held: contextlib.ExitStack, *, run_dir: Optional[Path], resume: bool, seed: int,
+             fingerprints: Optional[dict], tracker, log: Callable) -> TrainResult:
         self.log = log
+        self._embedders = {}
         check_encoder_sources(self.config)
         train = splits["training"]
         check_not_empty(train, "training data")
@@ -226,9 +325,12 @@ class EcdModel:
             if f.preprocessing.cache_encoder_embeddings and not self.is_cached(f):
                 log(f"{f.name}: embeddings are not cached because the encoder is trained "
                     f"({'adapter' if f.encoder.adapter else 'trainable: true'})")
+        if isinstance(train, stream.FileRows):  # vocabularies and statistics need the non-text columns only
+            train = train.frame(list(dict.fromkeys(FT.column(f) for f in list(self.config.input_features) +
+                                                   list(self.config.output_features) if f.type != "text")))
         self.metadata = self._fit_metadata(train)
         frames = {k: df for k, df in splits.items() if len(df)}
-        data = self._prepare(frames, with_targets=True)
+        data = self._prepare_any(frames, True, held)
         if data["training"]["n"] == 0:
             raise DataError("training data: no rows left after dropping rows with missing values")
         for f in self._text_inputs():
@@ -307,20 +409,34 @@ class EcdModel:
         if self.net is None:
             raise ModelFolderError("this model is not trained yet: call train() or load a saved model")
 
-    def predict(self, df: pd.DataFrame, batch_size: Optional[int] = None) -> pd.DataFrame:
+    def predict(self, df: Union[pd.DataFrame, stream.FileRows], batch_size: Optional[int] = None) -> pd.DataFrame:
         self._require_fitted()
-        data = self._prepare({"predict": df}, with_targets=False)["predict"]
-        return self._predictions(self._run(data), index=None)
+        self._embedders = {}
+        with contextlib.ExitStack() as held:
+            data = self._prepare_any({"predict": df}, False, held)["predict"]
+            return self._predictions(self._run(data), index=None)
 
-    def evaluate(self, df: pd.DataFrame, batch_size: Optional[int] = None) -> tuple[dict, pd.DataFrame]:
+    def evaluate(self, df: Union[pd.DataFrame, stream.FileRows],
+                 batch_size: Optional[int] = None) -> tuple[dict, pd.DataFrame]:
         self._require_fitted()
+        self._embedders = {}
         check_not_empty(df, "evaluation data")
-        data = self._prepare({"evaluate": df}, with_targets=True)["evaluate"]
-        if data["n"] == 0:
-            raise DataError("evaluation data: no rows left after dropping rows with missing values (see the "
-                            "warnings above); evaluation needs rows with labels")
-        results, raw = self._evaluate_prepared(data)
+        with contextlib.ExitStack() as held:
+            data = self._prepare_any({"evaluate": df}, True, held)["evaluate"]
+            if data["n"] == 0:
+                raise DataError("evaluation data: no rows left after dropping rows with missing values (see the "
+                                "warnings above); evaluation needs rows with labels")
+            results, raw = self._evaluate_prepared(data)
         return results, self._predictions(raw, index=None)
+
+    def _prepare_any(self, frames: dict, with_targets: bool, held: contextlib.ExitStack) -> dict[str, dict]:
+        """In memory for DataFrames; chunk by chunk into a scratch folder (removed when `held` closes) for
+        FileRows."""
+        with phase("preprocessing"):  # model load, tokenize and embed inside it count as themselves
+            if any(isinstance(frame, stream.FileRows) for frame in frames.values()):
+                folder = held.enter_context(self._scratch())
+                return self._prepare_streamed(frames, with_targets, Path(folder))
+            return self._prepare(frames, with_targets)
 
     def _predictions(self, raw: dict[str, np.ndarray], index) -> pd.DataFrame:
         columns: dict[str, object] = {}

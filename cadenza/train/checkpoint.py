@@ -183,6 +183,9 @@ def data_fingerprint(df) -> dict:
     """Rows and a content hash (column names, values and row order; not the index) of one split."""
     import pandas as pd
 
+    if hasattr(df, "fingerprint"):  # a streamed split (cadenza.data.stream.FileRows) hashes its file and rows
+        return df.fingerprint()
+
     digest = hashlib.sha256(json.dumps([str(c) for c in df.columns]).encode())
     try:
         digest.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
