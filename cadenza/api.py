@@ -109,6 +109,9 @@ class Model:
         TensorBoard event files go to <run>/logs unless skip_save_log; mlflow: True logs to MLFLOW_TRACKING_URI
         (else <output_directory>/mlflow.db), a string is the tracking URI (docs/tracking.md). tracker: reports
         to it instead (cadenza.search's trials report epochs to their Optuna trial)."""
+        if self.config.distill is not None:
+            raise ConfigError([("distill", "this config is a student that learns an llm teacher's labels: run "
+                                "`cadenza distill` (cadenza.distill.distill); train would use the data's own labels")])
         dist = process_state()
         log = self.log if dist.is_main_process else (lambda _: None)
         with phases.phase("data"):

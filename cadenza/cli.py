@@ -83,6 +83,14 @@ def cmd_estimate(a) -> None:
     print(json.dumps(est.to_dict(), indent=2) if a.output == "json" else "\n".join(est.lines))
 
 
+def cmd_distill(a) -> None:
+    from .distill import distill
+
+    distill(a.config, a.dataset, training_set=a.training_set, validation_set=a.validation_set, test_set=a.test_set,
+            output_directory=a.output_directory, experiment_name=a.experiment_name, model_name=a.model_name,
+            random_seed=a.random_seed)
+
+
 def cmd_predict(a) -> None:
     with phases.phase("imports"):
         from .api import Model
@@ -157,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recalibrate", action="store_true", help="measure this machine again (the calibration is "
                    "cached in <cache>/estimate/)")
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("distill", help="label rows with an llm teacher, train the ecd student on its labels, "
+                       "compare both on the test rows (docs/distill.md)")
+    p.add_argument("-c", "--config", required=True, help="the student's ecd config with a distill section")
+    _data_args(p)
+    p.add_argument("-od", "--output_directory", default="results")
+    p.add_argument("--experiment_name", default="distill")
+    p.add_argument("--model_name", default="run")
+    p.add_argument("--random_seed", type=int, default=42)
+    p.set_defaults(func=cmd_distill)
 
     for name, func, what in (("predict", cmd_predict, "predictions.csv"),
                              ("evaluate", cmd_evaluate, "test_statistics.json and predictions.csv")):
