@@ -29,7 +29,7 @@ from .config.load import (ConfigSource, distill_output, load_config, load_teache
                           teacher_classes, teacher_problems)
 from .data.cache import cache_root, configured_cache_dir
 from .data.read import DatasetSource
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, ModelFolderError
 from .llm.batching import common_prefix
 from .llm.loss import TargetLoss, can_share_prefix
 from .llm.outputs import extract_label
@@ -38,6 +38,7 @@ from .llm.tokenize import truncate
 REPORT_FILE = "distill_report.json"
 LABELS_FILE = "teacher_labels.csv"
 CACHE_VERSION = "v1"
+CHUNK_BATCHES = 8  # batches labelled between two saves of the label cache (and progress lines)
 
 
 # ------------------------------------------------------------------------------------------ scoring answers
@@ -155,7 +156,10 @@ def load_teacher(section, log: Callable[[str], None] = print) -> Teacher:
     from .api import Model
 
     if section.model is not None:
-        model = Model.load(section.model, log=log)
+        try:
+            model = Model.load(section.model, log=log)
+        except ModelFolderError as e:
+            raise ModelFolderError(f"distill.teacher.model: {e}") from None
         if model.config.model_type != "llm":
             raise ConfigError([("distill.teacher.model", f"{section.model} holds a {model.config.model_type} model; "
                                 "the teacher is an llm")])
@@ -245,15 +249,21 @@ def label_rows(teacher: Teacher, df: pd.DataFrame, cache: LabelCache, where: str
     keys = [prompt_key(p) for p in prompts]
     todo = list({k: i for i, k in enumerate(keys) if k not in cache.entries}.values())  # once per distinct prompt
     if todo:
-        log(f"teacher: labelling {len(todo)} {where} rows ({len(df) - len(todo)} from the cache), "
+        log(f"teacher: labelling {len(todo)} {where} rows ({len(df) - len(todo)} already labelled), "
             f"method {teacher.method}")
-        started = time.perf_counter()
-        labels, probabilities = _run_teacher(teacher, [records[i] for i in todo], [prompts[i] for i in todo])
-        per_row = (time.perf_counter() - started) / len(todo)
-        for j, i in enumerate(todo):
+    done, started = 0, time.perf_counter()
+    step = teacher.batch_size * CHUNK_BATCHES
+    for start in range(0, len(todo), step):  # saved chunk by chunk: an interrupted run keeps what it labelled
+        chunk = todo[start:start + step]
+        chunk_started = time.perf_counter()
+        labels, probabilities = _run_teacher(teacher, [records[i] for i in chunk], [prompts[i] for i in chunk])
+        per_row = (time.perf_counter() - chunk_started) / len(chunk)
+        for j, i in enumerate(chunk):
             cache.entries[keys[i]] = {"label": labels[j], "probabilities": probabilities[j].tolist(),
                                       "seconds": per_row}
         cache.save()
+        done += len(chunk)
+        log(f"teacher: {done}/{len(todo)} {where} rows, {done / (time.perf_counter() - started):.2f} rows/s")
     entries = [cache.entries[k] for k in keys]
     return Labels([e["label"] for e in entries], np.array([e["probabilities"] for e in entries], dtype=float),
                   float(sum(e["seconds"] for e in entries)), len(todo), len(df) - len(todo))

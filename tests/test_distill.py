@@ -15,7 +15,7 @@ from cadenza.cli import main
 from cadenza.config.load import load_config
 from cadenza.distill import (LABELS_FILE, REPORT_FILE, LabelCache, answer_log_likelihoods, distill, label_rows,
                              load_teacher, packed_batch, tree_batch)
-from cadenza.errors import ConfigError, DataError
+from cadenza.errors import ConfigError, DataError, ModelFolderError
 from cadenza.llm.load import load_causal_lm, load_tokenizer
 
 pytestmark = [pytest.mark.usefixtures("simulated_hardware"), pytest.mark.timeout(300)]
@@ -216,7 +216,8 @@ def test_bad_distill_sections_are_config_errors_naming_the_path(tiny_llama_dir, 
     cfg = student_config(tiny_bert_dir, tiny_llama_dir, teacher={"config": str(tmp_path / "missing.yaml")})
     assert "does not exist" in problems_of(cfg)["distill.teacher.config"]
 
-    llm_student = {**teacher_config(tiny_llama_dir), "distill": student_config(tiny_bert_dir, tiny_llama_dir)["distill"]}
+    section = student_config(tiny_bert_dir, tiny_llama_dir)["distill"]
+    llm_student = {**teacher_config(tiny_llama_dir), "distill": section}
     assert "model_type: ecd" in problems_of(llm_student)["distill"]
 
 
@@ -234,3 +235,22 @@ def test_train_refuses_a_student_config_and_unknown_true_labels_are_data_errors(
     df.loc[df.index % 2 == 0, "sentiment"] = "plot"
     with pytest.raises(DataError, match=r"'plot'.*not among the teacher's classes"):
         distill(cfg, df, output_directory=tmp_path, log=lambda _: None)
+
+
+def test_a_trained_llm_folder_teaches_few_shot(tiny_llama_dir, tiny_bert_dir, cache_dir, tmp_path):
+    """teacher.model: an llm trained with cadenza train (here trainer.type none + prompt.retrieval: few-shot examples
+    saved in its folder) labels with its saved classes and its few-shot prompts."""
+    few_shot = teacher_config(tiny_llama_dir, prompt={
+        "template": "{__context__}Review of the film: {review}", "use_chat_template": False,
+        "retrieval": {"type": "random", "k": 1}})
+    out = Model(few_shot, log=lambda _: None).train(reviews(), output_directory=tmp_path / "llm")
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, teacher={"model": str(out.run_dir),
+                                                                 "verbalizer": {"fresh": "positive"}})
+    teacher = load_teacher(load_config(cfg).distill.teacher, log=lambda _: None)
+    assert teacher.classes == ["fresh", "rotten"] and teacher.answers == ["positive", "rotten"]
+    assert "Examples:" in teacher.llm._prompts(reviews(1).to_dict("records"))[0]
+    labels = label_rows(teacher, reviews(6), LabelCache(cache_dir, teacher.fingerprint), "test", log=lambda _: None)
+    assert labels.computed == 6 and set(labels.labels) <= {"fresh", "rotten"}
+    student = load_config(cfg)
+    with pytest.raises(ModelFolderError, match="distill.teacher.model: .* is not a Cadenza model folder"):
+        load_teacher(student.distill.teacher.model_copy(update={"model": str(tiny_bert_dir)}), log=lambda _: None)

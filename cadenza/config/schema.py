@@ -884,8 +884,9 @@ class DistillTeacher(Section):
     config: Optional[Union[str, dict[str, Any]]] = Field(
         None, description="An llm config, inline or the path of its YAML file, used as it is (trainer.type: none: "
         "zero-shot use of its base_model), with a category output.")
-    model: Optional[str] = Field(None, description="Instead of config: a trained llm's run or model folder (fine-tuned, "
-                                 "or few-shot: trained with trainer.type: none and prompt.retrieval).")
+    model: Optional[str] = Field(
+        None, description="Instead of config: a trained llm's run or model folder (fine-tuned, or few-shot: trained "
+        "with trainer.type: none and prompt.retrieval).")
     method: Literal["score", "generate"] = Field(
         "score", description="score: the likeliest class, by the log-likelihood of each class's answer text (its "
         "verbalizer entry, then end-of-sequence) after the prompt, all of a batch in one forward pass; generate: "
