@@ -27,6 +27,7 @@ import torch
 from .artifacts import read_json, write_json
 from .config.load import (ConfigSource, distill_output, load_config, load_teacher_config, read_config_file,
                           teacher_classes, teacher_problems)
+from .config.schema import CadenzaConfig
 from .data.cache import cache_root, configured_cache_dir
 from .data.read import DatasetSource
 from .errors import ConfigError, DataError, ModelFolderError
@@ -163,8 +164,8 @@ def load_teacher(section, log: Callable[[str], None] = print) -> Teacher:
         if model.config.model_type != "llm":
             raise ConfigError([("distill.teacher.model", f"{section.model} holds a {model.config.model_type} model; "
                                 "the teacher is an llm")])
-        problems = [p for p in teacher_problems(_as_used(model.config), section.method, section.verbalizer,
-                                                "distill.teacher.model", saved=tuple(model.model.labels))]
+        problems = teacher_problems(_as_used(model.config), section.method, section.verbalizer,
+                                    "distill.teacher.model", saved=tuple(model.model.labels))
         if problems:
             raise ConfigError(problems)
         llm, config, source = model.model, model.config, str(model.model_dir)
@@ -315,15 +316,15 @@ def distill(config: ConfigSource, dataset: Optional[DatasetSource] = None, *,
     test_statistics.json and predictions.csv into the student's run folder; returns the report."""
     from .api import Model
 
-    raw = read_config_file(config) if isinstance(config, (str, Path)) else copy.deepcopy(config)
-    if not isinstance(raw, dict):
-        raw = raw.model_dump(mode="json") if hasattr(raw, "model_dump") else raw
-    section = load_config(raw).distill
+    if isinstance(config, CadenzaConfig):
+        raw = config.model_dump(mode="json")
+    else:
+        raw = read_config_file(config) if isinstance(config, (str, Path)) else copy.deepcopy(config)
+    checked = load_config(raw)
+    section, output = checked.distill, distill_output(checked) if checked.distill else None
     if section is None:
         raise ConfigError([("distill", "the config has no distill section (docs/distill.md)")])
-    student_config = {k: v for k, v in raw.items() if k != "distill"}
-    student = Model(student_config, log=log)
-    output = distill_output(load_config(raw))
+    student = Model({k: v for k, v in raw.items() if k != "distill"}, log=log)
     column = output.column or output.name
     splits = student._splits(dataset, training_set, validation_set, test_set, random_seed, log)
     train = splits["training"].iloc[:section.rows] if section.rows else splits["training"]
@@ -354,7 +355,7 @@ def distill(config: ConfigSource, dataset: Optional[DatasetSource] = None, *,
     _write_labels(out.run_dir / LABELS_FILE, labelled, splits, column)
     if teacher_on_test is not None:
         truth = test[column].astype(str).tolist()
-        student_predictions, seconds = _timed_student_predict(out.model_dir or out.run_dir, student, test)
+        student_predictions, seconds = _timed_student_predict(out.model_dir or out.run_dir, test)
         predicted = [str(x) for x in student_predictions[f"{output.name}_predictions"]]
         test_stats, predictions = student.evaluate(test)
         write_json(out.run_dir / "test_statistics.json", test_stats)
@@ -392,7 +393,7 @@ def _drop_unlabelled(frame: pd.DataFrame, column: str, where: str, log: Callable
     return frame[~missing]
 
 
-def _timed_student_predict(model_dir: Path, student, test: pd.DataFrame) -> tuple[pd.DataFrame, float]:
+def _timed_student_predict(model_dir: Path, test: pd.DataFrame) -> tuple[pd.DataFrame, float]:
     """The saved student's predictions on the test rows and their wall time, with an empty embedding cache: the
     encoder runs on every row, as it would on rows never seen before (a warm cache would time a lookup). The first
     row is predicted once before timing, which loads the encoder."""
