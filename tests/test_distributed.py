@@ -168,3 +168,21 @@ def test_a_rank_left_short_reruns_a_batch_that_counts_nothing():
     rank1 = list(micro_batch_groups(iter(batches), 2, rank=1, world=2, num_batches=7))
     assert rank0 == [["b0", "b2"], ["b4", "b6"]]
     assert rank1 == [["b1", "b3"], ["b5", Repeated("b1")]]  # the same number of micro-batches on every rank
+
+
+@pytest.mark.integration
+def test_torchrun_with_a_sharded_backend_stops_at_the_start_with_the_reason(tiny_bert_dir, cache_dir, tmp_path):
+    """Both processes refuse fsdp on CPUs at the same point (neither waits for the other) and leave no run folder."""
+    reviews(40).to_csv(tmp_path / "d.csv", index=False)
+    cfg = {"input_features": [{"name": "review", "type": "text", "encoder": {
+        "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_bert_dir)}}],
+        "output_features": [{"name": "sentiment", "type": "category"}], "trainer": {"epochs": 1},
+        "backend": {"type": "fsdp", "fsdp": {"reshard_after_forward": False}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "cadenza", "train", "-c",
+                           "c.yaml", "--dataset", "d.csv", "-od", "out"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("backend.type: fsdp shards a model over CUDA GPUs") == 2, done.stderr[-3000:]
+    assert "exitcode  : 2" in done.stderr  # a CadenzaError: the CLI's exit 2, no traceback of ours
+    assert list((tmp_path / "out").glob("*")) == []  # the new run folder was removed again
