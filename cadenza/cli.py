@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from . import phases
 
@@ -134,7 +135,10 @@ def cmd_render_config(a) -> None:
         print(text, end="")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: Optional[str] = None) -> argparse.ArgumentParser:
+    """The whole command line; with `verb` (the sub-command the command line names), one of this module's own
+    sub-commands, the sub-commands of other modules (upload, serve, export_model, visualize, merge, ...) are left
+    out, so that their modules are not imported for nothing."""
     parser = argparse.ArgumentParser(prog="cadenza", description="Declarative fine-tuning of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -197,15 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_render_config)
 
-    from .share.hub import register_cli
+    if verb not in sub.choices:
+        from .share.hub import register_cli
 
-    register_cli(sub)
-    from .serve import register_cli as register_serve; register_serve(sub)  # noqa: E702
-    from .export import register_cli as register_export; register_export(sub)  # noqa: E702
-    from .plots import register_cli as register_visualize; register_visualize(sub)  # noqa: E702
-    from .merge_command import register_cli as register_merge; register_merge(sub)  # noqa: E702
+        register_cli(sub)
+        from .serve import register_cli as register_serve; register_serve(sub)  # noqa: E702
+        from .export import register_cli as register_export; register_export(sub)  # noqa: E702
+        from .plots import register_cli as register_visualize; register_visualize(sub)  # noqa: E702
+        from .merge_command import register_cli as register_merge; register_merge(sub)  # noqa: E702
     _add_debug_flag(parser, sub)
     return parser
+
+
+def _verb(argv: Optional[list[str]]) -> Optional[str]:
+    """The sub-command named on the command line: its first argument that is not an option (only --debug, a flag,
+    may come before it)."""
+    return next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
 
 
 def _add_debug_flag(parser: argparse.ArgumentParser, sub) -> None:
@@ -229,7 +240,7 @@ def main(argv=None) -> int:
     # starting and every import included)
     with phases.recording(from_process_start=argv is None) as record:
         with phases.phase("imports"):
-            args = build_parser().parse_args(argv)
+            args = build_parser(_verb(argv)).parse_args(argv)
         code = _run(args)
     if code == 0 and args.func in RECORDED:
         from .train.loop import process_state  # imported by the verb already

@@ -60,10 +60,9 @@ class Phases:
 def _details(e: dict) -> str:
     parts = []
     if "flops_per_second" in e:
-        rate = f"{e['flops'] / 1e12:.2f} TFLOP at {e['flops_per_second'] / 1e9:.0f} GFLOP/s"
+        rate = f"{_flop(e['flops'])} at {_flop(e['flops_per_second'])}/s"
         if "share_of_peak" in e:
-            rate += f" = {100 * e['share_of_peak']:.0f}% of the {e.get('precision', '')} peak " \
-                    f"{e['peak_flops'] / 1e9:.0f} GFLOP/s"
+            rate += f" = {100 * e['share_of_peak']:.0f}% of the {e.get('precision', '')} peak {_flop(e['peak_flops'])}/s"
         parts.append(rate)
     if e.get("tokens"):
         parts.append(f"{e['tokens']:,.0f} tokens")
@@ -72,6 +71,13 @@ def _details(e: dict) -> str:
     if e.get("threads"):
         parts.append(f"{e['threads']} thread{'s' if e['threads'] > 1 else ''}")
     return ("  " + ", ".join(parts)) if parts else ""
+
+
+def _flop(x: float) -> str:
+    for unit, size in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= size:
+            return f"{x / size:.3g} {unit}"
+    return f"{x:.3g} FLOP"
 
 
 def process_age() -> float:
