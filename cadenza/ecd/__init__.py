@@ -363,7 +363,7 @@ class EcdModel:
         with phase("imports"):
             # torch.optim's optimizers import torch's compiler stack on first use (about a second): counted here as
             # imports rather than as the head's epochs (a run that loads an encoder has it imported already)
-            import torch._dynamo  # noqa: F401
+            from torch import _dynamo  # noqa: F401  (not "import torch._dynamo": that makes torch a local name)
         threads = threads_for(self.net, self.batch_size)  # 1 for a small head: robust to a busy machine
         with phase("head epochs" if part == "head" else "epochs"), torch_threads(threads):
             result = fit(self.net, task, cfg, run_dir=run_dir, resume=resume, seed=seed, precision=precision,
