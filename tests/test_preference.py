@@ -330,14 +330,15 @@ def test_config_keys_and_ranges():
         trainer_config(type="dpo", dpo_loss_type="hinge")
 
 
-def test_the_example_config_loads():
+@pytest.mark.parametrize("name", ["dpo", "orpo", "kto"])
+def test_the_example_configs_load(name):
     from pathlib import Path
 
     import yaml
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "dpo.yaml"
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.yaml"
     config = load_config(yaml.safe_load(path.read_text()))
-    assert (config.trainer.type, config.trainer.rejected_column, config.adapter.type) == ("dpo", "rejected", "lora")
+    assert (config.trainer.type, config.trainer.rejected_column, config.adapter.type) == (name, "rejected", "lora")
 
 
 # --------------------------------------------------------------- chat-form data, reward metrics, evaluate, reference
