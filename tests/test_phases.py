@@ -1,6 +1,7 @@
 """Where a run's time goes (cadenza.phases), the embedding pass's batches and FLOPs, and the head's thread setting."""
 
 import json
+import re
 import time
 
 import numpy as np
@@ -186,3 +187,25 @@ def test_embedding_matches_one_text_at_a_time_and_counts_its_flops(tiny_bert_dir
     expected = 2 * linear * lengths.sum() + 4 * 2 * 32 * (lengths ** 2).sum()
     assert record.figures["embed"]["flops"] == pytest.approx(expected)
     assert record.figures["embed"]["tokens"] == lengths.sum()
+
+
+def test_the_command_prints_its_breakdown_counted_from_the_process_start(tiny_bert_dir, cache_dir, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    frame().to_csv(tmp_path / "reviews.csv", index=False)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model_type": "ecd", **config(tiny_bert_dir)}))
+    done = subprocess.run([sys.executable, "-m", "cadenza", "train", "-c", str(tmp_path / "c.yaml"), "--dataset",
+                           str(tmp_path / "reviews.csv"), "-od", str(tmp_path / "out"), "--skip_save_log"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = done.stdout[done.stdout.index("time by phase"):].splitlines()
+    rows = {m[1]: float(m[2]) for m in (re.match(r"\s+(.+?)\s+([\d.]+) s ", line) for line in table[1:]) if m}
+    assert {"imports", "data", "model load", "embed", "head epochs", "writing", "other"} <= set(rows)
+    assert rows["imports"] > 0.3  # the interpreter, torch, transformers: counted from the process's start
+    total = float(table[0].split("wall ")[1].split(" s")[0])
+    assert sum(rows.values()) == pytest.approx(total, abs=0.02 * len(rows))
+    stats = json.loads(next((tmp_path / "out").glob("*/training_statistics.json")).read_text())
+    assert stats["phases"]["phases"]["imports"]["seconds"] > 0.3
