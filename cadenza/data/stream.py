@@ -7,7 +7,7 @@ path, which is the faster one when the data fits.
 How: the split is decided on row numbers alone (only the split column is read, for fixed/stratified splits), with
 the same functions as the in-memory path, so a streamed run sees the same rows in the same order. Each split is a
 `FileRows` (the file and its row numbers), read in chunks of `CHUNK_ROWS` (pyarrow). Preprocessed features go to
-`RowArray`s: .npy files mapped into memory, whose resident pages are dropped (`release`) as reading moves on.
+`RowArray`s: files of raw rows, written and read by row numbers (pread/pwrite), never held in memory.
 Per row in memory: the row numbers and the training order (8 bytes each), and during fitting the non-text
 columns of the training split.
 """
@@ -15,7 +15,6 @@ columns of the training split.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +65,6 @@ class FileRows:
         import pyarrow.parquet as pq
 
         return list(pq.ParquetFile(self.path).schema_arrow.names)
-
-    def __getitem__(self, column: str) -> pd.Series:
-        """One column of these rows (what plots of a streamed test split read)."""
-        return self.frame([column])[column]
 
     def chunks(self, columns: Optional[list[str]] = None,
                rows: Optional[int] = None) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
@@ -139,28 +134,52 @@ def whole_file(path) -> FileRows:
 
 # ------------------------------------------------------------------------------------- arrays on disk
 class RowArray:
-    """An (n, ...) array in a file of its raw bytes, mapped into memory: written and read by row like an array,
-    without the file's size in memory. `release()` drops the pages this process holds (written pages go to the
-    file first); they come back from the page cache or the disk when touched again."""
+    """An (n, ...) array in a file of its raw bytes, written and read by row numbers with pread/pwrite (one call
+    per run of consecutive rows), so that neither the file nor the rows read stay in this process's memory.
+    Not a memory map: recent kernels map whole large folios of the page cache on each fault, and random rows read
+    through a map left most of a 1.5 GB file resident whatever was released."""
 
     def __init__(self, path: Path, dtype, shape: tuple):
-        self.path = Path(path)
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        with open(self.path, "wb+") as f:
-            f.truncate(nbytes)
-            self._map = mmap.mmap(f.fileno(), nbytes) if nbytes else None
-        self.array = np.ndarray(shape, dtype, buffer=self._map) if self._map is not None else np.zeros(shape, dtype)
+        self.path, self.dtype, self.shape = Path(path), np.dtype(dtype), tuple(shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, self.shape[0] * self.row_bytes)
 
-    def release(self) -> None:
-        if self._map is not None:
-            self._map.flush()
-            self._map.madvise(mmap.MADV_DONTNEED)
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _runs(self, index: np.ndarray):
+        """(order, sorted rows, [(start, end)] of runs of consecutive rows in the sorted rows)."""
+        order = np.argsort(index, kind="stable")
+        rows = index[order]
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        return order, rows, zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]]))
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = np.asarray(index, dtype=np.int64)
+        ordered = np.empty((len(index),) + self.shape[1:], self.dtype)
+        order, rows, runs = self._runs(index)
+        for start, end in runs:
+            os.preadv(self._fd, [memoryview(ordered[start:end]).cast("B")], int(rows[start]) * self.row_bytes)
+        if np.array_equal(order, np.arange(len(order))):
+            return ordered
+        out = np.empty_like(ordered)
+        out[order] = ordered
+        return out
+
+    def write(self, index: np.ndarray, values: np.ndarray) -> None:
+        order, rows, runs = self._runs(np.asarray(index, dtype=np.int64))
+        values = np.ascontiguousarray(values[order], dtype=self.dtype)
+        for start, end in runs:
+            os.pwritev(self._fd, [memoryview(values[start:end]).cast("B")], int(rows[start]) * self.row_bytes)
 
     def close(self) -> None:
-        self.array = None
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
 
 
 class RowArrays:
@@ -175,18 +194,10 @@ class RowArrays:
         if name not in self.arrays:
             self.arrays[name] = RowArray(self.folder / f"{len(self.arrays)}.bin", values.dtype,
                                          (self.rows,) + values.shape[1:])
-        self.arrays[name].array[positions] = values
+        self.arrays[name].write(positions, values)
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.arrays[name].array
-
-    def release(self) -> None:
-        for a in self.arrays.values():
-            a.release()
-
-    def close(self) -> None:
-        for a in self.arrays.values():
-            a.close()
+    def __getitem__(self, name: str) -> RowArray:
+        return self.arrays[name]
 
 
 def write_frames(frames: Iterable[pd.DataFrame], path: Path) -> int:

@@ -29,7 +29,6 @@ from .text_encoder import (TextEncoder, check_encoder_sources, encoder_source, f
                            revision_known)
 
 DEFAULT_BATCH_SIZE = 64
-RELEASE_EVERY = 32  # batches between releases of a streamed split's mapped pages (bounds the resident rows read)
 # a saved ecd model names its pretrained encoder; the encoder's pretrained weights are not in the model folder
 FROZEN_ENCODER_SOURCE = ("the model folder holds no copy of the pretrained encoder: restore that folder, or point "
                          "model_hyperparameters.json at a copy of the same encoder")
@@ -206,11 +205,10 @@ class EcdModel:
                     if name not in targets:
                         targets[name] = np.zeros((len(rows),) + values.shape[1:], values.dtype)
                     targets[name][at] = values
-                store.release()
             index = np.flatnonzero(kept)
             prepared[k] = {"n": len(index), "rows": index if len(index) < len(rows) else None,
                            "inputs": {name: store[name] for name in store.arrays},
-                           "targets": {name: t[index] for name, t in targets.items()}, "release": store.release}
+                           "targets": {name: t[index] for name, t in targets.items()}}
         return prepared
 
     def _scratch(self):
@@ -289,11 +287,8 @@ class EcdModel:
         order = np.arange(data["n"])
         if shuffle_seed is not None:
             order = np.random.default_rng(shuffle_seed).permutation(data["n"])
-        release = data.get("release")  # streamed data: drop the pages of the row arrays read so far, now and then
-        for i, start in enumerate(range(0, data["n"], batch_size)):
+        for start in range(0, data["n"], batch_size):
             yield self._batch(data, order[start:start + batch_size], with_targets)
-            if release is not None and i % RELEASE_EVERY == RELEASE_EVERY - 1:
-                release()
 
     def _loss_sum(self, net, batch) -> torch.Tensor:
         device = next(net.parameters()).device

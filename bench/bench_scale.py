@@ -1,0 +1,142 @@
+"""ecd train + predict on Parquet files of 3k to 1M rows: time per row and peak RSS per size (docs/scale.md).
+
+Each size runs in its own process (its peak RSS is its own), with an empty embedding cache, on a file written by
+bench/make_big_parquet.py (distinct review texts from the packaged Rotten Tomatoes snippets, a number and a
+category column, a fresh/rotten/plot label). The encoder is a tiny random BERT (2 layers, hidden 32, MiniLM's
+real tokenizer, built once into the bench folder) so that a million rows run here in minutes: the cost per row
+is then mostly Cadenza's own (reading, hashing, caching, batching), which is what must stay linear.
+
+Per size: `Model.train(dataset=<file>)` (max 16 tokens a text, 70/10/20 split, 2 epochs, batch 256) and `Model.predict_to_file(<file>, .csv)`
+(every row), each timed in the child; Python start-up and imports are not in the figures. Files of at least
+cadenza.data.stream.MIN_ROWS rows stream (`mode` says which path ran); `--stream always` streams every size.
+
+    python bench/bench_scale.py [--sizes 3000 14000 100000 1000000] [--stream auto|always] [--folder /tmp/bench-scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def tiny_bert(folder: Path) -> Path:
+    """The test suite's tiny BERT (tests/conftest.py tiny_bert_dir): random weights, MiniLM's WordPiece."""
+    path = folder / "tiny-bert"
+    if (path / ".complete").exists():
+        return path
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from cadenza.data import assets
+
+    tok = AutoTokenizer.from_pretrained(str(assets.minilm_dir()))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / ".complete").write_text("ok")
+    return path
+
+
+def config(bert: Path) -> dict:
+    return {
+        "model_type": "ecd",
+        "input_features": [
+            {"name": "review", "type": "text", "encoder": {"type": "auto_transformer",
+                                                           "pretrained_model_name_or_path": str(bert)},
+             "preprocessing": {"max_sequence_length": 16}},
+            {"name": "words", "type": "number"}, {"name": "critic", "type": "category"}],
+        "output_features": [{"name": "sentiment", "type": "category"}],
+        "preprocessing": {"split": {"type": "random", "probabilities": [0.7, 0.1, 0.2]}},
+        "trainer": {"epochs": 2, "batch_size": 256, "learning_rate": 0.001},
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (VmHWM). Not ru_maxrss: Linux carries the parent's
+    high-water mark over a fork + exec into the child's ru_maxrss."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child(data: str, bert: str, out: str, always: bool) -> None:
+    from cadenza import Model
+    from cadenza.data import stream
+
+    if always:
+        stream.MIN_ROWS = 0
+    model = Model(config(Path(bert)), log=lambda _: None)
+    started = time.perf_counter()
+    result = model.train(data, output_directory=out, skip_save_log=True)
+    trained = time.perf_counter()
+    rows = model.predict_to_file(data, Path(out) / "predictions.csv")
+    predicted = time.perf_counter()
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "train_s": trained - started, "predict_s": predicted - trained, "predicted_rows": rows,
+                      "mode": "streamed" if isinstance(model._splits_used["training"], stream.FileRows) else "in memory",
+                      "validation_accuracy": result.statistics["validation"][-1]["sentiment"]["accuracy"]}))
+
+
+def run(size: int, folder: Path, bert: Path, always: bool) -> dict:
+    data = folder / f"reviews-{size}.parquet"
+    if not data.exists():  # in its own process, so that this one stays small
+        subprocess.run([sys.executable, str(ROOT / "bench" / "make_big_parquet.py"), "--rows", str(size), "--out",
+                        str(data)], check=True, stdout=subprocess.DEVNULL)
+    work = folder / f"run-{size}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    env = {**os.environ, "CADENZA_CACHE_DIR": str(work / "cache")}  # a cold cache for every size
+    with open(work / "stdout", "w") as stdout, open(work / "stderr", "w") as stderr:
+        process = subprocess.Popen([sys.executable, __file__, "--child", str(data), str(bert), str(work),
+                                    "always" if always else "auto"], stdout=stdout, stderr=stderr, env=env)
+        status = process.wait()
+    if status:
+        raise SystemExit(f"size {size} failed:\n{(work / 'stderr').read_text()[-3000:]}")
+    result = json.loads((work / "stdout").read_text().strip().splitlines()[-1])
+    result.update(rows=size)
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "always")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[3_000, 14_000, 100_000, 1_000_000])
+    parser.add_argument("--stream", choices=["auto", "always"], default="auto")
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/bench-scale"))
+    args = parser.parse_args()
+    args.folder.mkdir(parents=True, exist_ok=True)
+    bert = tiny_bert(args.folder)
+    results = []
+    for size in args.sizes:
+        results.append(run(size, args.folder, bert, args.stream == "always"))
+        r = results[-1]
+        print(f"# {size} rows: train {r['train_s']:.1f} s, predict {r['predict_s']:.1f} s, peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB ({r['mode']})", file=sys.stderr, flush=True)
+    largest = results[-1]
+    per_row_largest = (largest["train_s"] + largest["predict_s"]) / largest["rows"]
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; tiny BERT (2 layers, "
+          "hidden 32), cold cache, train 2 epochs + predict every row")
+    print("| rows | path | train s | predict s | µs/row (train+predict) | vs largest | rows/s | peak RSS | val. acc. |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        total = r["train_s"] + r["predict_s"]
+        print(f"| {r['rows']:,} | {r['mode']} | {r['train_s']:.1f} | {r['predict_s']:.1f} | "
+              f"{1e6 * total / r['rows']:.0f} | {total / r['rows'] / per_row_largest:.2f}x | {r['rows'] / total:,.0f} | "
+              f"{r['peak_rss_mb']:,.0f} MB | {r['validation_accuracy']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
