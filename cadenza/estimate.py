@@ -487,6 +487,9 @@ def estimate(config, splits: dict[str, pd.DataFrame], *, available_bytes: Option
     available_bytes: the memory to compare with (default: what cadenza.device.available_memory() reports).
     refresh: measure the calibration again; cached_only: use only a cached calibration (train's start line),
     without one the times are NaN and the imports' memory is this process's."""
+    if not all(isinstance(df, pd.DataFrame) for df in splits.values()):
+        raise CadenzaError("estimate: data streamed from a large Parquet file (docs/scale.md) is not estimated yet; "
+                           "estimate a sample of it (preprocessing.sample_size) for the per-row costs")
     hw = device.hardware()
     available = available_bytes if available_bytes is not None else device.available_memory()
     already = {m for m in ("transformers", "peft") if m in sys.modules}
