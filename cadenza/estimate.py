@@ -443,14 +443,14 @@ class Estimate:
     def lines(self) -> list[str]:
         """The readable table `cadenza estimate` prints."""
         out = [f"{self.model_type} on {self.device}: " + ", ".join(f"{k} {_fact(v)}" for k, v in self.facts.items())]
-        out.append(f"{self.memory_kind:<34}{_mb(self.peak_memory_bytes):>12}" +
+        out.append(f"{self.memory_kind:<50}{_mb(self.peak_memory_bytes):>12}" +
                    (f"   (available: {_mb(self.available_bytes)})" if self.available_bytes else ""))
         for name, value in self.memory_parts.items():
-            out.append(f"  {name:<32}{_mb(value):>12}")
-        out.append(f"{'time per epoch':<34}{_seconds(self.seconds_per_epoch):>12}")
-        out.append(f"{'time in total':<34}{_seconds(self.total_seconds):>12}   ({self.epochs} epochs)")
+            out.append(f"  {name:<48}{_mb(value):>12}")
+        out.append(f"{'time per epoch':<50}{_seconds(self.seconds_per_epoch):>12}")
+        out.append(f"{'time in total':<50}{_seconds(self.total_seconds):>12}   ({self.epochs} epochs)")
         for name, value in self.time_parts.items():
-            out.append(f"  {name:<32}{_seconds(value):>12}")
+            out.append(f"  {name:<48}{_seconds(value):>12}")
         return out + [f"warning: {w}" for w in self.warnings]
 
     def to_dict(self) -> dict:
