@@ -113,7 +113,7 @@ def train_small(tiny_llama_dir, tmp_path, epochs=60, **extra):
 
 
 def test_full_finetune_learns_answers_that_stop_at_eos(tiny_llama_dir, tmp_path, cache_dir):
-    m, df, cfg = train_small(tiny_llama_dir, tmp_path, epochs=80)  # bf16 autocast needs ~70 to memorise them all
+    m, df, cfg = train_small(tiny_llama_dir, tmp_path, epochs=120)  # bf16 autocast needs ~70-90 to memorise them all
     preds = m.predict(df)
     assert list(preds["answer_predictions"]) == list(df.answer)  # memorised, and stopped right after
     metrics, _ = m.evaluate(df)
@@ -187,7 +187,7 @@ def test_merge_refuses_when_logits_differ(tiny_llama_dir, tmp_path, cache_dir):
         m._merge(log=lambda *_: None)
 
 
-def test_zero_shot_category_without_fit(tiny_llama_dir, cache_dir):
+def test_zero_shot_category_without_fit(tiny_llama_dir, cache_dir, simulated_hardware):
     cfg = load_config({"model_type": "llm", "base_model": str(tiny_llama_dir),
                        "input_features": [{"name": "review", "type": "text"}],
                        "output_features": [{"name": "label", "type": "category",
@@ -216,7 +216,9 @@ def test_zero_shot_category_without_fit(tiny_llama_dir, cache_dir):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids + answer])).logits[0, len(ids) - 1:-1]
         logps.append(torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(answer).view(-1, 1)).sum())
-    assert np.allclose(probs[0], torch.softmax(torch.stack(logps), 0).numpy(), atol=1e-4)
+    # bf16 weights (auto on bf16 hardware): the batched scoring and this single forward round differently
+    assert np.allclose(probs[0], torch.softmax(torch.stack(logps), 0).numpy(),
+                       atol=tolerance(simulated_hardware, fp32=1e-4, bf16=1e-3))
     metrics, _ = m.evaluate(df)
     assert metrics["label"]["accuracy"] == pytest.approx(2 / 3)
     assert metrics["label"]["f1"] == pytest.approx((0 + 0.8) / 2)

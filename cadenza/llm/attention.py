@@ -89,11 +89,12 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
 
 
 def row_attention(q, k, v, mask, scale, dropout: float):
-    """softmax(q k^T * scale, masked) v over the gathered rows. In bf16 the explicit form: for these small
-    (rows x ~30 x ~60) problems torch's CPU flash kernel's backward is slower than two batched matmuls (measured
-    per layer, forward + backward, 8 rows of 30 tokens after a 30-token prefix: flash 5.4 ms vs 2.3 ms in bf16,
-    while in fp32 flash wins, 2.4 ms vs 4.9 ms)."""
-    if q.dtype == torch.float32 or dropout:
+    """softmax(q k^T * scale, masked) v over the gathered rows. Training in bf16 takes the explicit form: for these
+    small (rows x ~30 x ~60) problems torch's CPU flash kernel's backward is slower than two batched matmuls
+    (measured per layer, forward + backward, 8 rows of 30 tokens after a 30-token prefix: flash 5.4 ms vs 2.3 ms in
+    bf16, while in fp32 flash wins, 2.4 ms vs 4.9 ms). Without gradients (evaluation, scoring labels) the flash
+    kernel runs: it is fast forward and keeps the scores in fp32, so scores match a plain forward pass to 1e-4."""
+    if q.dtype == torch.float32 or dropout or not torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
     scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32)
