@@ -149,7 +149,8 @@ def bench_experiment(args, env: dict) -> None:
               f"{args.runs} runs: median wall {median['wall']:.1f} s ({walls}), CPU {median['cpu']:.1f} s, peak RSS "
               f"{median['peak_rss_mb']:.0f} MB, test accuracy {median['accuracy']:.3f}, load average "
               f"{median['load_before']:.1f} -> {median['load_after']:.1f}")
-        print("    phases of the median run:")
+        print(f"    phases of the median run (its table covers {median['phases']['total_seconds']:.1f} s; the rest of "
+              f"the wall, {median['wall'] - median['phases']['total_seconds']:.1f} s, is the interpreter exiting):")
         print("\n".join(describe_phases(median["phases"])), flush=True)
     cache = tempfile.mkdtemp(prefix="cadenza-bench-warm-")
     try:

@@ -247,6 +247,13 @@ def main(argv=None) -> int:
 
         if process_state().is_main_process:
             print(record.table(), flush=True)
+    if argv is None:
+        # The process ends now. Freezing every object skips the interpreter's final garbage collection over all
+        # the objects torch, transformers and pandas made (measured on a busy 2-core machine: ~6-10 s between
+        # atexit and exit, ~1.4 s frozen); atexit handlers still run and refcounted objects are still released.
+        import gc
+
+        gc.freeze()
     return code
 
 
