@@ -157,13 +157,15 @@ PEAK_RSS = textwrap.dedent("""
     text = pd.Series(words[pick[:, 0]]) + " " + words[pick[:, 1]] + " " + words[pick[:, 2]] + " " + \\
         pd.Series(np.arange(rows)).astype(str)  # every text distinct: the cache grows with the rows
     pd.DataFrame({"review": text, "x": rng.normal(size=rows), "label": np.where(pick[:, 0] < 4, "a", "b")}
-                 ).to_parquet(path)
+                 ).to_parquet(path, row_group_size=4096)  # big files come in row groups (docs/scale.md)
     del text, pick
     config = {"input_features": [{"name": "review", "type": "text", "encoder": {"type": "auto_transformer",
               "pretrained_model_name_or_path": bert}, "preprocessing": {"max_sequence_length": 8}},
               {"name": "x", "type": "number"}],
               "output_features": [{"name": "label", "type": "category"}],
-              "trainer": {"epochs": 1, "batch_size": 256}}
+              # fp32: under bf16 autocast each new batch shape adds oneDNN primitives (~2.5 MB a 4k-text chunk
+              # here, up to the primitive cache's capacity) - the encoder's memory, not the data path's
+              "trainer": {"epochs": 1, "batch_size": 256, "use_mixed_precision": False}}
     model = Model(config, log=lambda _: None)
     model.train(path, output_directory=out, skip_save_model=True, skip_save_log=True)
     model.predict_to_file(path, out + "/predictions.csv")
