@@ -258,8 +258,9 @@ def test_layers_to_freeze_regex_and_truncation_reported(tiny_llama_dir, tmp_path
 
 
 @pytest.mark.parametrize("attn, train_on_inputs", [("sdpa", False), ("eager", True)])
-def test_shared_prefix_batch_equals_separate_rows(tiny_llama_dir, attn, train_on_inputs):
+def test_shared_prefix_batch_equals_separate_rows(tiny_llama_dir, attn, train_on_inputs, monkeypatch):
     """Chat-templated rows share their system prompt: computed once per pack, same loss and gradients."""
+    monkeypatch.setattr(batching, "MIN_SEGMENT_TOKENS", 0)  # row attention at any length (short test rows)
     tok = load_tokenizer(str(tiny_llama_dir))
     df = qa_frame(5)
     chat = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,  # noqa: E731
@@ -297,7 +298,7 @@ def test_shared_prefix_batch_equals_separate_rows(tiny_llama_dir, attn, train_on
 
 
 @pytest.mark.parametrize("share", [True, False])
-def test_row_attention_equals_block_mask(tiny_llama_dir, share):
+def test_row_attention_equals_block_mask(tiny_llama_dir, share, monkeypatch):
     """Segment attention (rows gathered, prefix shared) gives the block mask's loss and gradients, with rows of
     different lengths (padding inside the gathered batch) and grouped-query heads."""
     tok = load_tokenizer(str(tiny_llama_dir))
@@ -306,6 +307,9 @@ def test_row_attention_equals_block_mask(tiny_llama_dir, share):
                                        add_generation_prompt=True) for i, q in enumerate(df.question)]
     rows = tokenize_rows(tok, prompts if share else list(df.question), list(df.answer), max_len=None,
                          add_special_tokens=False)
+    short = batching.make_batch(rows, list(range(len(rows))), packed=True, share_prefix=True)
+    assert short["num_tokens"] < batching.MIN_SEGMENT_TOKENS and short["segments"] is None  # short packs: the mask
+    monkeypatch.setattr(batching, "MIN_SEGMENT_TOKENS", 0)
     batch = batching.make_batch(rows, list(range(len(rows))), packed=True, share_prefix=True)
     assert (batch["segments"].prefix > 0) == share and len(set(rows.lengths)) > 1
     model = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32)
