@@ -183,6 +183,7 @@ def test_torchrun_with_a_sharded_backend_stops_at_the_start_with_the_reason(tiny
                            "c.yaml", "--dataset", "d.csv", "-od", "out"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode != 0
-    assert done.stderr.count("backend.type: fsdp shards a model over CUDA GPUs") == 2, done.stderr[-3000:]
+    # each process says why; torchrun may stop the second before it has printed, once the first has failed
+    assert done.stderr.count("backend.type: fsdp shards a model over CUDA GPUs") >= 1, done.stderr[-3000:]
     assert "exitcode  : 2" in done.stderr  # a CadenzaError: the CLI's exit 2, no traceback of ours
     assert list((tmp_path / "out").glob("*")) == []  # the new run folder was removed again

@@ -113,7 +113,9 @@ def train_small(tiny_llama_dir, tmp_path, epochs=60, **extra):
 
 
 def test_full_finetune_learns_answers_that_stop_at_eos(tiny_llama_dir, tmp_path, cache_dir):
-    m, df, cfg = train_small(tiny_llama_dir, tmp_path, epochs=120)  # bf16 autocast needs ~70-90 to memorise them all
+    # a decaying rate settles on the memorised answers (a constant 1e-2 keeps bf16 runs hopping around the edge)
+    m, df, cfg = train_small(tiny_llama_dir, tmp_path, epochs=80,
+                             trainer={"learning_rate_scheduler": {"decay": "cosine"}})
     preds = m.predict(df)
     assert list(preds["answer_predictions"]) == list(df.answer)  # memorised, and stopped right after
     metrics, _ = m.evaluate(df)

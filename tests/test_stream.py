@@ -193,4 +193,5 @@ def test_peak_memory_does_not_grow_with_rows(tiny_bert_dir, tmp_path, simulated_
     if simulated_hardware.bf16_units:
         pytest.skip("memory does not depend on the precision: measured once")
     small, big = peak_rss_mb(10_000, tmp_path, tiny_bert_dir), peak_rss_mb(100_000, tmp_path, tiny_bert_dir)
-    assert big - small < 30, (small, big)  # under ~330 bytes a row
+    # held in memory the same script grows ~169 MB (1.9 KB a row); streamed it was measured at 0-48 MB
+    assert big - small < 80, (small, big)  # under ~900 bytes a row
