@@ -124,8 +124,18 @@ def torch_device() -> torch.device:
 
 
 _MEASURED_PEAK: dict[bool, float] = {}
-# bf16 dense tensor-core TFLOPS of common GPUs (fp32 runs at about half through TF32 or worse)
-GPU_PEAK_TFLOPS = (("H200", 989), ("H100", 989), ("A100", 312), ("L40", 181), ("L4", 121), ("A10", 125), ("T4", 65))
+# (name, dense bf16/fp16 tensor-core TFLOPS, plain fp32 TFLOPS) of common GPUs; longer names first ("A100" before
+# "A10"). fp32 is the non-tensor-core figure: torch leaves TF32 matmuls off unless asked, and Cadenza does not ask.
+GPU_PEAK_TFLOPS = (("H200", 989, 67), ("H100", 989, 67), ("A100", 312, 19.5), ("L40", 181, 90.5), ("L4", 121, 30.3),
+                   ("A10", 125, 31.2), ("T4", 65, 8.1))
+
+
+def gpu_peak_flops(name: str, bf16: bool) -> Optional[float]:
+    """The table's peak for a GPU named `name` (as torch reports it), or None for one it does not know."""
+    for key, half, single in GPU_PEAK_TFLOPS:
+        if key in name:
+            return (half if bf16 else single) * 1e12
+    return None
 
 
 def peak_flops(bf16: bool) -> float:
@@ -133,10 +143,8 @@ def peak_flops(bf16: bool) -> float:
     if os.environ.get("CADENZA_PEAK_TFLOPS"):
         return float(os.environ["CADENZA_PEAK_TFLOPS"]) * 1e12
     hw = hardware()
-    if hw.device == "cuda":
-        for key, tflops in GPU_PEAK_TFLOPS:
-            if key in hw.name:
-                return tflops * 1e12 if bf16 else tflops * 1e12 / 2
+    if hw.device == "cuda" and gpu_peak_flops(hw.name, bf16):
+        return gpu_peak_flops(hw.name, bf16)
     if bf16 not in _MEASURED_PEAK:
         dtype = torch.bfloat16 if bf16 else torch.float32
         a = torch.randn(2048, 2048, dtype=dtype)

@@ -75,3 +75,13 @@ def test_this_machine_is_detected_once():
 def test_peak_flops_override(monkeypatch):
     monkeypatch.setenv("CADENZA_PEAK_TFLOPS", "2.5")
     assert device.peak_flops(True) == 2.5e12
+
+
+def test_gpu_peaks_per_precision_and_name():
+    """MFU on a GPU divides by the peak of the precision that runs: tensor-core bf16, or plain fp32 (no TF32)."""
+    assert device.gpu_peak_flops("NVIDIA H200", True) == 989e12
+    assert device.gpu_peak_flops("NVIDIA H200", False) == 67e12
+    assert device.gpu_peak_flops("NVIDIA A100-SXM4-80GB", False) == 19.5e12  # not the A10's figure
+    assert device.gpu_peak_flops("NVIDIA A10", True) == 125e12
+    assert device.gpu_peak_flops("NVIDIA L40S", True) == 181e12 and device.gpu_peak_flops("NVIDIA L4", True) == 121e12
+    assert device.gpu_peak_flops("Some New GPU", True) is None  # measured by a matmul instead
