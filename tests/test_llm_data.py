@@ -101,11 +101,14 @@ def test_packing_groups_respect_token_budget(tokenizer):
     assert batching.pack_indices([0, 1, 2, 3, 4], rows.lengths, rows_per_batch=2, max_tokens=None) == [[0, 1], [2, 3], [4]]
     e1 = batching.epoch_groups(rows, 1, 7, packed=False, rows_per_batch=2, max_tokens=None)
     assert e1 == batching.epoch_groups(rows, 1, 7, packed=False, rows_per_batch=2, max_tokens=None)  # resumable
+    # a row's last token predicts nothing and nothing attends to it: the model runs the others (9 + 3 - 2 tokens)
     padded = batching.make_batch(rows, [1, 2], packed=False, pad_id=0)
-    assert padded["input_ids"].shape == (2, 9) and padded["attention_mask"].sum() == 12
+    assert padded["input_ids"].shape == (2, 8) and padded["attention_mask"].sum() == 10
     packed = batching.make_batch(rows, [1, 2], packed=True)
-    assert packed["input_ids"].shape == (1, 12) and packed["position_ids"][0].tolist() == list(range(9)) + [0, 1, 2]
-    assert packed["target_ids"].tolist() == padded["target_ids"].tolist()
+    assert packed["input_ids"].shape == (1, 10) and packed["position_ids"][0].tolist() == list(range(8)) + [0, 1]
+    assert packed["target_ids"].tolist() == padded["target_ids"].tolist() == list(range(2, 9)) + [1, 2]
+    assert packed["num_tokens"] == 12 and packed["computed_tokens"] == 10
+    assert packed["target_index"].tolist() == list(range(1, 8)) + [8, 9]  # the predictors: each target's position - 1
 
 
 @pytest.mark.parametrize("template, message", [

@@ -300,9 +300,12 @@ def test_shared_prefix_batch_equals_separate_rows(tiny_llama_dir, attn, train_on
 
 
 @pytest.mark.parametrize("share", [True, False])
-def test_row_attention_equals_block_mask(tiny_llama_dir, share, monkeypatch):
-    """Segment attention (rows gathered, prefix shared) gives the block mask's loss and gradients, with rows of
-    different lengths (padding inside the gathered batch) and grouped-query heads."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_row_attention_equals_block_mask(tiny_llama_dir, share, bf16, monkeypatch):
+    """Cadenza's attention (cadenza.llm.attention) gives eager attention's loss and gradients, with rows of different
+    lengths (padding inside the gathered batch) and grouped-query heads: row by row (long packs, segments), and
+    over the block mask of a short pack — in bf16 training the explicit form, in fp32 transformers' sdpa. bf16 runs
+    as Cadenza trains an adapter: bf16 weights under autocast."""
     tok = load_tokenizer(str(tiny_llama_dir))
     df = qa_frame(6)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q * (1 + i % 3)}], tokenize=False,
@@ -314,31 +317,65 @@ def test_row_attention_equals_block_mask(tiny_llama_dir, share, monkeypatch):
     monkeypatch.setattr(batching, "MIN_SEGMENT_TOKENS", 0)
     batch = batching.make_batch(rows, list(range(len(rows))), packed=True, share_prefix=True)
     assert (batch["segments"].prefix > 0) == share and len(set(rows.lengths)) > 1
-    model = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = load_causal_lm(str(tiny_llama_dir), dtype=dtype)
+    eager = load_causal_lm(str(tiny_llama_dir), dtype=dtype, attn_implementation="eager")
     assert model.config.num_key_value_heads < model.config.num_attention_heads
-    module = TargetLoss(model)
+    explicit_calls = []
+    real = attention.masked_attention
+    monkeypatch.setattr(attention, "masked_attention", lambda q, *a: explicit_calls.append(q.dtype) or real(q, *a))
 
-    def loss_and_grads(b):
-        model.zero_grad()
-        loss = module(b)
+    def loss_and_grads(m, b):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = TargetLoss(m)(b)
         loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
 
-    # the reference: sdpa with the block mask (the 4D shared-prefix mask, or without a common prefix the
-    # block-diagonal mask transformers builds from the restarting position ids)
-    ref_loss, ref_grads = loss_and_grads(dict(batch, segments=None))
-    assert model.config._attn_implementation == "sdpa"
-    loss, grads = loss_and_grads(batch)
-    assert model.config._attn_implementation == attention.NAME
-    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-4)
-    assert len(grads) == len(ref_grads) and all(torch.allclose(g, r, rtol=1e-4, atol=1e-5)
-                                                 for g, r in zip(grads, ref_grads))
+    ref_loss, ref_grads = loss_and_grads(eager, dict(batch, segments=None))
+
+    def close(g, r):  # bf16: relative error of the whole tensor (single entries round differently)
+        return (g - r).float().norm() <= 3e-2 * r.float().norm() if bf16 else torch.allclose(g, r, rtol=1e-4, atol=1e-5)
+    for b in (batch, dict(batch, segments=None)):  # row by row; the block mask
+        explicit_calls.clear()
+        loss, grads = loss_and_grads(model, b)
+        assert model.config._attn_implementation == attention.NAME
+        assert torch.allclose(loss, ref_loss, rtol=1e-2 if bf16 else 1e-5, atol=1e-4), (loss, ref_loss)
+        assert len(grads) == len(ref_grads) and all(close(g, r) for g, r in zip(grads, ref_grads))
+        # the path taken: rows always go through masked_attention; the block mask only in bf16 (explicit form)
+        assert explicit_calls and set(explicit_calls) == {torch.bfloat16 if bf16 else torch.float32} \
+            if b["segments"] is not None or bf16 else not explicit_calls
     # the switched model still generates as an sdpa one (no segments: transformers' sdpa function and masks)
     ids = torch.from_numpy(np.stack([rows.ids[0][:5], rows.ids[1][:5]])).long()
-    fresh = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32)
+    fresh = load_causal_lm(str(tiny_llama_dir), dtype=dtype)
     generate = dict(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1] * 5]), max_new_tokens=4,
                     do_sample=False)
     assert torch.equal(model.eval().generate(**generate), fresh.eval().generate(**generate))
+
+
+def test_masked_attention_bf16_explicit_form_equals_sdpa():
+    """The explicit bf16 form (grouped-query heads folded into one product) against fp32 sdpa with repeated keys:
+    outputs and input gradients agree to bf16 precision; an all-visible mask would change the result."""
+    torch.manual_seed(0)
+    b, heads, kv_heads, t, s, d = 2, 6, 2, 7, 9, 16
+    q, k, v = (torch.randn(b, h, n, d) for h, n in ((heads, t), (kv_heads, s), (kv_heads, s)))
+    mask = torch.rand(b, 1, t, s) < 0.6
+    mask[..., 0] = True  # every query sees at least one key
+
+    def run(fn, dtype):
+        qq, kk, vv = (x.detach().to(dtype).clone().requires_grad_() for x in (q, k, v))
+        out = fn(qq, kk, vv)
+        out.float().pow(2).sum().backward()
+        return [out.float()] + [x.grad.float() for x in (qq, kk, vv)]
+
+    groups = heads // kv_heads
+    reference = run(lambda qq, kk, vv: torch.nn.functional.scaled_dot_product_attention(
+        qq, kk.repeat_interleave(groups, 1), vv.repeat_interleave(groups, 1), attn_mask=mask, scale=0.3), torch.float32)
+    explicit = run(lambda qq, kk, vv: attention.masked_attention(qq, kk, vv, mask, 0.3, 0.0), torch.bfloat16)
+    for got, want in zip(explicit, reference):
+        assert torch.allclose(got, want, rtol=3e-2, atol=3e-2), (got - want).abs().max()
+    unmasked = attention.masked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.ones_like(mask), 0.3, 0.0)
+    assert (unmasked.float() - reference[0]).abs().max() > 0.1
 
 
 def test_gradient_checkpointing_gives_the_same_training(tiny_llama_dir):

@@ -20,6 +20,10 @@ for models that cannot switch (eager attention).
 
 Each batch also carries `target_index` (flat positions whose hidden state predicts a target token) and
 `target_ids`, so the loss applies the LM head only to those rows of hidden states.
+
+A row's last token is not fed to the model: its hidden state would predict the token after the row, which does not
+exist, and no other token attends to it (causal, rows apart), so leaving it out changes no logit and no gradient
+while saving one position per row (~3% of the work on chatterbot-sized rows).
 """
 
 from __future__ import annotations
@@ -66,20 +70,26 @@ def common_prefix(seqs: list[np.ndarray]) -> int:
     return int(limit if same.all() else np.argmin(same))
 
 
+def model_inputs(seq: np.ndarray) -> np.ndarray:
+    """The tokens of a row the model runs: all but the last (see the module's docstring)."""
+    return seq[:-1] if len(seq) > 1 else seq
+
+
 def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_inputs: bool = False,
                pad_id: int = 0, share_prefix: bool = False) -> dict:
-    seqs = [rows.ids[i] for i in idx]
+    full = [rows.ids[i] for i in idx]
+    seqs = [model_inputs(s) for s in full]
     lens = [len(s) for s in seqs]
     targets_index, targets = [], []
     shared = common_prefix(seqs) if packed and share_prefix else 0
     if shared >= MIN_SHARED_PREFIX:
-        return _shared_prefix_batch(rows, idx, seqs, shared, train_on_inputs)
+        return _shared_prefix_batch(rows, idx, full, seqs, shared, train_on_inputs)
     if packed:
         input_ids = torch.from_numpy(np.concatenate(seqs)).view(1, -1)
         segments = Segments.build(0, lens) if share_prefix and sum(lens) >= MIN_SEGMENT_TOKENS else None
         position_ids = torch.cat([torch.arange(n) for n in lens]).view(1, -1)
         offset = 0
-        for s, i, n in zip(seqs, idx, lens):
+        for s, i, n in zip(full, idx, lens):
             pos = target_positions(rows, i, train_on_inputs)
             targets_index.append(offset + pos - 1)
             targets.append(s[pos])
@@ -90,8 +100,8 @@ def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_in
         width = max(lens)
         input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, (s, i, n) in enumerate(zip(seqs, idx, lens)):
-            input_ids[r, :n] = torch.from_numpy(s)
+        for r, (s, i, n) in enumerate(zip(full, idx, lens)):
+            input_ids[r, :n] = torch.from_numpy(s[:n])
             attention_mask[r, :n] = 1
             pos = target_positions(rows, i, train_on_inputs)
             targets_index.append(r * width + pos - 1)
@@ -104,23 +114,24 @@ def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_in
         "segments": segments,
         "target_index": torch.from_numpy(np.concatenate(targets_index)).long(),
         "target_ids": torch.from_numpy(np.concatenate(targets)).long(),
-        "num_tokens": int(sum(lens)),
+        "num_tokens": int(sum(len(s) for s in full)),  # tokens of the rows as given (the work they stand for)
         "computed_tokens": int(input_ids.numel()),
         "rows": list(idx),
-        "longest_row": int(max(lens)),
+        "longest_row": int(max(len(s) for s in full)),
     }
 
 
 def computed_tokens(rows: TokenizedRows, idx: list[int], *, packed: bool, share_prefix: bool) -> int:
     """Tokens the model actually runs for this micro-batch (without building it)."""
-    seqs = [rows.ids[i] for i in idx]
+    seqs = [model_inputs(rows.ids[i]) for i in idx]
     total = sum(len(s) for s in seqs)
     shared = common_prefix(seqs) if packed and share_prefix else 0
     return total - (len(seqs) - 1) * shared if shared >= MIN_SHARED_PREFIX else total
 
 
-def _shared_prefix_batch(rows: TokenizedRows, idx: list[int], seqs: list[np.ndarray], shared: int,
-                         train_on_inputs: bool) -> dict:
+def _shared_prefix_batch(rows: TokenizedRows, idx: list[int], full: list[np.ndarray], seqs: list[np.ndarray],
+                         shared: int, train_on_inputs: bool) -> dict:
+    """`full`: the rows' tokens, `seqs`: the tokens the model runs (model_inputs)."""
     parts, positions, segments = [seqs[0][:shared]], [np.arange(shared)], [np.full(shared, -1)]
     targets_index, targets = [], []
     offset = shared
@@ -132,7 +143,7 @@ def _shared_prefix_batch(rows: TokenizedRows, idx: list[int], seqs: list[np.ndar
         pos = target_positions(rows, i, train_on_inputs)
         predictor = pos - 1  # position whose hidden state predicts each target
         targets_index.append(np.where(predictor < shared, predictor, offset + predictor - shared))
-        targets.append(s[pos])
+        targets.append(full[r][pos])
         offset += n - shared
     seg = torch.from_numpy(np.concatenate(segments))
     total = len(seg)
@@ -146,10 +157,10 @@ def _shared_prefix_batch(rows: TokenizedRows, idx: list[int], seqs: list[np.ndar
         "segments": Segments.build(shared, [len(s) - shared for s in seqs]) if total >= MIN_SEGMENT_TOKENS else None,
         "target_index": torch.from_numpy(np.concatenate(targets_index)).long(),
         "target_ids": torch.from_numpy(np.concatenate(targets)).long(),
-        "num_tokens": int(sum(len(s) for s in seqs)),  # tokens of the rows as given (the work they stand for)
+        "num_tokens": int(sum(len(s) for s in full)),  # tokens of the rows as given (the work they stand for)
         "computed_tokens": total,
         "rows": list(idx),
-        "longest_row": int(max(len(s) for s in seqs)),
+        "longest_row": int(max(len(s) for s in full)),
     }
 
 

@@ -47,8 +47,10 @@ class TargetLoss(torch.nn.Module):
                   "use_cache": False}  # a cache disables transformers' packed-sequence detection
         mask = batch.get("attention_mask")
         segments = batch.get("segments")
-        if segments is not None and use_segment_attention(causal_lm_of(self.model)):
-            # row-by-row attention (cadenza.llm.attention): no (T x T) scores over the packed sequence
+        # cadenza.llm.attention: row by row over long packs (no (T x T) scores), the explicit form of the block
+        # mask while training in bf16; transformers' sdpa everywhere else
+        switched = can_share_prefix(self.model) and use_segment_attention(causal_lm_of(self.model))
+        if segments is not None and switched:
             kwargs["segments"], mask = segments.to(device), None
         if mask is not None:
             mask = mask.to(device)
