@@ -7,6 +7,9 @@ template's system prompt) once, then each row's own prompt once, then each answe
 its row's prompt and itself only. One forward pass scores every answer of every row in the batch, with no
 generation loop and no repeated prompt. `method: generate` instead generates text and reads the label with the
 teacher's `match` rules, as zero-shot `predict` does.
+
+The student learns the teacher's classes (`targets: hard`) or, for a scoring teacher, its class probabilities
+(`targets: soft`, optionally tempered), handed to the ecd model as soft targets (cadenza.ecd: EcdModel.soft_targets).
 """
 
 from __future__ import annotations
@@ -138,6 +141,14 @@ def answer_log_likelihoods(model, prompts: list[np.ndarray], answers: list[list[
 def softmax_rows(scores: np.ndarray) -> np.ndarray:
     e = np.exp(scores - scores.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+def tempered(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log-likelihoods / temperature) from the teacher's probabilities (softmax of those log-likelihoods,
+    so their logs differ from them by a constant per row): below 1 sharper, above 1 flatter, at 1 themselves."""
+    if temperature == 1.0:
+        return probabilities
+    return softmax_rows(np.log(np.clip(probabilities, np.finfo(float).tiny, None)) / temperature)
 
 
 # ------------------------------------------------------------------------------------------- the teacher
@@ -344,11 +355,24 @@ def distill(config: ConfigSource, dataset: Optional[DatasetSource] = None, *,
     teacher_on_test = label_rows(teacher, test, cache, "test", log) if len(test) else None
 
     frames = {name: _drop_unlabelled(frame, column, name, log) for name, (frame, _) in labelled.items()}
-    out = student.train(training_set=frames["training"], validation_set=frames.get("validation"),
-                        output_directory=output_directory, experiment_name=experiment_name,
-                        model_name=model_name, random_seed=random_seed)
+    targets = section.targets
+    if targets == "soft":  # the student's loss learns the teacher's probabilities (cadenza.ecd: soft_targets)
+        tables = {name: pd.DataFrame(tempered(labels.probabilities, section.temperature), index=frame.index,
+                                     columns=teacher.classes).loc[frames[name].index]
+                  for name, (frame, labels) in labelled.items()}
+        # train() numbers a DataFrame's rows 0..n-1 (cadenza.data.read.read_dataset): the tables are numbered alike
+        student.model.soft_targets = {name: {output.name: table.reset_index(drop=True)}
+                                      for name, table in tables.items()}
+        log(f"student: learns the teacher's class probabilities (soft targets, temperature {section.temperature:g})")
+    try:
+        out = student.train(training_set=frames["training"], validation_set=frames.get("validation"),
+                            output_directory=output_directory, experiment_name=experiment_name,
+                            model_name=model_name, random_seed=random_seed)
+    finally:
+        student.model.soft_targets = {}
     report = {"classes": teacher.classes, "column": column,
               "labelled_rows": {name: len(frame) for name, (frame, _) in labelled.items()},
+              "targets": targets, "temperature": section.temperature if targets == "soft" else None,
               "teacher": {"source": teacher.source, "method": teacher.method,
                           "labelling": {name: _labelling(labels) for name, (_, labels) in labelled.items()}},
               "student": {"run_dir": str(out.run_dir), "train_seconds": out.statistics.get("seconds")}}
@@ -434,7 +458,9 @@ def _write_labels(path: Path, labelled: dict, splits: dict, column: str) -> None
 def summary(report: dict) -> str:
     teacher, student = report["teacher"], report["student"]
     lines = [f"distill: teacher labelled {sum(report['labelled_rows'].values())} rows "
-             f"({', '.join(f'{k} {v}' for k, v in report['labelled_rows'].items())}), method {teacher['method']}"]
+             f"({', '.join(f'{k} {v}' for k, v in report['labelled_rows'].items())}), method {teacher['method']}; "
+             f"the student learned its {report['targets']} targets"
+             + (f" (temperature {report['temperature']:g})" if report["targets"] == "soft" else "")]
     if "accuracy" in teacher:
         lines += [f"  on {report['test_rows']} test rows with true labels:",
                   f"  teacher accuracy {teacher['accuracy']:.4f}  {teacher['rows_per_second']:8.2f} rows/s",

@@ -9,12 +9,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from torch.nn import functional as F
 
 from cadenza import Model
 from cadenza.cli import main
 from cadenza.config.load import load_config
 from cadenza.distill import (LABELS_FILE, REPORT_FILE, LabelCache, answer_log_likelihoods, distill, label_rows,
-                             load_teacher, packed_batch, tree_batch)
+                             load_teacher, packed_batch, tempered, tree_batch)
+from cadenza.ecd import soft_target
 from cadenza.errors import ConfigError, DataError, ModelFolderError
 from cadenza.llm.load import load_causal_lm, load_tokenizer
 
@@ -126,6 +128,7 @@ def test_student_trains_on_teacher_labels_and_the_report_compares_both(tiny_llam
     for who in ("teacher", "student"):
         assert 0 <= report[who]["accuracy"] <= 1 and report[who]["rows_per_second"] > 0
     assert report["test_rows"] == 8 and report["speedup"] > 0 and 0 <= report["agreement"] <= 1
+    assert report["targets"] == "hard" and report["temperature"] is None  # the default
     assert "teacher accuracy" in "\n".join(logs) and "student accuracy" in "\n".join(logs)
     # the student learned the teacher's labels, not the data's: its training rows carry the teacher's classes
     labels = pd.read_csv(run / LABELS_FILE)
@@ -148,6 +151,103 @@ def test_student_trains_on_teacher_labels_and_the_report_compares_both(tiny_llam
     assert all(v["computed"] == 0 for v in rerun["teacher"]["labelling"].values())
     assert rerun["teacher"]["accuracy"] == report["teacher"]["accuracy"]
     assert not any(line.startswith("teacher: labelling") for line in logs)
+
+
+# ------------------------------------------------------------------------------------------- soft targets
+def numbers_student(output_type: str):
+    """An ecd student without an encoder (one number input): its loss on a batch is easy to compute by hand."""
+    cfg = {"model_type": "ecd", "input_features": [{"name": "x", "type": "number"}],
+           "output_features": [{"name": "sentiment", "type": output_type}], "trainer": {"batch_size": 8}}
+    model = Model(cfg, log=lambda _: None).model
+    df = pd.DataFrame({"x": [0.1, 0.5, -0.3, 0.9, 1.2], "sentiment": ["rotten", "fresh", "fresh", "fresh", "rotten"]},
+                      index=[10, 11, 12, 13, 14])
+    model.metadata = model._fit_metadata(df)
+    torch.manual_seed(0)
+    model.net = model._build_net()
+    return model, df
+
+
+def loss_and_logits(model, data):
+    batch = model._batch(data, np.arange(data["n"]), True)
+    with torch.no_grad():
+        return float(model._loss_sum(model.net, batch)), model.net(batch["inputs"])["sentiment"].float()
+
+
+def test_soft_targets_reach_the_loss_in_the_student_vocab_order():
+    model, df = numbers_student("category")
+    assert model.metadata["sentiment"]["vocab"] == ["fresh", "rotten"]  # the student's order: by count
+    # the teacher's order is another one, and it has a class the student never saw as a label
+    teacher = pd.DataFrame({"rotten": [0.6, 0.2, 0.1, 0.3, 0.5], "mixed": [0.2, 0.0, 0.1, 0.1, 0.0],
+                            "fresh": [0.2, 0.8, 0.8, 0.6, 0.5]}, index=df.index)
+    model.soft_targets = {"training": {"sentiment": teacher.iloc[::-1]}}  # matched by row label, not position
+    data = model._prepare({"training": df, "validation": df}, True)
+    kept = teacher[["fresh", "rotten"]].to_numpy()
+    expected = kept / kept.sum(1, keepdims=True)  # "mixed" is dropped and each row renormalized
+    np.testing.assert_allclose(data["training"]["soft_targets"]["sentiment"], expected, rtol=1e-6)
+    assert "soft_targets" not in data["validation"]  # only the splits given soft targets learn them
+    loss, logits = loss_and_logits(model, data["training"])
+    by_hand = -(torch.tensor(expected, dtype=torch.float32) * torch.log_softmax(logits, -1)).sum()
+    assert loss == pytest.approx(float(by_hand), rel=1e-5)
+    # the hard path is unchanged: the same rows without soft targets learn their labels' indices
+    np.testing.assert_array_equal(data["training"]["targets"]["sentiment"], [1, 0, 0, 0, 1])
+    hard_loss, _ = loss_and_logits(model, data["validation"])
+    assert hard_loss == pytest.approx(float(F.cross_entropy(logits, torch.tensor([1, 0, 0, 0, 1]), reduction="sum")),
+                                      rel=1e-5)
+    # validation with soft targets: the loss is the soft one, the metrics compare with the hard labels
+    model.soft_targets = {"validation": {"sentiment": teacher}}
+    results, _ = model._evaluate_prepared(model._prepare({"validation": df}, True)["validation"])
+    assert results["sentiment"]["loss"] == pytest.approx(float(by_hand) / 5, rel=1e-5)
+    assert results["sentiment"]["accuracy"] == pytest.approx(float(np.mean(logits.argmax(-1).numpy() ==
+                                                                           [1, 0, 0, 0, 1])))
+
+
+def test_a_binary_student_learns_the_probability_of_its_true_class():
+    model, df = numbers_student("binary")
+    assert model.metadata["sentiment"]["labels"] == ["fresh", "rotten"]  # "rotten" encodes as true
+    teacher = pd.DataFrame({"fresh": [0.9, 0.3, 0.4, 0.2, 0.7], "rotten": [0.1, 0.7, 0.6, 0.8, 0.3]}, index=df.index)
+    np.testing.assert_allclose(soft_target(teacher, model.config.output_features[0], model.metadata["sentiment"]),
+                               teacher["rotten"], rtol=1e-6)
+    model.soft_targets = {"training": {"sentiment": teacher}}
+    loss, logits = loss_and_logits(model, model._prepare({"training": df}, True)["training"])
+    by_hand = F.binary_cross_entropy_with_logits(logits[:, 0], torch.tensor(teacher["rotten"].to_numpy(),
+                                                                              dtype=torch.float32), reduction="sum")
+    assert loss == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def test_tempered_teacher_probabilities():
+    p = np.array([[0.6, 0.4], [0.2, 0.8]])
+    np.testing.assert_array_equal(tempered(p, 1.0), p)
+    sharp, flat = tempered(p, 0.5), tempered(p, 2.0)
+    np.testing.assert_allclose(sharp[0], np.array([0.36, 0.16]) / 0.52)  # p ** 2, renormalized
+    np.testing.assert_allclose(flat[1], np.sqrt([0.2, 0.8]) / np.sqrt([0.2, 0.8]).sum())
+    assert (sharp.argmax(1) == p.argmax(1)).all() and (flat.argmax(1) == p.argmax(1)).all()
+
+
+def test_distill_with_soft_targets_trains_on_the_teacher_probabilities(tiny_llama_dir, tiny_bert_dir, cache_dir,
+                                                                         tmp_path):
+    """The saved student's validation loss is the cross-entropy of its predictions against the teacher's tempered
+    probabilities of those rows: what the loss learned is the teacher's distribution."""
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, targets="soft", temperature=0.5)
+    logs = []
+    report = distill(cfg, reviews(), output_directory=tmp_path, log=logs.append)
+    assert report["targets"] == "soft" and report["temperature"] == 0.5
+    assert any("soft targets, temperature 0.5" in line for line in logs)
+    run = tmp_path / "distill_run"
+    statistics = json.loads((run / "training_statistics.json").read_text())
+    validation_loss = statistics["validation"][statistics["best_epoch"] - 1]["sentiment"]["loss"]
+    rows = pd.read_csv(run / LABELS_FILE)
+    rows = rows[rows.split == "validation"].drop(columns=["split", "sentiment_true"])
+    teacher = load_teacher(load_config(cfg).distill.teacher, log=lambda _: None)
+    probabilities = label_rows(teacher, rows, LabelCache(cache_dir, teacher.fingerprint), "validation",
+                               log=lambda _: None).probabilities
+    predicted = Model.load(run).predict(rows)
+    student = np.stack([predicted[f"sentiment_probabilities_{c}"] for c in teacher.classes], axis=1)
+    expected = -(tempered(probabilities, 0.5) * np.log(student)).sum(1).mean()
+    assert validation_loss == pytest.approx(expected, rel=1e-4)
+    hard = distill(student_config(tiny_bert_dir, tiny_llama_dir, targets="hard"), reviews(),
+                   output_directory=tmp_path / "hard", log=lambda _: None)
+    hard_statistics = json.loads((tmp_path / "hard" / "distill_run" / "training_statistics.json").read_text())
+    assert hard["targets"] == "hard" and hard_statistics["validation"][0] != statistics["validation"][0]
 
 
 def test_cli_distill_writes_the_report(tiny_llama_dir, tiny_bert_dir, cache_dir, tmp_path):
@@ -215,6 +315,15 @@ def test_bad_distill_sections_are_config_errors_naming_the_path(tiny_llama_dir, 
 
     cfg = student_config(tiny_bert_dir, tiny_llama_dir, teacher={"config": str(tmp_path / "missing.yaml")})
     assert "does not exist" in problems_of(cfg)["distill.teacher.config"]
+
+    generate = {"config": teacher_config(tiny_llama_dir), "method": "generate"}
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, teacher=generate, targets="soft")
+    assert "method: generate does not give" in problems_of(cfg)["distill.targets"]
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, targets="hard", temperature=2.0)
+    assert "set targets: soft" in problems_of(cfg)["distill.temperature"]
+    cfg = student_config(tiny_bert_dir, tiny_llama_dir, targets="sof", temperature=0)
+    found = problems_of(cfg)
+    assert "did you mean 'soft'" in found["distill.targets"] and "must be > 0" in found["distill.temperature"]
 
     section = student_config(tiny_bert_dir, tiny_llama_dir)["distill"]
     llm_student = {**teacher_config(tiny_llama_dir), "distill": section}

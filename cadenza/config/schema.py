@@ -914,6 +914,32 @@ class DistillConfig(Section):
     rows: Optional[AtLeastOne] = Field(
         None, description="Rows of the training split the teacher labels for the student (null: all). The "
         "validation split is labelled by the teacher too; the test split keeps its true labels and scores both.")
+    targets: Literal["hard", "soft"] = Field(
+        "hard", description="What the student learns. hard: the teacher's likeliest class, as a label; soft: the "
+        "teacher's class probabilities (method: score), its loss the cross-entropy against them (knowledge "
+        "distillation; a binary student learns the probability of its true class). Hard won on the packaged data "
+        "(docs/distill.md).")
+    temperature: PositiveFloat = Field(
+        1.0, description="soft targets: the student learns softmax(log-likelihoods / temperature) of the teacher's "
+        "answers; below 1 sharpens them toward its hard labels, above 1 flattens them. The student trains and "
+        "predicts at 1.")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_need_probabilities(cls, targets, info):
+        teacher = info.data.get("teacher")
+        if targets == "soft" and teacher is not None and teacher.method == "generate":
+            raise ValueError("soft targets are the teacher's class probabilities, which method: generate does not "
+                             "give (it reads one class from generated text): use targets: hard, or method: score")
+        return targets
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_is_for_soft_targets(cls, temperature, info):
+        if info.data.get("targets") == "hard" and temperature != 1.0:
+            raise ValueError("the temperature reshapes the teacher's probabilities, which hard targets do not use: "
+                             "remove it, or set targets: soft")
+        return temperature
 
 
 class CadenzaConfig(Section):

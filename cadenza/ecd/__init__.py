@@ -42,6 +42,10 @@ class EcdModel:
         self._encoders: dict[str, tuple] = {}  # feature → (TextEncoder, tokenizer), loaded only when needed
         self._embedders: dict[str, CachedEmbedder] = {}  # feature → its cache's key index, for one pass over data
         self.log: Callable = print
+        # Soft targets (set by cadenza.distill): split name → output feature name → class probabilities per row (a
+        # DataFrame indexed like that split's frame, one column per class name). Where a split has them, the loss
+        # learns them instead of the hard labels; metrics still compare with the hard labels.
+        self.soft_targets: dict[str, dict[str, pd.DataFrame]] = {}
 
     # ------------------------------------------------------------------------------------------- helpers
     def _text_inputs(self):
@@ -134,6 +138,10 @@ class EcdModel:
             for f in self.config.output_features:
                 for k, df in frames.items():
                     prepared[k]["targets"][f.name] = FT.encode_target(df, f, self.metadata[f.name])
+                    table = self.soft_targets.get(k, {}).get(f.name)
+                    if table is not None:
+                        prepared[k].setdefault("soft_targets", {})[f.name] = soft_target(
+                            table.loc[df.index], f, self.metadata[f.name])
         return prepared
 
     def _texts(self, df: pd.DataFrame, feature) -> list[str]:
@@ -281,6 +289,7 @@ class EcdModel:
         batch = {"inputs": inputs, "n": len(index)}
         if with_targets:
             batch["targets"] = {k: torch.from_numpy(v[index]) for k, v in data["targets"].items()}
+            batch["soft_targets"] = {k: torch.from_numpy(v[index]) for k, v in data.get("soft_targets", {}).items()}
         return batch
 
     def _batches(self, data: dict, batch_size: int, shuffle_seed: Optional[int], with_targets: bool):
@@ -295,7 +304,7 @@ class EcdModel:
         logits = net(_to(batch["inputs"], device))
         total = 0.0
         for f in self.config.output_features:
-            target = batch["targets"][f.name].to(device)
+            target = batch.get("soft_targets", {}).get(f.name, batch["targets"][f.name]).to(device)
             total = total + f.loss.weight * output_loss(f, logits[f.name].float(), target, self.metadata[f.name])
         return total
 
@@ -386,7 +395,7 @@ class EcdModel:
             results, combined = {}, 0.0
             for f in self.config.output_features:
                 meta, logits, target = self.metadata[f.name], torch.from_numpy(raw[f.name]), data["targets"][f.name]
-                t = torch.from_numpy(target)
+                t = torch.from_numpy(data.get("soft_targets", {}).get(f.name, target))  # the loss learns soft ones
                 loss = float(output_loss(f, logits, t, meta)) / max(1, data["n"])
                 combined += f.loss.weight * loss
                 results[f.name] = {"loss": loss, **self._metrics(f, raw[f.name], target)}
@@ -496,6 +505,24 @@ class EcdModel:
             raise ModelFolderError(f"{model_dir}: weights missing for {missing[:3]} ...")
         model.net.eval()
         return model
+
+
+def soft_target(table: pd.DataFrame, feature, meta: dict) -> np.ndarray:
+    """Class probabilities per row (columns: class names) as the loss's target. Each class name is encoded as the
+    output encodes its labels: category → (rows, vocab) in the vocab's order (a class outside the vocab is dropped and
+    each row renormalized); binary → (rows,), the summed probability of the classes that encode as true."""
+    code = FT.encode_target(pd.DataFrame({meta["column"]: [str(c) for c in table.columns]}), feature, meta)
+    probabilities = table.to_numpy(np.float64)
+    if feature.type == "binary":
+        return (probabilities @ code).astype(np.float32)
+    if feature.type != "category":
+        raise ValueError(f"soft targets need a category or binary output, not {feature.type}")
+    out = np.zeros((len(table), len(meta["vocab"])))
+    for j, index in enumerate(code):
+        if index >= 0:
+            out[:, index] += probabilities[:, j]
+    total = out.sum(1, keepdims=True)
+    return np.divide(out, total, out=np.zeros_like(out), where=total > 0).astype(np.float32)
 
 
 def _frozen_pretrained(net) -> set[str]:

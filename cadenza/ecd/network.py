@@ -156,7 +156,9 @@ class EcdNet(nn.Module):
 
 
 def output_loss(feature, logits: torch.Tensor, target: torch.Tensor, meta: dict) -> torch.Tensor:
-    """Summed over rows (the trainer divides by rows in the effective batch)."""
+    """Summed over rows (the trainer divides by rows in the effective batch). A category target of shape (rows,
+    classes) holds class probabilities (soft targets, cadenza.distill): cross-entropy against them; a binary target
+    may hold probabilities too."""
     loss_cfg = feature.loss
     if feature.type == "category":
         weight = _class_weights(loss_cfg.class_weights, meta["vocab"], logits)
