@@ -9,7 +9,7 @@ What goes in:
 - precision (`cadenza.device.precision`), batch size, adapter (LoRA's trainable parameters, a frozen base in the
   weights dtype), gradient checkpointing, embedding cache hits (ecd), quantization (GPU);
 - a calibration on this machine, run once in a subprocess and cached in `<cache>/estimate/`: the real
-  architecture cut to 1 and 2 layers (random weights) runs the micro-batch shape of the run in its precision —
+  architecture cut to 1 and a few more layers (random weights) runs the micro-batch shape of the run in its precision —
   forward for embedding/evaluation, forward + backward + AdamW for training — which gives seconds per layer and
   for the rest (embeddings, LM head, loss); it also measures the resident memory of the imports a run needs.
 
@@ -41,7 +41,9 @@ from . import device
 from .data.cache import cache_root, configured_cache_dir
 from .errors import CadenzaError
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
+PROBE_MAX_BLOCKS = 5  # the deeper probe's blocks (fewer when a block is large): its difference from 1 block is the per-block cost
+PROBE_BLOCK_PARAMETERS = 300e6  # ...within this many parameters of extra blocks
 EMBED_BATCH = 128  # cadenza.ecd.embed_cache.embed_texts' batch
 LOAD_BYTES_PER_SECOND = 1.0e9  # safetensors from the page cache, cast to the weights dtype (measured ~1 GB/s here)
 GGUF_SECONDS_PER_PARAMETER = 0.2e-6  # dequantizing a GGUF once (~25 s for SmolLM2-135M on 2 cores)
@@ -193,21 +195,25 @@ def _meta_adapter_parameters(folder: str, adapter, causal: bool, trust_remote_co
 
 # ----------------------------------------------------------------------------------------------- activations
 def saved_activation_bytes(shape: Shape, tokens: int, *, trains_base: bool, bf16: bool, checkpointing: bool,
-                           adapter_dropout_width: int = 0) -> int:
+                           adapter_dropout_width: int = 0, attention_scores: int = 0) -> int:
     """Bytes autograd keeps for backward in the transformer blocks for one micro-batch of `tokens` tokens.
     Per token and block a Llama/BERT block keeps about 8 hidden-wide and 3 FFN-wide tensors (norm inputs, the
     attention's q/k/v/output, the MLP's gate/up products); training the base weights too keeps ~2 more of each.
     Under bf16 autocast the matmul inputs are bf16 while norms and residuals stay fp32. With gradient
     checkpointing only each block's input is kept (one block's activations are rebuilt at a time in backward).
     adapter_dropout_width: the summed input widths of a block's adapted layers when LoRA dropout is on (PEFT
-    keeps each dropped-out fp32 input and its mask: 5 bytes per input feature)."""
+    keeps each dropped-out fp32 input and its mask: 5 bytes per input feature).
+    attention_scores: scores per head and block that the explicit attention form keeps as bf16 probabilities
+    (cadenza.llm.attention.masked_attention, bf16 training on bf16 weights: T^2 for a short pack); 0 where sdpa's
+    flash kernel runs (fp32, or fp32 weights under autocast), which keeps O(T)."""
     d, ff = shape.hidden, shape.intermediate
     wide, ffn = (10, 4.5) if trains_base else (8, 3)
     per_token = (2 * (wide - 3) * d + 4 * 3 * d + 2 * ffn * ff) if bf16 else 4 * (wide * d + ffn * ff)
     per_token += 5 * adapter_dropout_width
+    scores = 2 * shape.heads * attention_scores  # bf16 probabilities, per block
     if checkpointing:
-        return int(tokens * (shape.layers * d * 4 + per_token))
-    return int(tokens * shape.layers * per_token)
+        return int(tokens * (shape.layers * d * 4 + per_token) + scores)
+    return int(tokens * shape.layers * per_token + shape.layers * scores)
 
 
 def logits_bytes(shape: Shape, targets: int) -> int:
@@ -298,7 +304,7 @@ def _timed_once(t0: float, c0: float) -> float:
 
 def probe(spec: dict) -> dict:
     """Run in a fresh process by `calibrate`: the imports' resident memory and time, then the architecture in
-    spec["source"] cut to 1 and 2 blocks (random weights) timed on the run's micro-batch shape."""
+    spec["source"] cut to 1 and a few more blocks (random weights) timed on the run's micro-batch shape."""
     import resource
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
@@ -330,7 +336,11 @@ def probe(spec: dict) -> dict:
     out: dict = {"base_rss_bytes": base_rss, "import_seconds": import_seconds, "threads": torch.get_num_threads(),
                  "head_step": head_step}
     torch.manual_seed(0)
-    for layers in (1, 2):
+    # 1 block and a few more: the difference of the two is several blocks' time, well above the timing noise (the
+    # difference of 1 and 2 blocks was a few milliseconds of a noisy total, off by 2-3x for SmolLM2)
+    deeper = 1 + _extra_blocks(config, weights_dtype, causal)
+    out["probe_layers"] = [1, deeper]
+    for layers in (1, deeper):
         config.num_hidden_layers = layers
         for key in ("layer_types",):  # per-layer lists must match the layer count
             if isinstance(getattr(config, key, None), list):
@@ -348,6 +358,25 @@ def probe(spec: dict) -> dict:
             out.update({f"{k}_{layers}": v for k, v in _probe_train(model, spec, precision).items()})
         del model
     return out
+
+
+def _extra_blocks(config, weights_dtype, causal: bool) -> int:
+    """How many blocks beyond the first the deeper probe adds: up to PROBE_MAX_BLOCKS - 1, fewer for large blocks
+    (a 7B model's block is ~200M parameters: one more), never more than the model has."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    layers = config.num_hidden_layers
+    probe = config.__class__.from_dict(config.to_dict())
+    probe.num_hidden_layers = 1
+    for key in ("layer_types",):
+        if isinstance(getattr(probe, key, None), list):
+            setattr(probe, key, getattr(probe, key)[:1])
+    with torch.device("meta"):
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(probe, dtype=weights_dtype)
+    block = max((sum(p.numel() for p in m.parameters()) for m in model.modules()
+                 if isinstance(m, torch.nn.ModuleList) and len(m) == 1), default=1)
+    return max(1, min(PROBE_MAX_BLOCKS - 1, layers - 1, int(PROBE_BLOCK_PARAMETERS // max(block, 1))))
 
 
 def _probe_train(model, spec: dict, precision) -> dict:
@@ -384,7 +413,7 @@ def _probe_train(model, spec: dict, precision) -> dict:
         loss.backward()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-6)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-6, fused=True)  # as train.loop.build_optimizer (one process)
     train_seconds = _timed(step)
 
     def optimizer_step():
@@ -395,15 +424,16 @@ def _probe_train(model, spec: dict, precision) -> dict:
     with torch.no_grad(), precision.autocast("cpu"):
         eval_seconds = _timed(lambda: module(batch))
     return {"train": train_seconds, "optimizer": _timed(optimizer_step), "eval": eval_seconds,
-            "trainable": sum(p.numel() for p in trainable), "train_tokens": n * row_length}
+            "trainable": sum(p.numel() for p in trainable), "train_tokens": batch["computed_tokens"]}
 
 
 def _per_layer(cal: dict, name: str, layers: int) -> float:
-    """Seconds of the full model from the 1- and 2-block probe: rest + layers x per block (NaN: not calibrated)."""
+    """Seconds of the full model from the shallow and deeper probes: rest + layers x per block (NaN: not calibrated)."""
     if f"{name}_1" not in cal:
         return math.nan
-    one, two = cal[f"{name}_1"], cal[f"{name}_2"]
-    block = max(two - one, 0.0)
+    a, b = cal["probe_layers"]
+    one, deeper = cal[f"{name}_{a}"], cal[f"{name}_{b}"]
+    block = max(deeper - one, 0.0) / (b - a)
     return max(one - block, 0.0) + layers * block
 
 
@@ -801,7 +831,7 @@ def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) 
     target_share = targets / max(total_tokens, 1)
     mean_row = max(2, int(total_tokens / max(len(rows), 1)))
 
-    # ---- calibration: the architecture cut to 1 and 2 blocks, on this run's micro-batch shape
+    # ---- calibration: the architecture cut to 1 and a few more blocks, on this run's micro-batch shape
     spec = {"source": folder, "causal": True, "bf16": precision.bf16, "weights_dtype": weights_dtype,
             "adapter": adapter.model_dump(mode="json") if adapter is not None and adapter.type == "lora" else None}
     if training:
@@ -826,9 +856,11 @@ def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) 
         parts[f"gradients + AdamW ({trainable:,} trainable)"] = states
         if full and precision.bf16:
             parts["bf16 copies of the weights (autocast)"] = 2 * shape.parameters
+        explicit = precision.bf16 and weights_dtype == "bfloat16" and t.packing and share  # attention's bf16 form
         parts[f"activations ({longest:,} tokens)"] = saved_activation_bytes(
             shape, longest, trains_base=full, bf16=precision.bf16, checkpointing=t.enable_gradient_checkpointing,
-            adapter_dropout_width=adapter_dropout_width(shape, adapter))
+            adapter_dropout_width=adapter_dropout_width(shape, adapter),
+            attention_scores=_attention_scores(rows, groups, computed) if explicit else 0)
         parts["target logits"] = logits_bytes(shape, int(longest * target_share) + 1)
     peak_parts = parts if sum(parts.values()) >= sum(load_parts.values()) else load_parts
 
@@ -874,10 +906,20 @@ def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) 
                     None, seconds_per_epoch, total, time_parts, epochs, facts)
 
 
+def _attention_scores(rows, groups: list[list[int]], computed: list[int]) -> int:
+    """The most attention scores per head that one micro-batch's attention keeps: T^2 over a short pack's block
+    mask, about T x its longest row row by row over a long one (cadenza.llm.attention)."""
+    from .llm import batching
+
+    return max((t * t if t < batching.MIN_SEGMENT_TOKENS else t * int(max(rows.lengths[i] for i in g))
+                for g, t in zip(groups, computed)), default=0)
+
+
 def _probe_trainable(cal: dict, shape: Shape) -> int:
-    """Trainable parameters of the full-depth model as the probe's 1- and 2-block models predict them."""
-    one, two = cal["trainable_1"], cal["trainable_2"]
-    return one + (shape.layers - 1) * (two - one)
+    """Trainable parameters of the full-depth model as the probe's two models predict them."""
+    a, b = cal["probe_layers"]
+    one, deeper = cal[f"trainable_{a}"], cal[f"trainable_{b}"]
+    return one + (shape.layers - 1) * (deeper - one) // (b - a)
 
 
 def _can_share_prefix(folder: str) -> bool:
