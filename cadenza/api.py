@@ -154,9 +154,10 @@ class Model:
         of the machine's available memory; refresh: calibrate this machine again."""
         from .estimate import estimate
 
+        t0 = time.perf_counter()
         splits = self._splits(dataset, training_set, validation_set, test_set, random_seed, lambda _: None)
         return estimate(self.config, splits, available_bytes=available_bytes, refresh=refresh, seed=random_seed,
-                        log=self.log)
+                        read_seconds=time.perf_counter() - t0, log=self.log)
 
     def _say_estimate(self, splits: dict, seed: int, log: Callable[[str], None]) -> None:
         """One or two lines before training: predicted peak memory and time, and a warning when the run will not

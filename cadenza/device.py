@@ -156,6 +156,13 @@ def peak_flops(bf16: bool) -> float:
     return _MEASURED_PEAK[bf16]
 
 
+def peak_flops_known(bf16: bool) -> bool:
+    """True when peak_flops(bf16) costs nothing: set, tabled, or measured already in this process."""
+    hw = hardware()
+    return bool(os.environ.get("CADENZA_PEAK_TFLOPS") or bf16 in _MEASURED_PEAK
+                or (hw.device == "cuda" and gpu_peak_flops(hw.name, bf16)))
+
+
 def available_memory(hw: Optional[Hardware] = None) -> Optional[int]:
     """Bytes a new run can use: free GPU memory on CUDA, else the kernel's MemAvailable (RAM not needed by
     others, page cache included); None when the machine does not say."""

@@ -41,7 +41,7 @@ from . import device
 from .data.cache import cache_root, configured_cache_dir
 from .errors import CadenzaError
 
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 PROBE_MAX_BLOCKS = 5  # the deeper probe's blocks (fewer when a block is large): its difference from 1 block is the per-block cost
 PROBE_BLOCK_PARAMETERS = 300e6  # ...within this many parameters of extra blocks
 EMBED_BATCH = 128  # cadenza.ecd.embed_cache.embed_texts' batch
@@ -287,14 +287,23 @@ def _timed(fn, reps: int = 3, parallel: bool = True) -> float:
     machine still gives a calibration of the machine itself."""
     import torch
 
+    return _timed_with_warmup(fn, reps, parallel)[0]
+
+
+def _timed_with_warmup(fn, reps: int = 3, parallel: bool = True) -> tuple[float, float]:
+    """(_timed's seconds, the extra seconds of the first call: allocations, kernel selection, lazy set-up)."""
+    import torch
+
     threads = torch.get_num_threads() if parallel else 1
-    fn()  # warm-up (first-call allocations, kernel selection)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    fn()  # warm-up
+    first = min(time.perf_counter() - t0, (_cpu_seconds() - c0) / threads)
     best = math.inf
     for _ in range(reps):
         t0, c0 = time.perf_counter(), _cpu_seconds()
         fn()
         best = min(best, time.perf_counter() - t0, (_cpu_seconds() - c0) / threads)
-    return best
+    return best, max(first - best, 0.0)
 
 
 def _timed_once(t0: float, c0: float) -> float:
@@ -335,6 +344,10 @@ def probe(spec: dict) -> dict:
     weights_dtype = getattr(torch, spec["weights_dtype"])
     out: dict = {"base_rss_bytes": base_rss, "import_seconds": import_seconds, "threads": torch.get_num_threads(),
                  "head_step": head_step}
+    if "train" in spec:  # the loop measures the peak for MFU once per process (a fresh one here)
+        t0 = time.perf_counter()
+        device.peak_flops(spec["bf16"])
+        out["peak_flops_seconds"] = time.perf_counter() - t0
     torch.manual_seed(0)
     # 1 block and a few more: the difference of the two is several blocks' time, well above the timing noise (the
     # difference of 1 and 2 blocks was a few milliseconds of a noisy total, off by 2-3x for SmolLM2)
@@ -414,7 +427,7 @@ def _probe_train(model, spec: dict, precision) -> dict:
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-6, fused=True)  # as train.loop.build_optimizer (one process)
-    train_seconds = _timed(step)
+    train_seconds, warmup = _timed_with_warmup(step)
 
     def optimizer_step():
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -423,7 +436,7 @@ def _probe_train(model, spec: dict, precision) -> dict:
     module.eval()
     with torch.no_grad(), precision.autocast("cpu"):
         eval_seconds = _timed(lambda: module(batch))
-    return {"train": train_seconds, "optimizer": _timed(optimizer_step), "eval": eval_seconds,
+    return {"train": train_seconds, "train_warmup": warmup, "optimizer": _timed(optimizer_step), "eval": eval_seconds,
             "trainable": sum(p.numel() for p in trainable), "train_tokens": batch["computed_tokens"]}
 
 
@@ -512,8 +525,10 @@ def _fact(v) -> str:
 
 
 def estimate(config, splits: dict[str, pd.DataFrame], *, available_bytes: Optional[int] = None,
-             refresh: bool = False, cached_only: bool = False, seed: int = 42, log: Callable = print) -> Estimate:
+             refresh: bool = False, cached_only: bool = False, seed: int = 42, read_seconds: Optional[float] = None,
+             log: Callable = print) -> Estimate:
     """Predict peak memory and time of training `config` on `splits` (as api.Model.train splits them).
+    read_seconds: what reading and splitting the data took here (train() does it again); None: already read.
     available_bytes: the memory to compare with (default: what cadenza.device.available_memory() reports).
     refresh: measure the calibration again; cached_only: use only a cached calibration (train's start line),
     without one the times are NaN and the imports' memory is this process's."""
@@ -528,6 +543,9 @@ def estimate(config, splits: dict[str, pd.DataFrame], *, available_bytes: Option
     else:
         est = _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log)
     est.available_bytes = available
+    if read_seconds is not None and read_seconds > 0.05:
+        est.time_parts = {"read and split the data": read_seconds, **est.time_parts}
+        est.total_seconds += read_seconds
     if not est.fits:
         est.warnings.append(_advice(config, est))
     return est
@@ -874,6 +892,9 @@ def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) 
     setup["load base weights"] = shape.weights_file_bytes / LOAD_BYTES_PER_SECOND
     per_epoch: dict = {}
     if training:
+        if not device.peak_flops_known(precision.bf16):
+            setup["measure the peak FLOP/s (MFU)"] = cal.get("peak_flops_seconds", 0.0)
+        setup["first step's warm-up"] = _per_layer(cal, "train_warmup", shape.layers)
         micro = _per_layer(cal, "train", shape.layers)
         tokens_cal = cal["train_tokens_1"]
         per_epoch[f"forward + backward ({sum(computed):,} tokens)"] = micro * sum(computed) / tokens_cal
@@ -887,6 +908,9 @@ def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) 
         if val_tokens:
             per_epoch[f"evaluation ({val_tokens:,} tokens)"] = _per_layer(cal, "eval", shape.layers) * val_tokens \
                 / tokens_cal
+        saves = _checkpoints_per_epoch(t, steps_per_epoch)
+        if saves:  # the trainable weights (fp32) and AdamW's two states, written for resume (train.checkpoint)
+            per_epoch[f"checkpoint for resume ({saves} per epoch)"] = saves * 12 * trainable / SAVE_BYTES_PER_SECOND
         epochs = t.epochs if not t.train_steps else min(t.epochs, math.ceil(t.train_steps / max(steps_per_epoch, 1)))
     else:
         epochs = 0
@@ -913,6 +937,16 @@ def _attention_scores(rows, groups: list[list[int]], computed: list[int]) -> int
 
     return max((t * t if t < batching.MIN_SEGMENT_TOKENS else t * int(max(rows.lengths[i] for i in g))
                 for g, t in zip(groups, computed)), default=0)
+
+
+def _checkpoints_per_epoch(t, steps_per_epoch: int) -> int:
+    """How often train.loop writes its resume checkpoint in an epoch (loop.checkpoint_due, then the epoch's end)."""
+    every = t.steps_per_checkpoint or (max(1, steps_per_epoch // t.checkpoints_per_epoch)
+                                       if t.checkpoints_per_epoch > 1 else 0)
+    during = steps_per_epoch // every if every else 0
+    if t.checkpoints_per_epoch and every and steps_per_epoch % every == 0:
+        during -= 1  # the last one falls on the epoch's end, which writes it
+    return during + (1 if t.checkpoints_per_epoch else 0)
 
 
 def _probe_trainable(cal: dict, shape: Shape) -> int:
