@@ -2,6 +2,7 @@
 global batch (`trainer.effective_batch_size`) two processes take the very steps one process takes."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,45 @@ def test_ecd_two_processes_reach_the_single_process_loss(tiny_bert_dir, cache_di
         assert b["combined"]["loss"] == pytest.approx(a["combined"]["loss"], rel=1e-5)
         assert b["sentiment"]["accuracy"] == a["sentiment"]["accuracy"]
     assert one["validation"][-1]["combined"]["loss"] < one["validation"][0]["combined"]["loss"]  # it learned
+
+
+def cache_vectors(cache: Path) -> tuple[dict, int]:
+    """{text key: vector} of every shard of the one encoder's embedding cache, and the number of shards."""
+    from cadenza.ecd.embed_cache import EmbeddingCache
+
+    (folder,) = (cache / "embeddings").iterdir()
+    opened = EmbeddingCache(folder).open()
+    keys = opened.index.keys
+    return dict(zip(keys.tolist(), opened.gather(np.arange(len(keys))))), len(opened.shards)
+
+
+@pytest.mark.integration
+def test_two_processes_split_the_embedding_pass_into_the_single_process_cache(tiny_bert_dir, tmp_path):
+    """Each process embeds half of the texts and writes its own shard; every process then reads both. The cache the
+    two wrote holds the texts one process writes, with the same vectors (to float rounding: other batches)."""
+    df = reviews(120)
+    df["review"] = df.review + [f" #{i}" for i in range(len(df))]  # every text distinct
+    df.to_csv(tmp_path / "d.csv", index=False)
+
+    def config(cache: Path) -> dict:
+        return {"input_features": [{"name": "review", "type": "text", "encoder": {
+            "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_bert_dir)}}],
+            "output_features": [{"name": "sentiment", "type": "category"}], "preprocessing": {"cache_dir": str(cache)},
+            "trainer": {"epochs": 1, "batch_size": 16, "use_mixed_precision": False}}
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config(tmp_path / "cache_two")))
+    done = torchrun(["-m", "cadenza", "train", "-c", "c.yaml", "--dataset", "d.csv", "-od", "two"], tmp_path)
+    said = re.search(r"embedding (\d+) of (\d+) texts on process 0 of 2", done.stdout + done.stderr)
+    assert said and int(said[1]) == (int(said[2]) + 1) // 2, done.stdout[-2000:]
+    from cadenza import Model
+
+    Model(config(tmp_path / "cache_one"), log=lambda _: None).train(dataset=tmp_path / "d.csv",
+                                                                  output_directory=tmp_path / "one")
+    two, two_shards = cache_vectors(tmp_path / "cache_two")
+    one, one_shards = cache_vectors(tmp_path / "cache_one")
+    assert (one_shards, two_shards) == (1, 2) and len(one) == int(said[2]) > 60
+    assert two.keys() == one.keys()
+    assert all(np.allclose(two[k], one[k], atol=1e-5) for k in one)
 
 
 @pytest.mark.integration

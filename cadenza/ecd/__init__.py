@@ -23,7 +23,7 @@ from ..errors import DataError, ModelFolderError
 from ..phases import note, phase
 from ..train.loop import TrainResult, TrainTask, fit, freeze_by_regex, process_state
 from . import features as FT
-from .embed_cache import CachedEmbedder, EmbeddingCache, embed_texts
+from .embed_cache import CachedEmbedder, EmbeddingCache, Ranks, embed_texts
 from .network import CategoryEmbedding, EcdNet, output_loss, threads_for, torch_threads
 from .text_encoder import (TextEncoder, check_encoder_sources, encoder_source, fingerprint, load_tokenizer,
                            revision_known)
@@ -41,6 +41,7 @@ class EcdModel:
         self.net: Optional[EcdNet] = None
         self._encoders: dict[str, tuple] = {}  # feature → (TextEncoder, tokenizer), loaded only when needed
         self._embedders: dict[str, CachedEmbedder] = {}  # feature → its cache's key index, for one pass over data
+        self._fitting = False  # inside fit: every process of a distributed run embeds its share
         self.log: Callable = print
         # Soft targets (set by cadenza.distill): split name → output feature name → class probabilities per row (a
         # DataFrame indexed like that split's frame, one column per class name). Where a split has them, the loss
@@ -152,22 +153,26 @@ class EcdModel:
         """Row-aligned embeddings through the on-disk cache. One embedder (the cache's key index) serves a whole
         pass over the data, chunk after chunk; each pass (fit, predict, evaluate) starts with a fresh one."""
         meta = self.metadata[feature.name]
-        # under `accelerate launch` the main process embeds first; the others then read its cache entries
-        with process_state().main_process_first():
-            if feature.name not in self._embedders:
+        state = process_state()
+        if feature.name not in self._embedders:
+            # under `accelerate launch` / torchrun a hub model not downloaded yet is fetched by the main process
+            # first, so the cache key names its commit on every process
+            with state.main_process_first():
                 if not revision_known(feature.encoder):
-                    # a hub model not downloaded yet: download it first, so the cache key names its commit
                     self._encoder(feature)
                     meta["encoder_fingerprint"] = fingerprint(feature.encoder, meta["max_length"])
-                cache = EmbeddingCache(self._cache_folder() / "embeddings" / meta["encoder_fingerprint"])
+            cache = EmbeddingCache(self._cache_folder() / "embeddings" / meta["encoder_fingerprint"])
 
-                def compute(missing: list[str]) -> np.ndarray:
-                    encoder, tokenizer = self._encoder(feature)
-                    return encoder.embed(missing, tokenizer, meta["max_length"], self._embed_precision())
+            def compute(missing: list[str]) -> np.ndarray:
+                encoder, tokenizer = self._encoder(feature)
+                return encoder.embed(missing, tokenizer, meta["max_length"], self._embed_precision())
 
-                self._embedders[feature.name] = CachedEmbedder(cache, compute, self.log)
-            embedder = self._embedders[feature.name]
-            vectors = embedder(texts)
+            # while fitting, every process of a distributed run prepares the same data: they split the texts to
+            # embed (each writes its shards; all then read every shard). predict/evaluate may run on one process.
+            ranks = Ranks(state.process_index, state.num_processes, state.wait_for_everyone) if self._fitting else None
+            self._embedders[feature.name] = CachedEmbedder(cache, compute, self.log, ranks=ranks)
+        embedder = self._embedders[feature.name]
+        vectors = embedder(texts)
         self.cache_stats = embedder.stats
         return vectors
 
@@ -313,6 +318,8 @@ class EcdModel:
             fingerprints: Optional[dict] = None, tracker=None, log: Callable = print) -> TrainResult:
         """splits: DataFrames, or cadenza.data.stream.FileRows for a Parquet file larger than memory."""
         with contextlib.ExitStack() as held:  # a streamed run's row arrays live until training ends
+            self._fitting = True
+            held.callback(setattr, self, "_fitting", False)
             return self._fit(splits, held, run_dir=run_dir, resume=resume, seed=seed, fingerprints=fingerprints,
                              tracker=tracker, log=log)
 

@@ -203,13 +203,28 @@ def embed_texts(texts: list[str], encoder, tokenizer, max_length: int, precision
 CHUNK = 8192  # texts embedded and written as one cache shard: an interrupted run keeps what it finished
 
 
+@dataclass
+class Ranks:
+    """The processes of a distributed run that share one embedding pass: this one's index, how many, and a barrier
+    (all processes call the embedder with the same texts, in the same order)."""
+    index: int
+    count: int
+    barrier: Callable[[], None]
+
+
 class CachedEmbedder:
     """Embeds texts chunk after chunk against one cache: each call computes only the distinct texts the cache
-    lacks, writes them as shards and returns the row-aligned vectors. Memory: the key index, and one chunk."""
+    lacks, writes them as shards and returns the row-aligned vectors. Memory: the key index, and one chunk.
+
+    With `ranks` (several processes of one run), each process embeds its contiguous share of the missing texts and
+    writes its own shards; after a barrier every process re-reads the index and gathers all rows. The cache then
+    holds what one process would have written (the same texts; vectors equal up to float rounding, as batches
+    differ). A barrier before the work too: no process writes before every one has listed what is missing."""
 
     def __init__(self, cache: EmbeddingCache, compute: Callable[[list[str]], np.ndarray], log: Callable = print,
-                 chunk: int = CHUNK):
+                 chunk: int = CHUNK, ranks: Optional[Ranks] = None):
         self.cache, self.compute, self.log, self.chunk = cache.open(log), compute, log, chunk
+        self.ranks = ranks if ranks is not None and ranks.count > 1 else None
         self.stats = CacheStats()
 
     def __call__(self, texts: list[str], out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -222,12 +237,22 @@ class CachedEmbedder:
         self.stats.hits += len(texts) - len(missing_rows)
         self.stats.misses += len(pending)
         if len(pending):
-            self.log(f"embedding {len(pending)} texts ({len(texts) - len(missing_rows)} rows from cache)")
-            for start in range(0, len(pending), self.chunk):
-                part = pending[start:start + self.chunk]
+            mine = pending
+            if self.ranks:
+                self.ranks.barrier()  # every process has listed the same missing texts
+                mine = np.array_split(pending, self.ranks.count)[self.ranks.index]
+                self.log(f"embedding {len(mine)} of {len(pending)} texts on process {self.ranks.index} of "
+                         f"{self.ranks.count} ({len(texts) - len(missing_rows)} rows from cache)")
+            else:
+                self.log(f"embedding {len(pending)} texts ({len(texts) - len(missing_rows)} rows from cache)")
+            for start in range(0, len(mine), self.chunk):
+                part = mine[start:start + self.chunk]
                 self.cache.add(keys[part], self.compute([texts[i] for i in part]))
-                if len(pending) > self.chunk:
-                    self.log(f"  {min(start + self.chunk, len(pending))}/{len(pending)} embedded and cached")
+                if len(mine) > self.chunk:
+                    self.log(f"  {min(start + self.chunk, len(mine))}/{len(mine)} embedded and cached")
+            if self.ranks:
+                self.ranks.barrier()  # every share is on disk
+                self.cache.open(self.log)
             at = self.cache.index.find(keys)
         else:
             self.log(f"embeddings: all {len(texts)} rows from cache")
