@@ -41,7 +41,7 @@ from . import device
 from .data.cache import cache_root, configured_cache_dir
 from .errors import CadenzaError
 
-CALIBRATION_VERSION = 4
+CALIBRATION_VERSION = 5
 PROBE_MAX_BLOCKS = 5  # the deeper probe's blocks (fewer when a block is large): its difference from 1 block is the per-block cost
 PROBE_BLOCK_PARAMETERS = 300e6  # ...within this many parameters of extra blocks
 EMBED_BATCH = 128  # cadenza.ecd.embed_cache.embed_texts' batch
@@ -421,6 +421,7 @@ def _probe_train(model, spec: dict, precision) -> dict:
     module = TargetLoss(model)
 
     def step():
+        model.zero_grad(set_to_none=True)  # as the loop after each optimizer step: backward allocates the gradients
         with precision.autocast("cpu"):
             loss = module(batch)
         loss.backward()
@@ -436,7 +437,10 @@ def _probe_train(model, spec: dict, precision) -> dict:
     module.eval()
     with torch.no_grad(), precision.autocast("cpu"):
         eval_seconds = _timed(lambda: module(batch))
-    return {"train": train_seconds, "train_warmup": warmup, "optimizer": _timed(optimizer_step), "eval": eval_seconds,
+    step()  # gradients for the optimizer's steps
+    optimizer_seconds, optimizer_warmup = _timed_with_warmup(optimizer_step)  # the first step allocates AdamW's states
+    return {"train": train_seconds, "train_warmup": warmup + optimizer_warmup, "optimizer": optimizer_seconds,
+            "eval": eval_seconds,
             "trainable": sum(p.numel() for p in trainable), "train_tokens": batch["computed_tokens"]}
 
 
