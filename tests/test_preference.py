@@ -341,6 +341,29 @@ def test_the_example_configs_load(name):
     assert (config.trainer.type, config.trainer.rejected_column, config.adapter.type) == (name, "rejected", "lora")
 
 
+def test_disjoint_pairs_keep_held_out_completions_out_of_training():
+    """examples/make_preference_pairs.py --disjoint: the default set shares completions between the splits (a held-out
+    rejected answer can be a training chosen one); --disjoint draws each split's rejected answers from its own."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "make_preference_pairs.py"
+    spec = importlib.util.spec_from_file_location("make_preference_pairs", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shared = script.pairs()
+    assert shared.iloc[256:320].rejected.isin(set(shared.iloc[:256].answer)).sum() == 23  # the docs' count
+    train_pairs, held_out = script.disjoint_pairs(256)
+    assert (len(train_pairs), len(held_out)) == (256, 64)
+    for part in (train_pairs, held_out):
+        assert (part.rejected != part.answer).all()
+        assert sorted(part.rejected) == sorted(part.answer)  # each split rejects only its own answers
+    seen = set(train_pairs.answer) | set(train_pairs.rejected)
+    # answer texts that two questions share are the only overlap
+    repeated = set(shared.answer[shared.answer.duplicated()])
+    assert set(held_out.answer) & seen <= repeated
+
+
 # --------------------------------------------------------------- chat-form data, reward metrics, evaluate, reference
 def chat_rule_pairs(n, offset=0):
     """rule_pairs with each prompt a conversation and the rejected answer as one assistant turn (TRL's format)."""
