@@ -900,7 +900,7 @@ def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) 
             setup["measure the peak FLOP/s (MFU)"] = cal.get("peak_flops_seconds", 0.0)
         setup["first step's warm-up"] = _per_layer(cal, "train_warmup", shape.layers)
         micro = _per_layer(cal, "train", shape.layers)
-        tokens_cal = cal["train_tokens_1"]
+        tokens_cal = cal.get("train_tokens_1", math.nan)  # NaN: not calibrated (train's start line, cached_only)
         per_epoch[f"forward + backward ({sum(computed):,} tokens)"] = micro * sum(computed) / tokens_cal
         from .train.loop import plan_steps
 
@@ -955,6 +955,8 @@ def _checkpoints_per_epoch(t, steps_per_epoch: int) -> int:
 
 def _probe_trainable(cal: dict, shape: Shape) -> int:
     """Trainable parameters of the full-depth model as the probe's two models predict them."""
+    if "probe_layers" not in cal:  # not calibrated: the times using this are NaN anyway
+        return 1
     a, b = cal["probe_layers"]
     one, deeper = cal[f"trainable_{a}"], cal[f"trainable_{b}"]
     return one + (shape.layers - 1) * (deeper - one) // (b - a)

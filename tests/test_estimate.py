@@ -5,6 +5,7 @@ measured runs is bench/bench_estimate.py's job, not a test's.)"""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,20 @@ def test_llm_full_fine_tuning_advice_names_lora_and_checkpointing(tiny_llama_dir
 
     roomy = Model(config, log=lambda _: None).estimate(df, available_bytes=2**40)
     assert roomy.fits and not roomy.warnings
+
+
+def test_llm_estimate_without_a_calibration_says_so(tiny_llama_dir, tmp_path):
+    """train's start line uses a cached calibration only: with none, memory is estimated and time is not (no error)."""
+    config = load_config({"model_type": "llm", "base_model": str(tiny_llama_dir),
+                          "input_features": [{"name": "question", "type": "text"}],
+                          "output_features": [{"name": "answer", "type": "text"}], "adapter": {"type": "lora"},
+                          "preprocessing": {"cache_dir": str(tmp_path / "empty")},
+                          "trainer": {"type": "finetune", "batch_size": 4}})
+    df = pd.DataFrame({"question": [f"What is {i} plus {i}?" for i in range(8)],
+                       "answer": [f"It is {2 * i}." for i in range(8)]})
+    est = E.estimate(config, {"training": df}, cached_only=True, log=lambda _: None)
+    assert est.peak_memory_bytes > 0 and math.isnan(est.total_seconds)
+    assert any("not calibrated" in line for line in est.summary())
 
 
 def test_config_errors_exit_2(tmp_path, capsys):
