@@ -41,7 +41,7 @@ from . import device
 from .data.cache import cache_root, configured_cache_dir
 from .errors import CadenzaError
 
-CALIBRATION_VERSION = 5
+CALIBRATION_VERSION = 6
 PROBE_MAX_BLOCKS = 5  # the deeper probe's blocks (fewer when a block is large): its difference from 1 block is the per-block cost
 PROBE_BLOCK_PARAMETERS = 300e6  # ...within this many parameters of extra blocks
 EMBED_BATCH = 128  # cadenza.ecd.embed_cache.embed_texts' batch
@@ -366,7 +366,10 @@ def probe(spec: dict) -> dict:
             mask = torch.ones_like(ids)
             body = getattr(model, model.base_model_prefix, model) if causal else model
             with torch.no_grad(), precision.autocast("cpu"):
-                out[f"forward_{layers}"] = _timed(lambda: body(input_ids=ids, attention_mask=mask))
+                out[f"forward_{layers}"] = _timed(lambda: body.train(spec.get("train_mode", False))(
+                    input_ids=ids, attention_mask=mask))
+                if spec.get("train_mode"):  # and as evaluation runs it
+                    out[f"forward_eval_{layers}"] = _timed(lambda: body.eval()(input_ids=ids, attention_mask=mask))
         if "train" in spec:
             out.update({f"{k}_{layers}": v for k, v in _probe_train(model, spec, precision).items()})
         del model
@@ -651,12 +654,15 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
             if t.evaluate_training_set:
                 eval_padded += _padded(lengths["training"], eval_batch)
             mean_len = _bucket(max(1, int(padded / n_train)))
+            # the encoder runs inside training: in train mode (its dropout draws masks), as the probe times it
             cal = calibrate({"source": folder, "causal": False, "bf16": precision.bf16, "weights_dtype": "float32",
-                             "forward": [batch, mean_len]}, calibration_file(config), refresh=refresh, cached_only=cached_only, log=log)
+                             "forward": [batch, mean_len], "train_mode": True}, calibration_file(config),
+                            refresh=refresh, cached_only=cached_only, log=log)
             cal_base = cal_base or cal
             per_token = _per_layer(cal, "forward", shape.layers) / (batch * mean_len)
+            eval_per_token = _per_layer(cal, "forward_eval", shape.layers) / (batch * mean_len)
             per_epoch[f"{f.name}: encoder on {padded:,} padded tokens"] = padded * per_token
-            per_epoch[f"{f.name}: evaluation ({eval_padded:,} tokens)"] = eval_padded * per_token
+            per_epoch[f"{f.name}: evaluation ({eval_padded:,} tokens)"] = eval_padded * eval_per_token
             load[f"{f.name}: load encoder"] = shape.weights_file_bytes / LOAD_BYTES_PER_SECOND
             longest = int(max(v.max() for v in lengths.values()))
             memory[f"{f.name}: encoder weights"] = weights_bytes
