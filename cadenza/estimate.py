@@ -42,7 +42,7 @@ from .data.cache import cache_root, configured_cache_dir
 from .errors import CadenzaError
 
 CALIBRATION_VERSION = 6
-PROBE_MAX_BLOCKS = 5  # the deeper probe's blocks (fewer when a block is large): its difference from 1 block is the per-block cost
+PROBE_MAX_BLOCKS = 9  # the deeper probe's blocks (fewer when a block is large): its difference from 1 block is the per-block cost
 PROBE_BLOCK_PARAMETERS = 300e6  # ...within this many parameters of extra blocks
 EMBED_BATCH = 128  # cadenza.ecd.embed_cache.embed_texts' batch
 LOAD_BYTES_PER_SECOND = 1.0e9  # safetensors from the page cache, cast to the weights dtype (measured ~1 GB/s here)
