@@ -338,7 +338,7 @@ def probe(spec: dict) -> dict:
     config = AutoConfig.from_pretrained(spec["source"])
     causal = spec["causal"]
     with torch.device("meta"):  # imports the model class's modules: part of what a run holds before its weights
-        (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+        skeleton = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     precision = device.Precision(spec["bf16"], "calibration")
     weights_dtype = getattr(torch, spec["weights_dtype"])
@@ -351,7 +351,8 @@ def probe(spec: dict) -> dict:
     torch.manual_seed(0)
     # 1 block and a few more: the difference of the two is several blocks' time, well above the timing noise (the
     # difference of 1 and 2 blocks was a few milliseconds of a noisy total, off by 2-3x for SmolLM2)
-    deeper = 1 + _extra_blocks(config, weights_dtype, causal)
+    deeper = 1 + _extra_blocks(skeleton, config.num_hidden_layers)
+    del skeleton
     out["probe_layers"] = [1, deeper]
     for layers in (1, deeper):
         config.num_hidden_layers = layers
@@ -376,22 +377,14 @@ def probe(spec: dict) -> dict:
     return out
 
 
-def _extra_blocks(config, weights_dtype, causal: bool) -> int:
+def _extra_blocks(skeleton, layers: int) -> int:
     """How many blocks beyond the first the deeper probe adds: up to PROBE_MAX_BLOCKS - 1, fewer for large blocks
-    (a 7B model's block is ~200M parameters: one more), never more than the model has."""
+    (a 7B model's block is ~200M parameters: one more), at most the model's other blocks but at least one (the
+    per-block time is a difference of two depths). `skeleton`: the full model on the meta device."""
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM
 
-    layers = config.num_hidden_layers
-    probe = config.__class__.from_dict(config.to_dict())
-    probe.num_hidden_layers = 1
-    for key in ("layer_types",):
-        if isinstance(getattr(probe, key, None), list):
-            setattr(probe, key, getattr(probe, key)[:1])
-    with torch.device("meta"):
-        model = (AutoModelForCausalLM if causal else AutoModel).from_config(probe, dtype=weights_dtype)
-    block = max((sum(p.numel() for p in m.parameters()) for m in model.modules()
-                 if isinstance(m, torch.nn.ModuleList) and len(m) == 1), default=1)
+    block = max((sum(p.numel() for p in m[0].parameters()) for m in skeleton.modules()
+                 if isinstance(m, torch.nn.ModuleList) and len(m) == layers), default=1)
     return max(1, min(PROBE_MAX_BLOCKS - 1, layers - 1, int(PROBE_BLOCK_PARAMETERS // max(block, 1))))
 
 

@@ -153,8 +153,8 @@ class EcdModel:
         """Row-aligned embeddings through the on-disk cache. One embedder (the cache's key index) serves a whole
         pass over the data, chunk after chunk; each pass (fit, predict, evaluate) starts with a fresh one."""
         meta = self.metadata[feature.name]
-        state = process_state()
         if feature.name not in self._embedders:
+            state = process_state()
             # under `accelerate launch` / torchrun a hub model not downloaded yet is fetched by the main process
             # first, so the cache key names its commit on every process
             with state.main_process_first():
