@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,3 +189,68 @@ def machine_key(hw: Optional[Hardware] = None) -> str:
     """What a speed measurement on this machine depends on: the device, its bf16 units, threads, torch."""
     hw = hw or hardware()
     return f"{hw.device}|{hw.name}|{hw.bf16_units}|{torch.get_num_threads()}|{torch.__version__}"
+
+
+# ---------------------------------------------------------------------------------------------- the machine's load
+# torch runs each big op on a team of as many threads as cores; when other processes keep some of those cores busy,
+# the team waits at every op for its slowest member (on 2 cores with one other busy process, LLM training steps ran
+# 2-5x slower with 2 threads than with 1). cadenza/threads.py follows the load between steps with these readings.
+FOLLOW_LOAD = "CADENZA_FOLLOW_LOAD"  # "0": keep torch's thread count whatever the load (the bench's A/B switch)
+
+
+def pinned_threads() -> Optional[str]:
+    """The variable that pins the thread count, if set: the user's OMP_NUM_THREADS/MKL_NUM_THREADS (torchrun sets
+    OMP_NUM_THREADS=1 in each process), or CADENZA_FOLLOW_LOAD=0. A pinned count is never adapted."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(name):
+            return name
+    return FOLLOW_LOAD if os.environ.get(FOLLOW_LOAD, "").strip() in ("0", "false", "no") else None
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    busy: float  # seconds the cores this process may use have been busy since boot, all processes together
+    own: float  # this process's CPU seconds, all its threads
+    wall: float  # time.monotonic() of the reading
+    cores: int  # the cores this process may use (its affinity)
+
+
+def cpu_sample() -> Optional[CpuSample]:
+    """One reading of /proc/stat's per-core busy time (user, nice, system, irq, softirq, steal: a core the hypervisor
+    gives to another machine is not ours either) and of this process's CPU time; None where there is no /proc/stat."""
+    try:
+        allowed = os.sched_getaffinity(0)
+        text = Path("/proc/stat").read_text()
+    except (OSError, AttributeError):
+        return None
+    busy = 0
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if name[:3] == "cpu" and name[3:].isdigit() and int(name[3:]) in allowed:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in rest.split()[:8])
+            busy += user + nice + system + irq + softirq + steal  # guest time is counted in user and nice already
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return CpuSample(busy / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime, time.monotonic(), len(allowed))
+
+
+def others_busy_cores(before: CpuSample, after: CpuSample) -> float:
+    """Cores that other processes kept busy between two readings: all busy time minus this process's, per second."""
+    elapsed = after.wall - before.wall
+    if elapsed <= 0:
+        return 0.0
+    others = (after.busy - before.busy) - (after.own - before.own)
+    return min(max(others / elapsed, 0.0), float(after.cores))
+
+
+HYSTERESIS = 0.1  # cores beyond the rounding boundary a reading must go before the thread count changes
+
+
+def threads_for_load(cores: int, others: float, current: int, most: int) -> int:
+    """The intra-op thread count when other processes keep `others` of this process's `cores` busy: the cores left,
+    rounded, at least 1 and at most `most` (torch's setting at the start of the run). `current` stays unless the cores
+    left are more than half a core plus HYSTERESIS away from it, so readings near a boundary do not flap."""
+    free = cores - others
+    choice = min(max(math.floor(free + 0.5), 1), most)
+    if choice != current and abs(free - current) < 0.5 + HYSTERESIS:
+        return current
+    return choice

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..config.schema import BackendConfig, TrainerConfig
 from ..device import Precision, is_cuda, peak_flops
 from ..metrics import is_better
+from ..threads import follow_load
 from ..track import Tracker
 from .backend import accelerator_options, check_launch
 from .checkpoint import (CHECKPOINT, check_same_batches, load_trainable_state, random_states, read_checkpoint,
@@ -226,7 +227,8 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         return metrics, improved
 
     started, totals = time.perf_counter(), Throughput()
-    with stop_on_signals(ckpt_dir) as stop:
+    # the thread count follows other processes' load between steps; back to its start value when the run ends
+    with stop_on_signals(ckpt_dir) as stop, follow_load(log) as threads:
         if saved:  # last before the first step: from here on, draws happen exactly as in the uninterrupted run
             restore_random_states(saved.rng[accelerator.process_index])
         while state.epoch < cfg.epochs and not state.done:
@@ -254,6 +256,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    threads.tick()
 
                     state.count_step(loss_sum, total_weight)
                     session.add(weight, tokens)
