@@ -52,14 +52,14 @@ class LoadFollower:
             self._set(choice)
 
     def threads_used(self) -> float:
-        """The mean thread count over the block so far (the start count when nothing changed)."""
+        """The mean thread count over the block so far, to 0.1 (a whole number when it never changed)."""
         if self.mean is not None:
             return self.mean
         now = time.monotonic()
         total = now - self.began
-        if total <= 0:
-            return float(self.current)
-        return (self.thread_seconds + self.current * (now - self.since)) / total
+        mean = (self.thread_seconds + self.current * (now - self.since)) / total if total > 0 else self.current
+        mean = round(mean, 1)
+        return int(mean) if mean == int(mean) else mean
 
     def _set(self, n: int) -> None:
         now = time.monotonic()

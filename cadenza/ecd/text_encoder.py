@@ -18,6 +18,7 @@ from ..artifacts import check_adapter_folder, check_local_source, check_remote_c
 from ..data.assets import resolve_model_name
 from ..device import Precision, peak_flops
 from ..phases import note, phase
+from ..threads import follow_load
 
 
 def encoder_source(encoder_cfg) -> str:
@@ -166,13 +167,15 @@ class TextEncoder(nn.Module):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eval()
         padded_tokens = 0
-        with phase("embed"), torch.inference_mode(), cast:
+        # the thread count follows other processes' load between batches (cadenza.threads)
+        with phase("embed"), torch.inference_mode(), cast, follow_load() as threads:
             for index in length_batches(lengths, order, tokens_per_batch):
                 input_ids, mask = _padded(ids, lengths, index, pad)
                 out[index] = self(input_ids.to(device), mask.to(device)).float().cpu().numpy()
                 padded_tokens += input_ids.numel()
+                threads.tick()
         note("embed", flops=self.flops(lengths), tokens=int(lengths.sum()), padded_tokens=padded_tokens,
-             texts=len(texts), peak_flops=peak, precision=precision.name)
+             texts=len(texts), peak_flops=peak, precision=precision.name, threads=threads.threads_used())
         return out
 
     def flops(self, lengths: np.ndarray) -> float:
