@@ -85,6 +85,17 @@ class FileRows:
                 yield order[lo:hi], frame
             start = stop
 
+    def read(self, columns: Optional[list[str]] = None) -> pd.DataFrame:
+        """These rows, in split order, as one DataFrame read chunk by chunk (the rest of the file never in memory):
+        for a split small enough to hold, such as a test split whose predictions are a DataFrame anyway."""
+        parts, where = [], []
+        for positions, frame in self.chunks(columns):
+            parts.append(frame)
+            where.append(positions)
+        if not parts:
+            return pd.DataFrame(columns=columns if columns is not None else self.columns)
+        return pd.concat(parts).iloc[np.argsort(np.concatenate(where), kind="stable")]
+
     def frame(self, columns: list[str]) -> pd.DataFrame:
         """Only these columns, all rows, in split order (for fitting vocabularies and statistics)."""
         import pyarrow.parquet as pq

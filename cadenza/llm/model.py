@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -16,12 +18,12 @@ from ..adapters import (apply_adapter, load_adapter, needs_calibration, needs_co
                         snapshot_initial_adapter)
 from ..artifacts import (LLM_WEIGHTS, METADATA_FILE, MODEL_DIR, RETRIEVAL_FILE, check_adapter_folder,
                          check_local_source, read_json, write_json)
-from ..data import assets
+from ..data import assets, stream
 from ..data.cache import cache_root, configured_cache_dir
 from ..data.read import require_columns
 from ..errors import DataError, ModelFolderError
 from ..config.schema import CadenzaConfig
-from . import batching, chat, preference, train
+from . import batching, chat, preference, token_store, train
 from .generate import generate as generate_ids
 from .generate import hf_generation_config
 from .load import fix_special_tokens, load_causal_lm, load_tokenizer, plain_model_dir
@@ -32,6 +34,9 @@ from .retrieval import Retriever
 from .tokenize import TokenizedRows, tokenize_rows, tokenizer_fingerprint
 
 CALIBRATION_ROWS = 256  # EVA/CorDA calibration: PEFT's CorDA guide finds a few hundred rows enough
+# rows read, prompted and tokenized at a time from a streamed Parquet file: the chunk's records, prompt texts and
+# the tokenizer's lists of Python ints cost ~2-3 KB a row while they live, so a small chunk keeps that small
+TOKENIZE_ROWS = 8192
 CPU_AUTO_BATCH = 8  # on CPU bigger micro-batches do not raise tokens/s; more optimizer steps help convergence
 BASE_NOT_SAVED = ("the model folder holds no copy of the base model (only the adapter trained on it): restore "
                   "that folder, or point base_model in model_hyperparameters.json at a copy of the same model")
@@ -105,19 +110,31 @@ class LlmModel:
         if self.chat:
             return self.chat.training_records(df, where, log)
         records = self._records(df, need_output=True)
+        answered, counts = self._answered(records)
+        self._warn_unanswered(where, counts, log)
+        return [r for r, keep in zip(records, answered) if keep]
+
+    def _answered(self, records: list[dict]) -> tuple[np.ndarray, dict]:
+        """Which records have an answer, and the counts of what is left out (a streamed pass adds them up over its
+        chunks, so its warnings are the in-memory path's)."""
         answers = [r.get(self.output_column) for r in records]
-        kept = [r for r, a in zip(records, answers) if not _is_blank(a)]
-        if len(kept) < len(records):
-            missing = sum(_is_missing(a) for a in answers)
-            log(f"warning: {where}: dropped {len(records) - len(kept)} of {len(records)} rows with no answer in "
-                f"output column {self.output_column!r} ({missing} missing, {len(records) - len(kept) - missing} "
+        answered = np.fromiter((not _is_blank(a) for a in answers), dtype=bool, count=len(answers))
+        counts = {"rows": len(records), "kept": int(answered.sum()),
+                  "missing": sum(_is_missing(a) for a, ok in zip(answers, answered) if not ok),
+                  "blank_inputs": {c: sum(_is_blank(r.get(c)) for r, ok in zip(records, answered) if ok)
+                                   for c in self.inputs}}
+        return answered, counts
+
+    def _warn_unanswered(self, where: str, counts: dict, log) -> None:
+        rows, kept, missing = counts["rows"], counts["kept"], counts["missing"]
+        if kept < rows:
+            log(f"warning: {where}: dropped {rows - kept} of {rows} rows with no answer in "
+                f"output column {self.output_column!r} ({missing} missing, {rows - kept - missing} "
                 "empty text); fill them or remove those rows")
-        for column in self.inputs:
-            blank = sum(_is_blank(r.get(column)) for r in kept)
+        for column, blank in counts["blank_inputs"].items():
             if blank:
-                log(f"warning: {where}: {blank} of {len(kept)} rows have no value in input column {column!r}; "
+                log(f"warning: {where}: {blank} of {kept} rows have no value in input column {column!r}; "
                     "their prompts carry an empty text for it")
-        return kept
 
     def _prompts(self, records: list[dict], self_index: bool = False) -> list[str]:
         contexts = [""] * len(records)
@@ -127,7 +144,8 @@ class LlmModel:
             contexts = [self.builder.context(rows) for rows in chosen]
         return [self.builder.prompt(r, c) for r, c in zip(records, contexts)]
 
-    def _tokenize(self, records: list[dict], with_targets: bool, self_index: bool = False) -> TokenizedRows:
+    def _tokenize(self, records: list[dict], with_targets: bool, self_index: bool = False,
+                  cache: bool = True) -> TokenizedRows:
         if self.chat:
             return self.chat.tokenize(self.tokenizer, records, with_targets,
                                       self.config.preprocessing.global_max_sequence_length)
@@ -136,7 +154,79 @@ class LlmModel:
             if with_targets else None
         return tokenize_rows(self.tokenizer, prompts, targets,
                              max_len=self.config.preprocessing.global_max_sequence_length,
-                             add_special_tokens=self.builder.add_special_tokens, cache_dir=self._cache() / "tokens")
+                             add_special_tokens=self.builder.add_special_tokens,
+                             cache_dir=self._cache() / "tokens" if cache else None)
+
+    # ---------------------------------------------------------------------------- data larger than memory
+    def streamed_splits(self, dataset, seed: int, log=print) -> Optional[dict]:
+        """The splits of a Parquet file of cadenza.data.stream.MIN_ROWS rows or more, as row numbers of the file
+        (tokenized chunk by chunk into an on-disk store by `_streamed_tokens`); None where the in-memory path
+        applies."""
+        if not stream.streams(dataset):
+            return None
+        blocker = self._stream_blocker()
+        if blocker:
+            log(f"{dataset}: read into memory although it has {stream.parquet_rows(dataset)} rows: {blocker}")
+            return None
+        log(f"{dataset}: streamed, tokenized {TOKENIZE_ROWS} rows at a time into a token store on disk "
+            "(docs/scale.md)")
+        return stream.split_file(dataset, self.config.preprocessing, seed)
+
+    def _stream_blocker(self) -> Optional[str]:
+        """Why this config needs every row in memory, or None."""
+        t = self.config.trainer
+        if self.chat:
+            return "chat data (preprocessing.format: messages) is tokenized in memory"
+        if preference.is_preference(t.type):
+            return f"trainer.type {t.type} pairs its rows in memory"
+        if t.type == "none":
+            return "trainer.type none trains nothing (zero-/few-shot): there is nothing to tokenize"
+        if self.config.prompt.retrieval.type:
+            return "prompt.retrieval picks few-shot examples among all training rows, held in memory"
+        return None
+
+    def _streamed_tokens(self, rows: stream.FileRows, where: str, log) -> TokenizedRows:
+        """The answered rows of a streamed split, tokenized TOKENIZE_ROWS at a time into a token store on disk
+        (cadenza.llm.token_store) - or the store a previous run left for the same rows, tokenizer and prompt. Rows
+        are in the split's order, as the in-memory path has them."""
+        require_columns(rows, {**{c: f"input_features ({c})" for c in self.inputs},
+                               self.output_column: f"output_features ({self.output_column})"}, "llm data")
+        folder = self._cache() / "tokens" / f"stream-{self._store_key(rows)}"
+        found = token_store.read(folder)
+        if found is None:
+            if len(self.tokenizer) >= 2 ** 31:
+                raise DataError(f"the tokenizer has {len(self.tokenizer)} tokens: the token store keeps int32 ids")
+            counts = {"rows": 0, "kept": 0, "missing": 0, "blank_inputs": dict.fromkeys(self.inputs, 0)}
+
+            def chunks():
+                columns = list(dict.fromkeys(self.inputs + [self.output_column]))
+                for positions, frame in rows.chunks(columns, rows=TOKENIZE_ROWS):
+                    records = self._records(frame, need_output=True)
+                    answered, part = self._answered(records)
+                    for key in ("rows", "kept", "missing"):
+                        counts[key] += part[key]
+                    for column, blank in part["blank_inputs"].items():
+                        counts["blank_inputs"][column] += blank
+                    kept = [r for r, keep in zip(records, answered) if keep]
+                    yield positions[answered], self._tokenize(kept, with_targets=True, cache=False)
+
+            found = token_store.write(folder, chunks(), counts)
+            log(f"{where}: {found[1]['kept']:,} rows tokenized into {folder}")
+        else:
+            log(f"{where}: {found[1]['kept']:,} tokenized rows reused from {folder}")
+        tokens, counts = found
+        self._warn_unanswered(where, counts, log)
+        return tokens
+
+    def _store_key(self, rows: stream.FileRows) -> str:
+        """Everything the stored tokens depend on: the file and its rows, the tokenizer (its chat template too),
+        the prompt, the columns and the maximum length."""
+        parts = {"store": token_store.VERSION, "data": rows.fingerprint()["sha256"],
+                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
+                 "chat_template": getattr(self.tokenizer, "chat_template", None), "prompt": self.builder.metadata(),
+                 "task": self.config.prompt.task, "add_special_tokens": self.builder.add_special_tokens,
+                 "max_len": self.config.preprocessing.global_max_sequence_length}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def _build_retriever(self, train_records: list[dict], seed: int) -> None:
         r = self.config.prompt.retrieval
@@ -152,7 +242,9 @@ class LlmModel:
         labels: list[str] = list((self.output.match or {}).keys())
         train = splits.get("training")
         if train is not None and self.output_column in getattr(train, "columns", []):
-            for value in train[self.output_column].dropna().astype(str).value_counts().index:
+            by_count = _labels_by_count(train, self.output_column) if isinstance(train, stream.FileRows) else \
+                train[self.output_column].dropna().astype(str).value_counts().index
+            for value in by_count:
                 if value not in labels:
                     labels.append(value)
         if self.output.fallback_label and self.output.fallback_label not in labels:
@@ -178,7 +270,7 @@ class LlmModel:
         if getattr(self, "_auto_size", None):
             return self._auto_size
         rows = self._train_rows
-        longest = sorted(range(len(rows)), key=lambda i: -int(rows.lengths[i]))
+        longest = np.argsort(-rows.lengths, kind="stable")[:64].tolist()  # (a stable sort, as sorted() was)
         size, best = 1, 1
         cap = min(self.config.trainer.max_batch_size, 64, len(rows))
         module = TargetLoss(self.model)
@@ -315,6 +407,8 @@ class LlmModel:
 
     def predict(self, df: pd.DataFrame, batch_size: Optional[int] = None) -> pd.DataFrame:
         self._ensure_base()
+        if isinstance(df, stream.FileRows):  # a streamed test split: its predictions are a DataFrame anyway
+            df = df.read()
         records = self._records(df, need_output=False)
         texts = self._generate_records(records, batch_size)
         name = self.output.name
@@ -361,6 +455,8 @@ class LlmModel:
 
     def evaluate(self, df: pd.DataFrame, batch_size: Optional[int] = None) -> tuple[dict, pd.DataFrame]:
         self._ensure_base()
+        if isinstance(df, stream.FileRows):  # a streamed test split: its predictions are a DataFrame anyway
+            df = df.read()
         records = self._records(df, need_output=True)
         if not records:
             raise DataError("evaluate: the data set has no rows")
@@ -447,6 +543,21 @@ def _is_missing(value) -> bool:
 def _is_blank(value) -> bool:
     """A missing cell or a text of only white space: nothing to put in a prompt or to learn as an answer."""
     return _is_missing(value) or not str(value).strip()
+
+
+def _labels_by_count(rows: stream.FileRows, column: str) -> list[str]:
+    """The values of `frame[column].dropna().astype(str).value_counts()` of a streamed split, one column read a
+    chunk at a time: most frequent first, ties in order of first appearance in the split (as value_counts has
+    them: a stable sort of the values in that order)."""
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for positions, frame in rows.chunks([column]):
+        present = frame[column].notna().to_numpy()
+        part = pd.DataFrame({"value": frame[column][present].astype(str).to_numpy(), "at": positions[present]})
+        for value, n, at in part.groupby("value", sort=False)["at"].agg(["size", "min"]).itertuples():
+            counts[value] = counts.get(value, 0) + int(n)
+            first[value] = min(first.get(value, int(at)), int(at))
+    return sorted(counts, key=lambda value: (-counts[value], first[value]))
 
 
 def _weights_precision(config: CadenzaConfig) -> device.Precision:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -23,17 +23,26 @@ CACHE_VERSION = "v1"
 
 @dataclass
 class TokenizedRows:
-    ids: list[np.ndarray]          # int64 token ids per row
+    # int64 token ids per row: a list, or rows read from disk (cadenza.llm.token_store.TokenIds) for data larger
+    # than memory; either way `ids[i]` is row i
+    ids: Sequence[np.ndarray]
     prompt_lens: np.ndarray        # int64, tokens of prompt per row (target starts there)
     truncated: int = 0             # rows shortened by global_max_sequence_length
     masks: Optional[list[np.ndarray]] = None  # chat rows: bool per token, True where the token is a target
+    _lengths: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.array([len(x) for x in self.ids], dtype=np.int64)
+        """Tokens per row (int64), computed once: batching asks for it per row and per epoch."""
+        known = getattr(self.ids, "lengths", None)  # a store knows its rows' lengths without reading them
+        if known is not None:
+            return known
+        if self._lengths is None or len(self._lengths) != len(self.ids):
+            self._lengths = np.fromiter(map(len, self.ids), dtype=np.int64, count=len(self.ids))
+        return self._lengths
 
     def target_tokens(self, train_on_inputs: bool = False) -> np.ndarray:
         if train_on_inputs:

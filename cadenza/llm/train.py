@@ -25,6 +25,8 @@ import torch
 
 from .. import device
 from ..adapters import lora_plus_lr_ratio
+from ..data.read import require_columns
+from ..data.stream import FileRows
 from ..errors import DataError
 from ..train import loop
 from . import batching, preference
@@ -168,8 +170,13 @@ def reference_model(llm, data: "PreferenceRows", precision, log):
 
 
 # ============================================================================================ supervised data
-def sft_records(llm, train_df: pd.DataFrame, log) -> list[dict]:
-    """The training rows to learn from (zero-shot needs no answers, unless few-shot examples come from them)."""
+def sft_records(llm, train_df: pd.DataFrame, log) -> Optional[list[dict]]:
+    """The training rows to learn from (zero-shot needs no answers, unless few-shot examples come from them).
+    None for a split streamed from a large Parquet file (its columns checked here): SftRows.of reads it in chunks."""
+    if isinstance(train_df, FileRows):
+        require_columns(train_df, {**{c: f"input_features ({c})" for c in llm.inputs},
+                                   llm.output_column: f"output_features ({llm.output_column})"}, "llm data")
+        return None
     if llm.config.trainer.type == "none" and not llm.config.prompt.retrieval.type:
         return llm._records(train_df, need_output=False)
     records = llm._answered_records(train_df, "training", log)
@@ -191,18 +198,28 @@ class SftRows:
     computed: Optional[int] = None  # tokens computed per epoch (shared prompt prefixes once), set by flops_per_unit
 
     @classmethod
-    def of(cls, llm, records: list[dict], splits: dict, seed: int, log) -> "SftRows":
+    def of(cls, llm, records: Optional[list[dict]], splits: dict, seed: int, log) -> "SftRows":
+        """records None: the splits are streamed (FileRows) and tokenized chunk by chunk into token stores."""
         t = llm.config.trainer
-        rows = llm._tokenize(records, with_targets=True, self_index=True)
+        if records is None:
+            rows = llm._streamed_tokens(splits["training"], "training", log)
+            if not len(rows):
+                raise DataError(f"training: no row has an answer in output column {llm.output_column!r} (every "
+                                "value is missing or empty); check that it is the column of answers")
+        else:
+            rows = llm._tokenize(records, with_targets=True, self_index=True)
         if rows.truncated:
             log(f"preprocessing.global_max_sequence_length={llm.config.preprocessing.global_max_sequence_length}: "
                 f"{rows.truncated} of {len(rows)} training rows truncated")
         val_df, val_rows = splits.get("validation"), None
         if val_df is not None and len(val_df) and not t.skip_all_evaluation:
-            val_records = llm._answered_records(val_df, "validation", log)
-            if val_records:
-                val_rows = llm._tokenize(val_records, with_targets=True)
+            if isinstance(val_df, FileRows):
+                val_rows = llm._streamed_tokens(val_df, "validation", log)
+                val_rows = val_rows if len(val_rows) else None
             else:
+                val_records = llm._answered_records(val_df, "validation", log)
+                val_rows = llm._tokenize(val_records, with_targets=True) if val_records else None
+            if val_rows is None:
                 log("warning: validation: no row has an answer; training runs without validation")
         return cls(llm, rows, val_rows, seed)
 
@@ -214,7 +231,7 @@ class SftRows:
         t = self.llm.config.trainer
         return size * (t.packing_max_sequences_per_pack or 1) if t.packing else size
 
-    def groups(self, epoch: int, size: int) -> list[list[int]]:
+    def groups(self, epoch: int, size: int) -> batching.Groups:
         t = self.llm.config.trainer
         return batching.epoch_groups(self.train, epoch, self.seed, packed=t.packing,
                                      rows_per_batch=self.rows_per_micro_batch(size),
@@ -233,7 +250,7 @@ class SftRows:
     def evaluate(self, module, rows: TokenizedRows, loss, share: bool) -> dict:
         return token_metrics(self.llm, module, rows)
 
-    def flops_per_unit(self, groups0: list[list[int]], share: bool) -> float:
+    def flops_per_unit(self, groups0: batching.Groups, share: bool) -> float:
         """FLOPs per target token: the weight counts target tokens but FLOPs go to every computed token (shared
         prefixes once), so MFU reports the work really done."""
         llm, t = self.llm, self.llm.config.trainer
