@@ -59,21 +59,32 @@ def test_torchrun_two_processes_trains_and_saves_once(tiny_bert_dir, cache_dir, 
 
 
 @pytest.mark.integration
-def test_ecd_two_processes_reach_the_single_process_loss(tiny_bert_dir, cache_dir, tmp_path):
+@pytest.mark.parametrize("sharing", ["ddp_cached_encoder", "fsdp_trained_encoder"])
+def test_ecd_two_processes_reach_the_single_process_loss(sharing, tiny_bert_dir, cache_dir, tmp_path):
     """63 training rows in micro-batches of 9: 7 micro-batches, 2 per optimizer step either way (accumulated in one
     process, one per rank in two). The last step has one micro-batch: the second rank re-runs one that counts
-    nothing."""
+    nothing. Under FSDP2 the BERT layers of the trained encoder are sharded, and the validation rounds run the
+    sharded copy; the encoder's dropout draws differ between 1 and 2 processes, so that run is compared with the same
+    pair of processes under DDP."""
     reviews().to_csv(tmp_path / "d.csv", index=False)
+    trained = sharing == "fsdp_trained_encoder"
     cfg = {"input_features": [{"name": "review", "type": "text", "encoder": {
-        "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_bert_dir)}}],
+        "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_bert_dir), "trainable": trained}}],
         "output_features": [{"name": "sentiment", "type": "category"}],
         "trainer": {"epochs": 3, "batch_size": 9, "effective_batch_size": 18, "gradient_accumulation_steps": "auto",
-                    "learning_rate": 0.01, "use_mixed_precision": False}}
+                    "learning_rate": 0.001 if trained else 0.01, "use_mixed_precision": False},
+        "backend": {"type": "fsdp" if trained else "ddp"}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     torchrun(["-m", "cadenza", "train", "-c", "c.yaml", "--dataset", "d.csv", "-od", "two"], tmp_path)
-    from cadenza import Model
+    if trained:
+        # (the pooler is not used: DDP must be told)
+        ddp = {"type": "ddp", "ddp": {"find_unused_parameters": True}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({**cfg, "backend": ddp}))
+        torchrun(["-m", "cadenza", "train", "-c", "c.yaml", "--dataset", "d.csv", "-od", "one"], tmp_path)
+    else:
+        from cadenza import Model
 
-    Model(cfg, log=lambda _: None).train(dataset=tmp_path / "d.csv", output_directory=tmp_path / "one")
+        Model(cfg, log=lambda _: None).train(dataset=tmp_path / "d.csv", output_directory=tmp_path / "one")
     one, two = statistics(tmp_path / "one"), statistics(tmp_path / "two")
     assert one["steps"] == two["steps"] == 3 * 4
     # the loss reported is over every rank's rows, and each step's update is the single process's
@@ -124,21 +135,34 @@ def test_two_processes_split_the_embedding_pass_into_the_single_process_cache(ti
     assert all(np.allclose(two[k], one[k], atol=1e-5) for k in one)
 
 
+# how two processes share the model: DDP (a whole copy each); FSDP2 with each decoder layer a unit (LoRA: frozen and
+# trained weights in the same units); FSDP2 of every weight, units by size (the tied embedding stays in the root),
+# activations recomputed in the backward
+SHARING = {"ddp_lora": ({"type": "ddp"}, True),
+           "fsdp_lora": ({"type": "fsdp", "fsdp": {"reshard_after_forward": False}}, True),
+           "fsdp_full": ({"type": "fsdp", "fsdp": {"auto_wrap": "size", "min_num_params": 20_000,
+                                                    "activation_checkpointing": True}}, False)}
+
+
 @pytest.mark.integration
-def test_llm_lora_two_processes_follow_the_single_process_loss_curve(tiny_llama_dir, cache_dir, tmp_path):
-    """LoRA on a tiny random Llama: 2 processes x micro-batches of 2 rows = 1 process x 2 accumulated micro-batches
-    of 2 rows; the validation loss every 2 steps (the curve) and the epoch's training loss agree."""
+@pytest.mark.parametrize("sharing", list(SHARING))
+def test_llm_two_processes_follow_the_single_process_loss_curve(sharing, tiny_llama_dir, cache_dir, tmp_path):
+    """A tiny random Llama: 2 processes x micro-batches of 2 rows = 1 process x 2 accumulated micro-batches of 2 rows;
+    the validation loss every 2 steps (the curve), the epoch's training loss and the saved weights agree."""
+    backend, lora = SHARING[sharing]
     from cadenza.data import assets
 
     assets.chatterbot_pairs().head(32)[["question", "answer"]].to_csv(tmp_path / "qa.csv", index=False)
     cfg = {"model_type": "llm", "base_model": str(tiny_llama_dir),
            "input_features": [{"name": "question", "type": "text"}],
            "output_features": [{"name": "answer", "type": "text"}],
-           "adapter": {"type": "lora", "r": 4, "dropout": 0.0},
            "preprocessing": {"split": {"type": "random", "probabilities": [0.75, 0.25, 0.0]}},
            "trainer": {"type": "finetune", "epochs": 1, "batch_size": 2, "effective_batch_size": 4,
-                       "gradient_accumulation_steps": "auto", "learning_rate": 0.003, "eval_steps": 2,
-                       "use_mixed_precision": False}}
+                       "gradient_accumulation_steps": "auto", "learning_rate": 0.003 if lora else 0.001,
+                       "eval_steps": 2, "use_mixed_precision": False},
+           "backend": backend}
+    if lora:
+        cfg["adapter"] = {"type": "lora", "r": 4, "dropout": 0.0}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     torchrun(["-m", "cadenza", "train", "-c", "c.yaml", "--dataset", "qa.csv", "-od", "two"], tmp_path)
     from cadenza import Model
@@ -151,6 +175,11 @@ def test_llm_lora_two_processes_follow_the_single_process_loss_curve(tiny_llama_
     assert curve(two) == pytest.approx(curve(one), rel=1e-4)
     assert [e["loss"] for e in two["training"]] == pytest.approx([e["loss"] for e in one["training"]], rel=1e-4)
     assert curve(one)[-1] < curve(one)[0]  # it learned
+    from test_resume import saved_weights
+
+    a, b = saved_weights(tmp_path / "one" / "experiment_run"), saved_weights(tmp_path / "two" / "experiment_run")
+    assert a.keys() == b.keys() and len(a) >= (8 if lora else 20)  # LoRA A and B of q/v in 2 layers; every weight
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
 
 
 # ------------------------------------------------------------------------------ backend presets (one process)
@@ -181,23 +210,36 @@ def test_backend_maps_to_accelerate_arguments(tiny_llama_dir):
 
     from cadenza.config.schema import FsdpOptions
     from cadenza.errors import HardwareError
-    from cadenza.train.backend import accelerator_options, fsdp_plugin
+    from cadenza.train.backend import accelerator_options, sharding_options
+    from cadenza.train.sharding import units
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=2))
     for kind in ("local", "ddp", "fsdp", "deepspeed"):  # one process trains the plain model whatever the type
         assert accelerator_options(backend_config({"type": kind}), model, world=1) == {}
+        assert sharding_options(backend_config({"type": kind}), world=1) is None
     (ddp,) = accelerator_options(backend_config({"type": "ddp", "ddp": {"find_unused_parameters": True}}), model,
                                  world=2)["kwargs_handlers"]
     assert isinstance(ddp, DistributedDataParallelKwargs) and ddp.find_unused_parameters
-    # sharded types are refused with the reason where they cannot run (here: CPU processes)
-    for kind in ("fsdp", "deepspeed"):
-        with pytest.raises(HardwareError, match=f"backend.type: {kind} .*use backend.type: ddp"):
-            accelerator_options(backend_config({"type": kind}), model, world=2)
-    # what fsdp maps to: FSDP2, each decoder layer its own unit although the PEFT wrapper hides _no_split_modules
-    plugin = fsdp_plugin(FsdpOptions(reshard_after_forward=False, cpu_offload=True), model)
-    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
-    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
-    assert type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy"
+    # fsdp: no Accelerate plugin, the loop shards the model itself (on CPU processes too)
+    assert accelerator_options(backend_config({"type": "fsdp"}), model, world=2) == {}
+    assert sharding_options(backend_config({"type": "fsdp", "fsdp": {"reshard_after_forward": False}}),
+                            world=2).reshard_after_forward is False
+    with pytest.raises(HardwareError, match="backend.fsdp.cpu_offload: true keeps the shards in CPU memory"):
+        sharding_options(backend_config({"type": "fsdp", "fsdp": {"cpu_offload": True}}), world=2)
+    # deepspeed is refused with the reason where it cannot run (here: CPU processes)
+    with pytest.raises(HardwareError, match="backend.type: deepspeed needs CUDA GPUs.*backend.type: fsdp"):
+        accelerator_options(backend_config({"type": "deepspeed"}), model, world=2)
+    # the units fsdp shards one at a time: each decoder layer although the PEFT wrapper hides _no_split_modules;
+    # by size, never a module holding the tied embedding (it stays in the root with the LM head that shares it)
+    layers = [type(m).__name__ for m in units(model, FsdpOptions())]
+    assert layers == ["LlamaDecoderLayer", "LlamaDecoderLayer"]
+    assert units(model, FsdpOptions(auto_wrap="none")) == []
+    by_size = units(model, FsdpOptions(auto_wrap="size", min_num_params=10_000))
+    embedding = model.get_input_embeddings().weight
+    assert by_size and all(all(p is not embedding for p in m.parameters()) for m in by_size)
+    assert embedding.numel() > 10_000  # (big enough to be a unit of its own if it were not tied)
+    covered = [id(p) for m in by_size for p in m.parameters()]
+    assert len(covered) == len(set(covered))  # no parameter in two units
 
 
 def test_a_rank_left_short_reruns_a_batch_that_counts_nothing():
@@ -208,22 +250,3 @@ def test_a_rank_left_short_reruns_a_batch_that_counts_nothing():
     rank1 = list(micro_batch_groups(iter(batches), 2, rank=1, world=2, num_batches=7))
     assert rank0 == [["b0", "b2"], ["b4", "b6"]]
     assert rank1 == [["b1", "b3"], ["b5", Repeated("b1")]]  # the same number of micro-batches on every rank
-
-
-@pytest.mark.integration
-def test_torchrun_with_a_sharded_backend_stops_at_the_start_with_the_reason(tiny_bert_dir, cache_dir, tmp_path):
-    """Both processes refuse fsdp on CPUs at the same point (neither waits for the other) and leave no run folder."""
-    reviews(40).to_csv(tmp_path / "d.csv", index=False)
-    cfg = {"input_features": [{"name": "review", "type": "text", "encoder": {
-        "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_bert_dir)}}],
-        "output_features": [{"name": "sentiment", "type": "category"}], "trainer": {"epochs": 1},
-        "backend": {"type": "fsdp", "fsdp": {"reshard_after_forward": False}}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "cadenza", "train", "-c",
-                           "c.yaml", "--dataset", "d.csv", "-od", "out"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode != 0
-    # each process says why; torchrun may stop the second before it has printed, once the first has failed
-    assert done.stderr.count("backend.type: fsdp shards a model over CUDA GPUs") >= 1, done.stderr[-3000:]
-    assert "exitcode  : 2" in done.stderr  # a CadenzaError: the CLI's exit 2, no traceback of ours
-    assert list((tmp_path / "out").glob("*")) == []  # the new run folder was removed again

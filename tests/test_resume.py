@@ -281,11 +281,22 @@ def test_a_run_that_fails_before_training_leaves_no_folder(tiny_bert_dir, cache_
     assert Model(config, log=quiet).train(df, output_directory=tmp_path / "out").run_dir.name == "experiment_run"
 
 
+# two processes: an ecd head under DDP; LoRA under FSDP2, each decoder layer sharded (weights, gradients and optimizer
+# state gathered for the checkpoint, put back into shards on resume)
+# (the step each pair is stopped in: 2 processes take 3 (ecd) and 2 (llm) steps per epoch)
+TWO_PROCESS_KINDS = {"ecd_cached_ddp": (ecd_case, "tiny_bert_dir", False, None, 4),
+                     "llm_lora_fsdp": (llm_case, "tiny_llama_dir", True, {"type": "fsdp"}, 3)}
+
+
 @pytest.mark.integration
-def test_two_processes_stop_together_on_sigterm_and_resume_to_the_same_model(tiny_bert_dir, cache_dir, tmp_path):
+@pytest.mark.parametrize("kind", list(TWO_PROCESS_KINDS))
+def test_two_processes_stop_together_on_sigterm_and_resume_to_the_same_model(kind, request, cache_dir, tmp_path):
     """torchrun forwards SIGTERM to both processes: they stop at the same step, the main one saves every process's
     random states, and the resumed pair trains on exactly as the uninterrupted pair."""
-    config, df = ecd_case(tiny_bert_dir, trainable=False)
+    case, model_dir, flag, backend, step = TWO_PROCESS_KINDS[kind]
+    config, df = case(request.getfixturevalue(model_dir), flag)
+    if backend:
+        config["backend"] = backend
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     df.to_csv(tmp_path / "data.csv", index=False)
     (tmp_path / "driver.py").write_text(DRIVER)
@@ -296,12 +307,12 @@ def test_two_processes_stop_together_on_sigterm_and_resume_to_the_same_model(tin
                                capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-8000:]
 
-    stopped = stop_in_step(tmp_path, args + ["-od", "cut"], 4, signal.SIGTERM,
+    stopped = stop_in_step(tmp_path, args + ["-od", "cut"], step, signal.SIGTERM,
                            command=torchrun + [str(tmp_path / "driver.py")])
     assert "interrupted: checkpoint saved in cut/experiment_run/checkpoint" in stopped.stderr, stopped.stderr[-3000:]
     run_dir = tmp_path / "cut" / "experiment_run"
     saved = json.loads((run_dir / "checkpoint" / "state.json").read_text())
-    assert saved["state"]["global_step"] == 4 and len(saved["rng"]) == 2
+    assert saved["state"]["global_step"] == step and len(saved["rng"]) == 2
 
     resumed = subprocess.run(torchrun + ["-m", "cadenza"] + args + ["-od", "cut", "--resume"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)

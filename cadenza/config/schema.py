@@ -738,7 +738,8 @@ class DdpOptions(Section):
 
 
 class FsdpOptions(Section):
-    """`backend.fsdp`: settings of FSDP2 (torch's fully_shard, through Accelerate; type fsdp)."""
+    """`backend.fsdp`: settings of FSDP2 (torch's fully_shard, applied by Cadenza on CPU and GPU processes; type
+    fsdp)."""
 
     reshard_after_forward: bool = Field(
         True, description="true: each layer's parameters are sharded again after its forward (ZeRO-3: least "
@@ -748,8 +749,9 @@ class FsdpOptions(Section):
         "(the model's `_no_split_modules` classes); size: each submodule above min_num_params; none: the whole model.")
     min_num_params: int = Field(100_000_000, ge=1, description="auto_wrap: size: parameters per unit.")
     cpu_offload: bool = Field(
-        False, description="Keep parameters, gradients and optimizer state in CPU memory (the optimizer step runs on "
-        "the CPU): the largest models on the fewest GPUs, much slower.")
+        False, description="GPU processes: keep the shards of parameters, gradients and optimizer state in CPU memory "
+        "(the optimizer step runs on the CPU): the largest models on the fewest GPUs, much slower. Refused on CPU "
+        "processes (everything is in CPU memory there).")
     activation_checkpointing: bool = Field(
         False, description="Recompute each wrapped layer's activations in the backward instead of keeping them.")
 
@@ -777,9 +779,9 @@ class BackendConfig(Section):
     type: Literal["local", "ddp", "fsdp", "deepspeed"] = Field(
         "local", description="How the processes of `torchrun` / `accelerate launch` share the work (one process: "
         "plain training whatever the type). local and ddp: every process holds the whole model and gradients are "
-        "averaged (DistributedDataParallel). fsdp (FSDP2) and deepspeed (ZeRO) shard the model: they validate, but a "
-        "run of several processes stops at its start with the reason (not supported yet). See "
-        "[docs/distributed.md](distributed.md).")
+        "averaged (DistributedDataParallel). fsdp (FSDP2): parameters, gradients and optimizer state sharded over "
+        "the processes (CPU and GPU). deepspeed (ZeRO) validates, but a run of several processes stops at its start "
+        "with the reason (not supported yet). See [docs/distributed.md](distributed.md).")
     ddp: Optional[DdpOptions] = Field(None, description="type ddp: DistributedDataParallel settings.")
     fsdp: Optional[FsdpOptions] = Field(None, description="type fsdp: FSDP2 settings (null: the defaults).")
     deepspeed: Optional[DeepSpeedOptions] = Field(None, description="type deepspeed: ZeRO settings (null: stage 2).")

@@ -363,8 +363,9 @@ class EcdModel:
             num_batches=-(-train_data["n"] // self.batch_size),
             weight=lambda b: b["n"],
             loss_sum=self._loss_sum,
-            evaluate=(lambda net: self._evaluate_prepared(validation)[0]) if validation else None,
-            evaluate_training=lambda net: self._evaluate_prepared(train_data)[0],
+            # the network the loop trains: under FSDP2 a sharded copy of self.net, which gets its weights at the end
+            evaluate=(lambda net: self._evaluate_prepared(validation, net)[0]) if validation else None,
+            evaluate_training=lambda net: self._evaluate_prepared(train_data, net)[0],
             micro_batch_rows=self.batch_size,
         )
         # the head alone is too small for bf16 to pay; a trained encoder is not
@@ -385,20 +386,21 @@ class EcdModel:
         self.net = self.net.cpu().eval()
         return result
 
-    def _run(self, data: dict) -> dict[str, np.ndarray]:
-        self.net.eval()
-        device = next(self.net.parameters()).device
+    def _run(self, data: dict, net: Optional[torch.nn.Module] = None) -> dict[str, np.ndarray]:
+        net = net if net is not None else self.net
+        net.eval()
+        device = next(net.parameters()).device
         outs: dict[str, list] = {f.name: [] for f in self.config.output_features}
-        with torch.inference_mode(), torch_threads(threads_for(self.net, self.eval_batch_size)):
+        with torch.inference_mode(), torch_threads(threads_for(net, self.eval_batch_size)):
             for batch in self._batches(data, self.eval_batch_size, None, False):
-                logits = self.net(_to(batch["inputs"], device))
+                logits = net(_to(batch["inputs"], device))
                 for name, value in logits.items():
                     outs[name].append(value.float().cpu())
         return {k: (torch.cat(v) if v else torch.zeros(0)).numpy() for k, v in outs.items()}
 
-    def _evaluate_prepared(self, data: dict) -> tuple[dict, dict]:
+    def _evaluate_prepared(self, data: dict, net: Optional[torch.nn.Module] = None) -> tuple[dict, dict]:
         with phase("evaluation"):
-            raw = self._run(data)
+            raw = self._run(data, net)
             results, combined = {}, 0.0
             for f in self.config.output_features:
                 meta, logits, target = self.metadata[f.name], torch.from_numpy(raw[f.name]), data["targets"][f.name]

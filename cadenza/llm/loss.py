@@ -32,6 +32,8 @@ def can_share_prefix(model) -> bool:
 
 
 class TargetLoss(torch.nn.Module):
+    forward_methods = ("target_logits",)  # runs the model outside forward (cadenza.train.sharding gathers for it)
+
     def __init__(self, model, neftune_noise_alpha: float = 0.0):
         super().__init__()
         self.model = model  # the causal LM, PEFT-wrapped or not

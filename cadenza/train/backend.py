@@ -1,9 +1,10 @@
-"""How the processes of a distributed run share the work: the config's `backend:` section as Accelerator arguments.
+"""How the processes of a distributed run share the work: the config's `backend:` section.
 
-`local` and `ddp` keep a whole model in every process and average gradients (DistributedDataParallel); `fsdp` would
-shard parameters, gradients and optimizer state (FSDP2, torch's `fully_shard`) and `deepspeed` hand the model to
-DeepSpeed ZeRO: both validate and map to Accelerate's plugins, and are refused at the start of a multi-process run
-with the reason (`check_runnable`). With one process every type trains the plain model. See docs/distributed.md.
+`local` and `ddp` keep a whole model in every process and average gradients (DistributedDataParallel, through
+Accelerate); `fsdp` shards parameters, gradients and optimizer state (FSDP2: `cadenza.train.sharding`, torch's
+`fully_shard`, on CPU and GPU processes alike); `deepspeed` maps to Accelerate's DeepSpeedPlugin (ZeRO) and is refused
+at the start of a multi-process run with the reason (`check_runnable`). With one process every type trains the plain
+model. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -17,51 +18,62 @@ from ..config.schema import BackendConfig, DdpOptions, DeepSpeedOptions, FsdpOpt
 from ..device import is_cuda
 from ..errors import HardwareError
 
-__all__ = ["accelerator_options", "check_launch", "check_runnable", "fsdp_plugin", "deepspeed_plugin",
-           "layer_class_names"]
+__all__ = ["accelerator_options", "check_launch", "check_runnable", "deepspeed_plugin", "sharding_options"]
 
 
 def accelerator_options(backend: Optional[BackendConfig], model: torch.nn.Module, world: int, *,
                         accumulation: int = 1, micro_batch_rows: Optional[int] = None,
                         clip_norm: Optional[float] = None) -> dict:
-    """Keyword arguments for `Accelerator(...)`: the plugin or DDP settings of `backend` for `model`."""
+    """Keyword arguments for `Accelerator(...)`: the DDP settings or DeepSpeed plugin of `backend` (fsdp: none, the
+    loop shards the model itself)."""
     kind = backend.type if backend is not None else "local"
-    if world == 1 or kind == "local":
+    if world == 1 or kind in ("local", "fsdp"):
         return {}
     check_runnable(kind)
     if kind == "ddp":
         return {"kwargs_handlers": [ddp_kwargs(backend.ddp or DdpOptions())]}
-    if kind == "fsdp":
-        return {"fsdp_plugin": fsdp_plugin(backend.fsdp or FsdpOptions(), model)}
     return {"deepspeed_plugin": deepspeed_plugin(backend.deepspeed or DeepSpeedOptions(), accumulation,
                                                  micro_batch_rows, clip_norm)}
 
 
+def sharding_options(backend: Optional[BackendConfig], world: int) -> Optional[FsdpOptions]:
+    """The FSDP2 settings when this run shards its model (type fsdp with more than one process), else None."""
+    if world == 1 or backend is None or backend.type != "fsdp":
+        return None
+    options = backend.fsdp or FsdpOptions()
+    if options.cpu_offload and not is_cuda():
+        raise HardwareError("backend.fsdp.cpu_offload: true keeps the shards in CPU memory for GPU processes; these "
+                            "processes run on CPUs, where everything is in CPU memory already: remove cpu_offload")
+    return options
+
+
 def check_runnable(kind: str) -> None:
-    """fsdp and deepspeed are refused until the loop can write what they shard. Under FSDP2 every process holds a
-    shard of each weight (DTensor) and a forward needs all processes (measured: a forward on rank 0 alone waits
-    forever), so checkpoints, best weights and the model folder, written by the main process from the module, would
-    need the weights gathered first; ZeRO shards the optimizer state the same way. The plugins below are what
-    these types map to once that is done."""
-    if kind not in ("fsdp", "deepspeed"):
+    """deepspeed is refused until the loop can write what ZeRO shards: checkpoints, best weights and the model
+    folder are written from whole weights and optimizer state, which DeepSpeed's engine would have to gather through
+    its own API (`cadenza.train.sharding` does that for FSDP2). The plugin below is what the type maps to."""
+    if kind != "deepspeed":
         return
     if not is_cuda():
-        raise HardwareError(f"backend.type: {kind} shards a model over CUDA GPUs; Accelerate applies it only to GPU "
-                            "processes (on CPU processes it quietly runs DDP). On CPUs use backend.type: ddp")
-    if kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise HardwareError("backend.type: deepspeed needs CUDA GPUs (DeepSpeed's kernels); on CPUs use "
+                            "backend.type: fsdp (sharded) or ddp")
+    if importlib.util.find_spec("deepspeed") is None:
         raise HardwareError("backend.type: deepspeed needs the deepspeed package: pip install deepspeed (it builds "
                             "its kernels against the installed torch and CUDA)")
-    raise HardwareError(f"backend.type: {kind} is not supported by Cadenza's training loop yet: its checkpoints and "
-                        "model folder are written from unsharded weights. Use backend.type: ddp (every GPU holds the "
-                        "whole model) or QLoRA to fit a large model; see docs/distributed.md")
+    raise HardwareError("backend.type: deepspeed is not supported by Cadenza's training loop yet: its checkpoints and "
+                        "model folder are written from whole weights. Use backend.type: fsdp (FSDP2 shards "
+                        "parameters, gradients and optimizer state like ZeRO-3); see docs/distributed.md")
 
 
 def check_launch(distributed_type) -> None:
-    """`accelerate launch --use_fsdp` / `--use_deepspeed` turn sharding on through the environment: same refusal."""
+    """`accelerate launch --use_fsdp` / `--use_deepspeed` turn Accelerate's own sharding on through the environment,
+    which writes nothing gathered: refused, with the config key that does it."""
     from accelerate.utils import DistributedType
 
-    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        check_runnable("fsdp" if distributed_type == DistributedType.FSDP else "deepspeed")
+    if distributed_type == DistributedType.FSDP:
+        raise HardwareError("accelerate launch --use_fsdp: Cadenza shards the model itself; launch without "
+                            "--use_fsdp and set backend.type: fsdp in the config (settings under backend.fsdp)")
+    if distributed_type == DistributedType.DEEPSPEED:
+        check_runnable("deepspeed")
 
 
 def ddp_kwargs(options: DdpOptions):
@@ -69,31 +81,6 @@ def ddp_kwargs(options: DdpOptions):
 
     extra = {"bucket_cap_mb": int(options.bucket_cap_mb)} if options.bucket_cap_mb else {}
     return DistributedDataParallelKwargs(find_unused_parameters=options.find_unused_parameters, **extra)
-
-
-def fsdp_plugin(options: FsdpOptions, model: torch.nn.Module):
-    """FSDP2 with every setting given, so that no FSDP_* environment variable of the launcher changes it silently."""
-    from accelerate import FullyShardedDataParallelPlugin
-
-    wrap = {"transformer": "TRANSFORMER_BASED_WRAP", "size": "SIZE_BASED_WRAP", "none": "NO_WRAP"}[options.auto_wrap]
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=2, reshard_after_forward=options.reshard_after_forward, auto_wrap_policy=wrap,
-        # the model handed to the loop wraps the transformers model (a loss module, a PEFT model, an ecd network),
-        # so Accelerate would not find `_no_split_modules` on it: name the layer classes of every part
-        transformer_cls_names_to_wrap=layer_class_names(model) if options.auto_wrap == "transformer" else None,
-        min_num_params=options.min_num_params if options.auto_wrap == "size" else None,
-        cpu_offload=options.cpu_offload, activation_checkpointing=options.activation_checkpointing,
-        state_dict_type="FULL_STATE_DICT")
-
-
-def layer_class_names(model: torch.nn.Module) -> list[str]:
-    """The transformer layer classes (transformers' `_no_split_modules`) of every pretrained model inside `model`."""
-    names: list[str] = []
-    for module in model.modules():
-        for name in getattr(module, "_no_split_modules", None) or []:
-            if name not in names and any(type(m).__name__ == name for m in model.modules()):
-                names.append(name)
-    return names
 
 
 def deepspeed_plugin(options: DeepSpeedOptions, accumulation: int, micro_batch_rows: Optional[int],

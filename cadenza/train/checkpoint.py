@@ -31,6 +31,7 @@ from ..artifacts import atomic_dir, unshared, write_json
 from ..config.load import flatten
 from ..device import is_cuda
 from ..errors import CadenzaError
+from .sharding import full_tensors
 
 CHECKPOINT = "checkpoint"
 FORMAT = 2  # 1: before fingerprints and full random states (such checkpoints are refused)
@@ -61,7 +62,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Trained parameters and buffers, copied to the CPU. Frozen parameters are left out under every name they
     have (a tied embedding is one parameter with two names)."""
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items() if k not in frozen}
+    # a sharded model's (FSDP2) shards are gathered: collective, so every process calls this
+    trained = full_tensors({k: v for k, v in model.state_dict().items() if k not in frozen})
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trained.items()}
 
 
 def load_trainable_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
@@ -113,13 +116,13 @@ def restore_random_states(rng: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------- save and read
-def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer, scheduler, state: dict,
+def save_checkpoint(ckpt_dir: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler, state: dict,
                     best_weights: Optional[dict], best_is_current: bool, rng: list[dict],
                     fingerprints: Optional[dict]) -> None:
     """Write the checkpoint folder in one atomic swap (a crash leaves the previous checkpoint whole).
-    rng: `random_states()` of every process, in rank order."""
+    weights: `trainable_state(model)`; rng: `random_states()` of every process, in rank order."""
     with atomic_dir(ckpt_dir) as tmp:
-        save_file(unshared(trainable_state(model)), str(tmp / WEIGHTS))
+        save_file(unshared(weights), str(tmp / WEIGHTS))
         files = [STATE, WEIGHTS, TRAINING_STATE]
         best = None
         if best_weights is not None:
@@ -127,7 +130,7 @@ def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer, scheduler
             if not best_is_current:  # most evaluations improve: the best weights are then the current ones
                 save_file(unshared(best_weights), str(tmp / BEST))
                 files.append(BEST)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "rng": [{k: v for k, v in r.items() if k in TENSOR_STATES} for r in rng]}, tmp / TRAINING_STATE)
         write_json(tmp / STATE, {"format": FORMAT, "files": files, "state": state, "best_weights": best,
                                  "rng": [{k: v for k, v in r.items() if k not in TENSOR_STATES} for r in rng],

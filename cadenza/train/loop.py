@@ -33,7 +33,8 @@ from ..device import Precision, is_cuda, peak_flops
 from ..metrics import is_better
 from ..threads import follow_load
 from ..track import Tracker
-from .backend import accelerator_options, check_launch
+from . import sharding
+from .backend import accelerator_options, check_launch, sharding_options
 from .checkpoint import (CHECKPOINT, check_same_batches, load_trainable_state, random_states, read_checkpoint,
                          restore_random_states, save_checkpoint, trainable_state)
 from .interrupt import TrainingInterrupted, stop_on_signals
@@ -172,7 +173,23 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         backend, model, world, accumulation=plan.accumulation, micro_batch_rows=task.micro_batch_rows, clip_norm=clip))
     check_launch(accelerator.distributed_type)
     autocast = lambda: precision.autocast(accelerator.device.type)  # noqa: E731
-    model = model.to(accelerator.device)
+    shards = sharding_options(backend, world)
+    if shards is None:
+        model = model.to(accelerator.device)
+
+    # ---- resume, part 1: counters, statistics and weights as the checkpoint left them (weights into the plain model)
+    ckpt_dir = Path(run_dir) / CHECKPOINT if run_dir else None
+    fingerprints = {**(fingerprints or {}), "batches": {"micro_batches_per_epoch": task.num_batches, **asdict(plan)}}
+    saved = read_checkpoint(ckpt_dir) if resume and ckpt_dir and ckpt_dir.is_dir() else None
+    if saved:
+        check_same_batches(ckpt_dir, saved.fingerprints.get("batches"), fingerprints["batches"])
+        load_trainable_state(model, saved.weights, ckpt_dir)
+    state = TrainState(**saved.state) if saved else TrainState()
+
+    # ---- the module trained: the model itself, or under FSDP2 a sharded copy that hands its weights back at the end
+    given = model
+    if shards is not None:
+        model = sharding.shard(model, shards)
     if cfg.compile:  # in place (nn.Module.compile): parameter names and checkpoints stay those of the eager module
         model.compile(dynamic=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -180,21 +197,18 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         raise RuntimeError("nothing to train: every parameter is frozen")
     ratios = [task.lr_ratio(n) for n, p in model.named_parameters() if p.requires_grad] if task.lr_ratio else None
     optimizer = build_optimizer(trainable, cfg, world, ratios)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if shards is None:  # DDP (or nothing) around the model, through Accelerate
+        model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
-    # ---- resume: counters, statistics, weights, optimizer and schedule as the checkpoint left them
-    ckpt_dir = Path(run_dir) / CHECKPOINT if run_dir else None
-    fingerprints = {**(fingerprints or {}), "batches": {"micro_batches_per_epoch": task.num_batches, **asdict(plan)}}
-    saved = read_checkpoint(ckpt_dir) if resume and ckpt_dir and ckpt_dir.is_dir() else None
-    if saved:
-        check_same_batches(ckpt_dir, saved.fingerprints.get("batches"), fingerprints["batches"])
-    state = TrainState(**saved.state) if saved else TrainState()
+    # ---- resume, part 2: optimizer and schedule
     scheduler = build_scheduler(optimizer, cfg, plan, plateau=lambda: state.lr_factor)
     best_weights = None  # the best weights so far; kept only when a validation metric says which are best
     if saved:
-        load_trainable_state(unwrapped, saved.weights, ckpt_dir)
-        optimizer.load_state_dict(saved.optimizer)
+        if shards is None:
+            optimizer.load_state_dict(saved.optimizer)
+        else:
+            sharding.load_optimizer_state(unwrapped, optimizer, saved.optimizer)
         scheduler.load_state_dict(saved.scheduler)
         best_weights = saved.best_weights
         log(f"resuming from {ckpt_dir}: epoch {state.epoch + 1}, step {state.global_step}")
@@ -203,9 +217,14 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
 
     def save() -> None:
         rng = every_process_random_states(accelerator)  # each process draws its own dropout masks
+        # a sharded model's weights and optimizer state are gathered by every process; the main process writes them
+        gathers = ckpt_dir is not None and (accelerator.is_main_process or shards is not None)
+        weights = trainable_state(unwrapped) if gathers else None
+        optimizer_state = (sharding.optimizer_state(unwrapped, optimizer) if shards is not None
+                           else optimizer.state_dict()) if gathers else None
         if ckpt_dir and accelerator.is_main_process:
             tracker.flush()  # what was logged up to the checkpoint is on disk before it
-            save_checkpoint(ckpt_dir, unwrapped, optimizer, scheduler, asdict(state), best_weights,
+            save_checkpoint(ckpt_dir, weights, optimizer_state, scheduler, asdict(state), best_weights,
                             state.best_step == state.global_step, rng, fingerprints)
         accelerator.wait_for_everyone()
 
@@ -303,8 +322,12 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
             if state.stopped_early:
                 log(f"early stop: no improvement in {cfg.early_stop} evaluations")
 
-    # ---- finish: the best weights back in the model
-    if best_weights is not None:
+    # ---- finish: the best weights back in the model; a sharded run's gathered into the model it was given
+    if shards is not None:
+        weights = best_weights if best_weights is not None else trainable_state(unwrapped)
+        del model, unwrapped, optimizer  # the shards, before the whole model moves to the device
+        given.to(accelerator.device).load_state_dict(weights, strict=False)
+    elif best_weights is not None:
         unwrapped.load_state_dict({k: v.to(accelerator.device) for k, v in best_weights.items()}, strict=False)
     return TrainResult(statistics=state.statistics, best_epoch=state.best_epoch, best_step=state.best_step,
                        best_value=state.best_value, steps=state.global_step, stopped_early=state.stopped_early,
