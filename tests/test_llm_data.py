@@ -172,3 +172,9 @@ def test_merge_into_quantized_base_is_a_config_error():
         llm_config("anything", quantization={"bits": 4},
                    adapter={"type": "lora", "postprocessor": {"merge_adapter_into_base_model": True}})
     assert "adapter.postprocessor.merge_adapter_into_base_model" in [p for p, _ in err.value.problems]
+
+
+def test_fsdp_with_quantization_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        llm_config("anything", quantization={"bits": 4}, adapter={"type": "lora"}, backend={"type": "fsdp"})
+    assert any(p == "backend.type" and "fsdp does not shard 4/8-bit" in m for p, m in err.value.problems)

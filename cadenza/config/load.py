@@ -307,6 +307,9 @@ def _check_llm(config: CadenzaConfig, add) -> None:
         elif config.adapter.postprocessor.merge_adapter_into_base_model:
             add("adapter.postprocessor.merge_adapter_into_base_model", "an adapter cannot be merged into a 4/8-bit "
                 "quantized base model; save the adapter alone or train without quantization")
+        if config.backend is not None and config.backend.type == "fsdp":
+            add("backend.type", "fsdp does not shard 4/8-bit bitsandbytes weights: with quantization use backend.type: "
+                "ddp (each GPU holds the quantized base), or fsdp without quantization")
         from ..device import is_cuda
 
         if not is_cuda():
