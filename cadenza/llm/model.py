@@ -14,6 +14,7 @@ import torch
 
 from .. import device
 from ..train import loop as trainer_mod
+from ..train.sharding import enable_activation_checkpointing
 from ..adapters import (apply_adapter, load_adapter, needs_calibration, needs_conversion, save_adapter,
                         snapshot_initial_adapter)
 from ..artifacts import (LLM_WEIGHTS, METADATA_FILE, MODEL_DIR, RETRIEVAL_FILE, check_adapter_folder,
@@ -82,9 +83,15 @@ class LlmModel:
                                     quantization=self.config.quantization, rope_scaling=self._rope_scaling())
         log(f"base model weights in {str(self._dtype()).replace('torch.', '')} "
             f"({_weights_precision(self.config).reason})")
-        if device.is_cuda() and self.config.quantization is None:
+        # FSDP2 shards a copy of the model onto the GPUs: the whole model stays in CPU memory until training ends
+        if device.is_cuda() and self.config.quantization is None and not self._sharded():
             self.model.to("cuda")
         self._ensure_builder()
+
+    def _sharded(self) -> bool:
+        from ..train.backend import sharding_options
+
+        return sharding_options(self.config.backend, trainer_mod.process_state().num_processes) is not None
 
     def _rope_scaling(self) -> Optional[dict]:
         params = self.config.model_parameters
@@ -296,7 +303,7 @@ class LlmModel:
 
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.enable_gradient_checkpointing)
         if t.enable_gradient_checkpointing:
-            _enable_activation_checkpointing(causal_lm_of(model))
+            enable_activation_checkpointing(causal_lm_of(model))
         if cfg.adapter is not None:
             adapter = cfg.adapter
             if adapter.pretrained_adapter_weights:
@@ -592,12 +599,3 @@ def _calibration_batches(rows: TokenizedRows, pad_id: int, size: int, on: torch.
             labels[i, prompt_len:len(ids)] = torch.from_numpy(ids[prompt_len:])
             mask[i, :len(ids)] = 1
         yield {"input_ids": input_ids.to(on), "attention_mask": mask.to(on), "labels": labels.to(on)}
-
-
-def _enable_activation_checkpointing(model) -> None:
-    # transformers renamed gradient_checkpointing_enable (deprecated, gone in v6); our range spans both names
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

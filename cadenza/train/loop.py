@@ -326,7 +326,12 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     if shards is not None:
         weights = best_weights if best_weights is not None else trainable_state(unwrapped)
         del model, unwrapped, optimizer  # the shards, before the whole model moves to the device
-        given.to(accelerator.device).load_state_dict(weights, strict=False)
+        given.load_state_dict(weights, strict=False)
+        try:
+            given.to(accelerator.device)
+        except torch.OutOfMemoryError:  # trained sharded because it does not fit one GPU: it stays in CPU memory
+            given.to("cpu")
+            log(f"the trained model does not fit on {accelerator.device} alone: it stays in CPU memory")
     elif best_weights is not None:
         unwrapped.load_state_dict({k: v.to(accelerator.device) for k, v in best_weights.items()}, strict=False)
     return TrainResult(statistics=state.statistics, best_epoch=state.best_epoch, best_step=state.best_step,
