@@ -31,9 +31,10 @@ class LoadFollower:
     def __init__(self, log: Optional[Callable[[str], None]] = None):
         self.log = log
         self.start = self.current = torch.get_num_threads()
-        self.active = self.start > 1 and device.pinned_threads() is None
-        self.last = device.cpu_sample() if self.active else None
-        self.active = self.last is not None
+        # one thread (a small ecd head) or a pinned count: nothing to follow, nothing read
+        wanted = self.start > 1 and device.pinned_threads() is None
+        self.last = device.cpu_sample() if wanted else None
+        self.active = self.last is not None  # None: no /proc/stat on this system
         self.began = self.since = time.monotonic()
         self.thread_seconds = 0.0  # threads x wall seconds, for the mean
         self.mean: Optional[float] = None  # threads_used() at the block's end
