@@ -149,8 +149,9 @@ def test_a_training_run_adapts_and_restores_the_thread_count(tiny_llama_dir, cac
               "preprocessing": {"split": {"type": "random", "probabilities": [1.0, 0.0, 0.0]}},
               "trainer": {"type": "finetune", "epochs": 1, "batch_size": 2, "learning_rate": 0.01}}
     lines = []
-    Model(config, log=lines.append).train(rows, output_directory=tmp_path)
+    out = Model(config, log=lines.append).train(rows, output_directory=tmp_path)
     assert torch.get_num_threads() == 2
+    assert 1 <= out.throughput["threads"] <= 2  # the mean over the epochs, reported with the throughput
     assert load.seen[:5] == [2, 2, 1, 1, 2]  # a reading per optimizer step
     assert [line for line in lines if line.startswith("threads:")] == [
         "threads: 2 -> 1 (other processes use ~1.0 of 2 cores)", "threads: 1 -> 2 (other processes use ~0.0 of 2 cores)"]

@@ -381,7 +381,7 @@ class EcdModel:
             result = fit(self.net, task, cfg, run_dir=run_dir, resume=resume, seed=seed, precision=precision,
                          fingerprints=fingerprints, tracker=tracker, log=log, backend=self.config.backend)
         note("head epochs" if part == "head" else "epochs", rows=train_data["n"] * len(result.statistics["training"]),
-             threads=threads or torch.get_num_threads())
+             threads=threads or result.throughput["threads"])
         result.precision = {"part": part, "precision": precision.name, "reason": precision.reason}
         self.net = self.net.cpu().eval()
         return result

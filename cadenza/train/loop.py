@@ -336,7 +336,9 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         unwrapped.load_state_dict({k: v.to(accelerator.device) for k, v in best_weights.items()}, strict=False)
     return TrainResult(statistics=state.statistics, best_epoch=state.best_epoch, best_step=state.best_step,
                        best_value=state.best_value, steps=state.global_step, stopped_early=state.stopped_early,
-                       seconds=time.perf_counter() - started, throughput=totals.summary(task, peak))
+                       seconds=time.perf_counter() - started,
+                       # with torch's mean intra-op thread count over the epochs (it follows the load)
+                       throughput={**totals.summary(task, peak), "threads": threads.threads_used()})
 
 
 # =========================================================================================== builders and steps
