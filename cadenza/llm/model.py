@@ -22,6 +22,7 @@ from ..artifacts import (LLM_WEIGHTS, METADATA_FILE, MODEL_DIR, RETRIEVAL_FILE, 
 from ..data import assets, stream
 from ..data.cache import cache_root, configured_cache_dir
 from ..data.read import require_columns
+from ..phases import phase
 from ..errors import DataError, ModelFolderError
 from ..config.schema import CadenzaConfig
 from . import batching, chat, preference, token_store, train
@@ -217,7 +218,8 @@ class LlmModel:
                     kept = [r for r, keep in zip(records, answered) if keep]
                     yield positions[answered], self._tokenize(kept, with_targets=True, cache=False)
 
-            found = token_store.write(folder, chunks(), counts)
+            with phase("tokenize"):
+                found = token_store.write(folder, chunks(), len(rows), counts)
             log(f"{where}: {found[1]['kept']:,} rows tokenized into {folder}")
         else:
             log(f"{where}: {found[1]['kept']:,} tokenized rows reused from {folder}")

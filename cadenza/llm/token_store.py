@@ -3,9 +3,11 @@
 A store is one folder under `<cache>/tokens/stream-<key>/`:
     ids.i32        every row's token ids, one after another, as int32 (token ids are below the vocabulary size,
                    far below 2^31, so int32 holds any of them in half the bytes of int64)
-    rows.safetensors  per row, in the split's order: where its ids start (int64), its length and its prompt_len,
-                   plus the truncated-row count
-    meta.json      what the reading pass counted (rows read, rows dropped without an answer, ...), for its log lines
+    starts.npy, lengths.npy, prompt_lens.npy
+                   per row, in the split's order: where its ids start, its length and its prompt_len (int64;
+                   plain .npy files, written array by array: no second copy of the index while it is saved)
+    meta.json      what the reading pass counted (rows read, rows dropped without an answer, truncated rows), for
+                   its log lines; written last, so a store without it is not complete
 The key hashes everything that changes the tokens (the file and its rows, the tokenizer, the prompt, the maximum
 length), so a second run with the same data reuses the store. It is written under a temporary name and renamed
 when complete: a crash never leaves a store that is read.
@@ -29,8 +31,9 @@ import numpy as np
 
 from .tokenize import TokenizedRows
 
-VERSION = "v1"  # changes when the layout does: older stores are then not read
-IDS, INDEX, META = "ids.i32", "rows.safetensors", "meta.json"
+VERSION = "v2"  # changes when the layout does: older stores are then not read
+IDS, META = "ids.i32", "meta.json"
+INDEX = ("starts", "lengths", "prompt_lens")
 
 
 class TokenIds:
@@ -56,9 +59,9 @@ class TokenIds:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
+    def close(self, _close=os.close) -> None:  # (os may be gone when __del__ runs at interpreter exit)
+        if getattr(self, "_fd", None) is not None:
+            _close(self._fd)
             self._fd = None
 
     def __del__(self):
@@ -68,59 +71,94 @@ class TokenIds:
 def read(folder: Path) -> Optional[tuple[TokenizedRows, dict]]:
     """The rows of a complete store and its counts, or None (absent, or not whole: it is then rebuilt)."""
     folder = Path(folder)
-    if not (folder / INDEX).is_file():
+    if not (folder / META).is_file():
         return None
-    from safetensors.numpy import load_file
-
     try:
-        index = load_file(str(folder / INDEX))
         meta = json.loads((folder / META).read_text())
-        total = int(index["starts"][-1] + index["lengths"][-1]) if len(index["starts"]) else 0
-        if (folder / IDS).stat().st_size < 4 * total:
+        index = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in INDEX}
+        if not len({len(a) for a in index.values()}) == 1 or len(index["starts"]) != meta["kept"]:
+            return None
+        total = int((index["starts"] + index["lengths"]).max()) if len(index["starts"]) else 0
+        if (folder / IDS).stat().st_size != 4 * total:
             return None
     except Exception:  # a damaged store is rebuilt, never trusted
         return None
     ids = TokenIds(folder / IDS, index["starts"], index["lengths"])
-    return TokenizedRows(ids, index["prompt_lens"], int(index["truncated"][0])), meta
+    return TokenizedRows(ids, index["prompt_lens"], int(meta["truncated"])), meta
 
 
-def write(folder: Path, chunks: Iterable[tuple[np.ndarray, TokenizedRows]], meta: dict) -> tuple[TokenizedRows, dict]:
-    """Append each chunk's rows (with the split positions they hold) to a new store, then rename it into place.
-    `meta` is read after the chunks are consumed, so the caller's counts of the pass go in complete."""
+def write(folder: Path, chunks: Iterable[tuple[np.ndarray, TokenizedRows]], rows: int,
+          meta: dict) -> tuple[TokenizedRows, dict]:
+    """Append each chunk's rows (with the split positions they hold: at most `rows` in all) to a new store, then
+    rename it into place. `meta` is read after the chunks are consumed, so the caller's counts of the pass go in
+    complete."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
-        positions, lengths, prompt_lens, truncated = [], [], [], 0
+        # the index is filled in place: arrays kept per chunk would each pin a piece of the heap that the chunk's
+        # short-lived objects were spread around (measured: ~100 bytes a row of resident memory that stayed)
+        positions, lengths, prompt_lens = (np.empty(rows, np.int64) for _ in range(3))
+        kept, truncated = 0, 0
         with open(tmp / IDS, "wb") as out:
-            for where, rows in chunks:
-                lens = rows.lengths
-                if len(rows):
-                    out.write(np.concatenate([np.asarray(x, np.int32) for x in rows.ids]).tobytes())
-                positions.append(np.asarray(where, np.int64))
-                lengths.append(lens)
-                prompt_lens.append(np.asarray(rows.prompt_lens, np.int64))
-                truncated += rows.truncated
+            for where, part in chunks:
+                n = len(part)
+                if n:
+                    out.write(np.concatenate([np.asarray(x, np.int32) for x in part.ids]).tobytes())
+                positions[kept:kept + n] = where
+                lengths[kept:kept + n] = part.lengths
+                prompt_lens[kept:kept + n] = part.prompt_lens
+                kept, truncated = kept + n, truncated + part.truncated
+                release_freed_memory()
             out.flush()
             os.fsync(out.fileno())
-        positions, lengths, prompt_lens = (np.concatenate(x) if x else np.zeros(0, np.int64)
-                                           for x in (positions, lengths, prompt_lens))
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
-        order = np.argsort(positions, kind="stable")  # file order -> the split's order
-        from safetensors.numpy import save_file
-
-        save_file({"starts": np.ascontiguousarray(starts[order]), "lengths": np.ascontiguousarray(lengths[order]),
-                   "prompt_lens": np.ascontiguousarray(prompt_lens[order]),
-                   "truncated": np.asarray([truncated], np.int64)}, str(tmp / INDEX))
-        (tmp / META).write_text(json.dumps(meta))
+        _write_index(tmp, positions[:kept], lengths[:kept], prompt_lens[:kept])
+        del positions, lengths, prompt_lens
+        (tmp / META).write_text(json.dumps({**meta, "kept": kept, "truncated": truncated}))
         try:
             os.rename(tmp, folder)
-        except OSError:  # another process finished the same store first: keep theirs
-            if read(folder) is None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # a folder of that name: another process's complete store (kept), or a damaged one
+            if read(folder) is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+                os.rename(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return read(folder)
+
+
+def release_freed_memory() -> None:
+    """Hand the memory a chunk's short-lived objects used back to the system. Without it resident memory grew ~100
+    bytes a row over a pass (measured: 200k rows +19 MB in glibc's heap, +17 MB in Arrow's pool, freed but kept by
+    the allocators), memory the rest of the run then carried on top of its own."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc only (not musl, not macOS)
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
+def _write_index(folder: Path, positions: np.ndarray, lengths: np.ndarray, prompt_lens: np.ndarray) -> None:
+    """Rows were appended in file order; the index lists them in the split's order (their positions). One
+    reordered array at a time, so the pass's peak holds ~48 bytes a row here."""
+    order = np.argsort(positions, kind="stable")
+    for name, values in (("starts", lambda: np.cumsum(lengths) - lengths), ("lengths", lambda: lengths),
+                         ("prompt_lens", lambda: prompt_lens)):
+        np.save(folder / f"{name}.npy", values()[order], allow_pickle=False)
