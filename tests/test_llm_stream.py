@@ -203,9 +203,10 @@ def peak_rss_mb(rows: int, tmp_path, llama) -> float:
 def test_peak_memory_does_not_grow_with_rows(tiny_llama_dir, tmp_path, simulated_hardware):
     """Tokenize 20k and 200k distinct rows into token stores and train a few steps on each, each size in its own
     process: the 180k more rows may cost only the index (offsets, lengths, prompt lengths: 24 bytes a row), the
-    row numbers and the epoch's order (8 bytes each) and small change."""
+    row numbers and the epoch's order (8 bytes each) and small change. Measured: 682 -> 706, 696 -> 669-674 MB
+    (the allocators make single runs differ by up to ~30 MB); the same script in memory: 755 -> 2,128 MB."""
     if simulated_hardware.bf16_units:
         pytest.skip("memory does not depend on the precision: measured once")
     small, big = peak_rss_mb(20_000, tmp_path, tiny_llama_dir), peak_rss_mb(200_000, tmp_path, tiny_llama_dir)
     print(f"peak RSS: {small:.0f} MB at 20k rows, {big:.0f} MB at 200k rows")  # (shown with pytest -s)
-    assert big - small < 180_000 * 100 / 2**20, (small, big)  # under 100 bytes a row
+    assert big - small < 180_000 * 250 / 2**20, (small, big)  # under 250 bytes a row (43 MB), noise included
