@@ -218,6 +218,7 @@ class EcdModel:
                     if name not in targets:
                         targets[name] = np.zeros((len(rows),) + values.shape[1:], values.dtype)
                     targets[name][at] = values
+                stream.release_freed_memory()
             index = np.flatnonzero(kept)
             prepared[k] = {"n": len(index), "rows": index if len(index) < len(rows) else None,
                            "inputs": {name: store[name] for name in store.arrays},
@@ -247,6 +248,7 @@ class EcdModel:
             for frame in chunks():
                 data = self._prepare({"predict": frame}, with_targets=False)["predict"]
                 yield self._predictions(self._run(data), index=None)
+                stream.release_freed_memory()
 
         return stream.write_frames(predictions(), Path(path))
 
