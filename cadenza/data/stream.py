@@ -18,7 +18,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,20 @@ def parquet_rows(source) -> Optional[int]:
 def streams(source) -> bool:
     rows = parquet_rows(source)
     return rows is not None and rows >= MIN_ROWS
+
+
+def streamed_splits(dataset, blocker: Callable[[], Optional[str]], preprocessing, seed: int, how: str,
+                    log: Callable = print) -> Optional[dict]:
+    """The splits of a Parquet file of MIN_ROWS rows or more as `FileRows`; None where the in-memory path applies:
+    a smaller or non-Parquet source, or a config that needs every row in memory (`blocker()` says why)."""
+    if not streams(dataset):
+        return None
+    reason = blocker()
+    if reason:
+        log(f"{dataset}: read into memory although it has {parquet_rows(dataset)} rows: {reason}")
+        return None
+    log(f"{dataset}: streamed {how} (docs/scale.md)")
+    return split_file(dataset, preprocessing, seed)
 
 
 @dataclass(frozen=True, eq=False)

@@ -180,14 +180,8 @@ class EcdModel:
     def streamed_splits(self, dataset, seed: int, log: Callable = print) -> Optional[dict]:
         """The splits of a Parquet file too big for the in-memory path (cadenza.data.stream.MIN_ROWS rows or
         more), as row numbers of the file; None where the in-memory path applies."""
-        if not stream.streams(dataset):
-            return None
-        blocker = self._stream_blocker()
-        if blocker:
-            log(f"{dataset}: read into memory although it has {stream.parquet_rows(dataset)} rows: {blocker}")
-            return None
-        log(f"{dataset}: streamed in chunks of {stream.CHUNK_ROWS} rows (docs/scale.md)")
-        return stream.split_file(dataset, self.config.preprocessing, seed)
+        return stream.streamed_splits(dataset, self._stream_blocker, self.config.preprocessing, seed,
+                                      f"in chunks of {stream.CHUNK_ROWS} rows", log)
 
     def _stream_blocker(self) -> Optional[str]:
         """Why this config cannot stream, or None."""

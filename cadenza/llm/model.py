@@ -170,15 +170,8 @@ class LlmModel:
         """The splits of a Parquet file of cadenza.data.stream.MIN_ROWS rows or more, as row numbers of the file
         (tokenized chunk by chunk into an on-disk store by `_streamed_tokens`); None where the in-memory path
         applies."""
-        if not stream.streams(dataset):
-            return None
-        blocker = self._stream_blocker()
-        if blocker:
-            log(f"{dataset}: read into memory although it has {stream.parquet_rows(dataset)} rows: {blocker}")
-            return None
-        log(f"{dataset}: streamed, tokenized {TOKENIZE_ROWS} rows at a time into a token store on disk "
-            "(docs/scale.md)")
-        return stream.split_file(dataset, self.config.preprocessing, seed)
+        return stream.streamed_splits(dataset, self._stream_blocker, self.config.preprocessing, seed,
+                                      f"and tokenized {TOKENIZE_ROWS} rows at a time into a token store on disk", log)
 
     def _stream_blocker(self) -> Optional[str]:
         """Why this config needs every row in memory, or None."""
