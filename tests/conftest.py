@@ -139,3 +139,28 @@ def signal_in_step(step: int, signum: int):
         yield
     finally:
         handle.remove()
+
+
+# ------------------------------------------------------------------------------------------ peak memory
+# the last line of a script whose peak memory a test measures in its own process. VmHWM, not ru_maxrss: Linux
+# carries the parent's (pytest's) high-water mark over fork + exec into ru_maxrss
+PRINT_PEAK_RSS = """
+print(json.dumps({"peak_rss_mb": [int(l.split()[1]) / 1024 for l in open("/proc/self/status")
+                                  if l.startswith("VmHWM:")][0]}))
+"""
+
+
+def script_peak_rss_mb(script: str, rows: int, tmp_path: Path, model_dir: Path) -> float:
+    """Run `script` (argv: rows, a Parquet path to write, the model folder, an output folder) in its own process,
+    niced, with a cache of its own; the peak RSS it printed (PRINT_PEAK_RSS)."""
+    import json
+    import subprocess
+    import sys
+
+    folder = tmp_path / str(rows)
+    folder.mkdir()
+    done = subprocess.run(["nice", "-n", "19", sys.executable, "-c", script, str(rows), str(folder / "d.parquet"),
+                           str(model_dir), str(folder)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "CADENZA_CACHE_DIR": str(folder / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]

@@ -3,9 +3,6 @@
 in-memory path, the store reused by a second run, memory that does not grow with the rows."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -13,6 +10,7 @@ import pandas as pd
 import pytest
 
 from cadenza import Model
+from conftest import PRINT_PEAK_RSS, script_peak_rss_mb
 from cadenza.data import stream
 from cadenza.llm import model as llm_model
 from cadenza.llm import token_store
@@ -184,20 +182,11 @@ PEAK_RSS = textwrap.dedent("""
               "trainer": {"type": "finetune", "epochs": 1, "train_steps": 4, "batch_size": 8,
                           "use_mixed_precision": False}}
     Model(config, log=lambda _: None).train(path, output_directory=out, skip_save_model=True, skip_save_log=True)
-    # VmHWM, not ru_maxrss: Linux carries the parent's (pytest's) high-water mark over fork + exec into ru_maxrss
-    print(json.dumps({"peak_rss_mb": [int(l.split()[1]) / 1024 for l in open("/proc/self/status")
-                                      if l.startswith("VmHWM:")][0]}))
-""")
+""") + PRINT_PEAK_RSS
 
 
 def peak_rss_mb(rows: int, tmp_path, llama) -> float:
-    folder = tmp_path / str(rows)
-    folder.mkdir()
-    done = subprocess.run(["nice", "-n", "19", sys.executable, "-c", PEAK_RSS, str(rows), str(folder / "d.parquet"),
-                           str(llama), str(folder)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "CADENZA_CACHE_DIR": str(folder / "cache")})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return script_peak_rss_mb(PEAK_RSS, rows, tmp_path, llama)
 
 
 def test_peak_memory_does_not_grow_with_rows(tiny_llama_dir, tmp_path, simulated_hardware):

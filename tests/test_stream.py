@@ -3,9 +3,6 @@ memory; the memory-mapped embedding cache gives what the shards hold; prediction
 does not grow with the rows."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -13,6 +10,7 @@ import pandas as pd
 import pytest
 
 from cadenza import Model
+from conftest import PRINT_PEAK_RSS, script_peak_rss_mb
 from cadenza.data import stream
 
 pytestmark = pytest.mark.usefixtures("simulated_hardware")  # every test runs as fp32 and as bf16 hardware
@@ -169,20 +167,11 @@ PEAK_RSS = textwrap.dedent("""
     model = Model(config, log=lambda _: None)
     model.train(path, output_directory=out, skip_save_model=True, skip_save_log=True)
     model.predict_to_file(path, out + "/predictions.csv")
-    # VmHWM, not ru_maxrss: Linux carries the parent's (pytest's) high-water mark over fork + exec into ru_maxrss
-    print(json.dumps({"peak_rss_mb": [int(l.split()[1]) / 1024 for l in open("/proc/self/status")
-                                      if l.startswith("VmHWM:")][0]}))
-""")
+""") + PRINT_PEAK_RSS
 
 
 def peak_rss_mb(rows: int, tmp_path, bert) -> float:
-    folder = tmp_path / str(rows)
-    folder.mkdir()
-    done = subprocess.run(["nice", "-n", "19", sys.executable, "-c", PEAK_RSS, str(rows), str(folder / "d.parquet"),
-                           str(bert), str(folder)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "CADENZA_CACHE_DIR": str(folder / "cache")})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return script_peak_rss_mb(PEAK_RSS, rows, tmp_path, bert)
 
 
 def test_peak_memory_does_not_grow_with_rows(tiny_bert_dir, tmp_path, simulated_hardware):
