@@ -100,8 +100,10 @@ class FileRows:
             start = stop
 
     def read(self, columns: Optional[list[str]] = None) -> pd.DataFrame:
-        """These rows, in split order, as one DataFrame read chunk by chunk (the rest of the file never in memory):
-        for a split small enough to hold, such as a test split whose predictions are a DataFrame anyway."""
+        """These rows (or only these columns of them), in split order and indexed by file row number, as one
+        DataFrame read chunk by chunk (the rest of the file never in memory): a few columns of the training split
+        to fit vocabularies and statistics on, or a split small enough to hold, such as a test split whose
+        predictions are a DataFrame anyway."""
         parts, where = [], []
         for positions, frame in self.chunks(columns):
             parts.append(frame)
@@ -109,15 +111,6 @@ class FileRows:
         if not parts:
             return pd.DataFrame(columns=columns if columns is not None else self.columns)
         return pd.concat(parts).iloc[np.argsort(np.concatenate(where), kind="stable")]
-
-    def frame(self, columns: list[str]) -> pd.DataFrame:
-        """Only these columns, all rows, in split order (for fitting vocabularies and statistics)."""
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(self.path, columns=columns).take(self.positions)
-        frame = table.to_pandas()
-        frame.index = pd.Index(self.positions)
-        return frame
 
     def fingerprint(self) -> dict:
         """What a resumed run must find unchanged: the file (size, modification time, footer) and the rows."""

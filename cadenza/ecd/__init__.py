@@ -333,7 +333,7 @@ class EcdModel:
                 log(f"{f.name}: embeddings are not cached because the encoder is trained "
                     f"({'adapter' if f.encoder.adapter else 'trainable: true'})")
         if isinstance(train, stream.FileRows):  # vocabularies and statistics need the non-text columns only
-            train = train.frame(list(dict.fromkeys(FT.column(f) for f in list(self.config.input_features) +
+            train = train.read(list(dict.fromkeys(FT.column(f) for f in list(self.config.input_features) +
                                                    list(self.config.output_features) if f.type != "text")))
         self.metadata = self._fit_metadata(train)
         frames = {k: df for k, df in splits.items() if len(df)}
