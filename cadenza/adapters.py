@@ -110,7 +110,7 @@ def apply_adapter(model: torch.nn.Module, adapter, task_type: Optional[str], tot
         wrapped = peft.get_peft_model(model, config, low_cpu_mem_usage=init == "eva")
         if init == "eva":
             peft.initialize_lora_eva_weights(wrapped, dataloader=calibration(), show_progress_bar=False)
-    return wrapped
+    return use_fast_lora_dropout(wrapped)
 
 
 def _fill_default_targets(model: torch.nn.Module, config) -> None:
@@ -192,8 +192,40 @@ def load_adapter(model: torch.nn.Module, folder, *, is_trainable: bool,
     import peft
 
     with _peft_quietly():
-        return peft.PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable,
-                                              adapter_name=adapter_name)
+        loaded = peft.PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable,
+                                                adapter_name=adapter_name)
+    return use_fast_lora_dropout(loaded) if is_trainable else loaded
+
+
+class LoraDropout(torch.nn.Dropout):
+    """nn.Dropout on a LoRA adapter's input, whose mask on CPU comes from 16-bit slices of 64-bit random words.
+
+    torch draws one random number per element on CPU, ~5 ns each: for SmolLM2-135M's q/v adapters that was ~13%
+    of a bf16 LoRA step (train time 15.0-16.3 s with dropout 0.05 vs 13.6-13.8 s with 0). Four elements per
+    random word make the dropout 2.2x faster, forward and backward (943 vs 429 us on 270 x 576 bf16). The drop
+    probability is p rounded to a multiple of 1/65536 (0.05 -> 0.0500031), and kept values are scaled by the
+    inverse of that probability's complement, so the expectation is unchanged. Other devices take nn.Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        drop = round(self.p * 65536)
+        n = x.numel()
+        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        keep = words.view(torch.int16)[:n].view(x.shape) >= drop - 32768
+        noise = keep.to(x.dtype).mul_(65536 / (65536 - drop))  # like nn.Dropout: the scaled mask in x's dtype
+        return x * noise
+
+
+def use_fast_lora_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap PEFT's nn.Dropout on LoRA inputs for LoraDropout (same p; no weights, so checkpoints are unchanged)."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, layer in dropouts.items():
+                if type(layer) is torch.nn.Dropout:
+                    dropouts[name] = LoraDropout(layer.p)
+    return model
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from cadenza import Model
-from cadenza.adapters import apply_adapter, lora_plus_lr_ratio
+from cadenza.adapters import LoraDropout, apply_adapter, load_adapter, lora_plus_lr_ratio
 from cadenza.cli import main as cli_main
 from cadenza.config.load import load_config
 from cadenza.errors import ConfigError, HardwareError
@@ -132,6 +132,38 @@ def test_lora_options_reach_peft(tiny_llama_dir):
     assert q.lora_A["default"].weight.shape[0] == 4 and v.lora_A["default"].weight.shape[0] == 2
     assert q.scaling["default"] == pytest.approx(8 / 4 ** 0.5) and v.scaling["default"] == pytest.approx(6 / 2 ** 0.5)
     assert q.lora_B["default"].weight.abs().max() == 0  # gaussian: A is drawn, B starts at zero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_dropout_drops_p_of_every_element_position_and_scales_the_rest(dtype):
+    x = torch.rand(2000, 576, dtype=dtype) + 0.5  # no zeros of its own
+    torch.manual_seed(3)
+    out = LoraDropout(0.05).train()(x)
+    dropped = out == 0
+    # four elements share a 64-bit random word: each of the four positions must drop at the rate p
+    for position in range(4):
+        assert dropped.view(-1, 4)[:, position].float().mean().item() == pytest.approx(0.05, abs=0.003)
+    scale = 65536 / (65536 - round(0.05 * 65536))
+    assert torch.equal(out[~dropped], x[~dropped] * torch.tensor(scale, dtype=dtype))
+    torch.manual_seed(3)
+    assert torch.equal(LoraDropout(0.05).train()(x), out)  # the run's seed decides the mask
+    leaf = x.clone().requires_grad_()
+    kept = LoraDropout(0.05).train()(leaf)
+    kept.sum().backward()  # the gradient passes where the element was kept, scaled like it
+    assert torch.equal(leaf.grad, (kept != 0).to(dtype) * torch.tensor(scale, dtype=dtype))
+    assert torch.equal(LoraDropout(0.05).eval()(x), x) and torch.equal(LoraDropout(0.0).train()(x), x)
+    meta = LoraDropout(0.05).train()(torch.empty(3, 4, device="meta"))  # other devices: nn.Dropout
+    assert meta.device.type == "meta" and meta.shape == (3, 4)
+
+
+def test_lora_adapters_train_with_the_fast_dropout(tiny_llama_dir, tmp_path):
+    adapter = load_config(config(tiny_llama_dir, {"type": "lora", "r": 4, "dropout": 0.1})).adapter
+    model = apply_adapter(load_causal_lm(str(tiny_llama_dir), dtype=torch.float32), adapter, "CAUSAL_LM")
+    dropouts = [m.lora_dropout["default"] for m in model.modules() if hasattr(m, "lora_dropout")]
+    assert dropouts and all(type(d) is LoraDropout and d.p == 0.1 for d in dropouts)
+    model.save_pretrained(tmp_path)  # no weights of its own: the saved adapter is plain PEFT's
+    again = load_adapter(load_causal_lm(str(tiny_llama_dir), dtype=torch.float32), tmp_path, is_trainable=True)
+    assert all(type(m.lora_dropout["default"]) is LoraDropout for m in again.modules() if hasattr(m, "lora_dropout"))
 
 
 def test_dora_and_orthogonal(tiny_llama_dir):
