@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import struct
 import uuid
 from dataclasses import dataclass
@@ -51,10 +52,63 @@ TOKENIZER_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vo
 REDO = "retrain, or download the model again"
 
 
+def writer_tag() -> str:
+    """`<pid>@<host>` in every temporary's name: a later run on this machine can tell one whose writer was killed
+    (a SIGKILL or power loss runs no cleanup) from one still being written, and remove it (`sweep_abandoned`)."""
+    return f"{os.getpid()}@{re.sub(r'[^A-Za-z0-9_-]', '_', socket.gethostname())}"
+
+
+def temporary_sibling(final: Path, kind: str = "tmp") -> Path:
+    """A hidden name beside `final` for writing it (or, kind "old", for the copy it replaces)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.{writer_tag()}.{kind}")
+
+
+_TEMPORARY = re.compile(r"\.(\d+)@([A-Za-z0-9_-]+)\.(tmp|old)$")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_abandoned(folder: Path) -> list[str]:
+    """Remove the temporaries in `folder` whose writer, a process of this machine, no longer runs; a replaced
+    folder (".old") whose successor never arrived is put back in place. Returns the names handled. Writers on
+    other machines (a shared cache) are left alone: their processes cannot be seen from here."""
+    host = writer_tag().split("@", 1)[1]
+    handled = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return handled
+    for entry in entries:
+        found = _TEMPORARY.search(entry.name)
+        if not found or found.group(2) != host or _running(int(found.group(1))):
+            continue
+        final = entry.with_name(entry.name[1:found.start()].rsplit(".", 1)[0])
+        try:
+            if found.group(3) == "old" and not final.exists():
+                os.replace(entry, final)  # killed between moving the old folder aside and renaming the new one
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:  # another run swept it first
+            continue
+        handled.append(entry.name)
+    return handled
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and an atomic rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temporary_sibling(path)
     tmp.write_text(json.dumps(_finite(data), indent=2, default=_jsonable, allow_nan=False))
     os.replace(tmp, path)
 
@@ -113,7 +167,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `final`, on error it is removed."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    sweep_abandoned(final.parent)
+    tmp = temporary_sibling(final)
     tmp.mkdir()
     try:
         yield tmp
@@ -122,7 +177,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
+        old = temporary_sibling(final, "old")
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from .. import device
 from .. import metrics as M
-from ..artifacts import ECD_WEIGHTS, METADATA_FILE, hub_source_errors, read_json, unshared, write_json
+from ..artifacts import (ECD_WEIGHTS, METADATA_FILE, hub_source_errors, read_json, sweep_abandoned, unshared,
+                         write_json, writer_tag)
 from ..data.cache import cache_root, configured_cache_dir
 from ..data import stream
 from ..data.read import check_not_empty, read_dataset, require_columns
@@ -223,7 +224,8 @@ class EcdModel:
         """A folder for one pass's row arrays, removed afterwards (under the cache folder: the same disk)."""
         root = self._cache_folder() / "rows"
         root.mkdir(parents=True, exist_ok=True)
-        return tempfile.TemporaryDirectory(prefix="pass-", dir=root)
+        sweep_abandoned(root)  # the row arrays of a killed run's pass
+        return tempfile.TemporaryDirectory(prefix=".pass.", suffix=f".{writer_tag()}.tmp", dir=root)
 
     def predict_to_file(self, dataset, path: Path, batch_size: Optional[int] = None) -> int:
         """Predictions of every row written to `path` (.csv/.parquet) chunk by chunk: a Parquet file is read a chunk

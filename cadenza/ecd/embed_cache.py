@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from ..artifacts import sweep_abandoned, temporary_sibling
 from ..device import Precision
 
 KEY = np.dtype("S16")  # a text's key; numpy compares fixed-width bytes, so keys sort and search as arrays
@@ -139,6 +140,7 @@ class EmbeddingCache:
         self.shards, self.index = [], KeyIndex()
         if not self.folder.exists():
             return self
+        sweep_abandoned(self.folder)  # shards a killed run was writing
         parts = []
         for path in sorted(self.folder.glob("shard-*.safetensors")):
             try:
@@ -158,7 +160,7 @@ class EmbeddingCache:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"shard-{uuid.uuid4().hex}.safetensors"
-        tmp = self.folder / f".{name}.tmp"
+        tmp = temporary_sibling(self.folder / name)
         key_array = torch.from_numpy(np.frombuffer(np.ascontiguousarray(keys, KEY).tobytes(), np.uint8)
                                      .reshape(len(keys), 16).copy())
         save_file({"keys": key_array, "embeddings": torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))},

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..artifacts import check_local_source, check_remote_code, hub_source_errors, refuse_pickled_weights
+from ..artifacts import (check_local_source, check_remote_code, hub_source_errors, refuse_pickled_weights,
+                         sweep_abandoned, temporary_sibling)
 from ..data import assets
 from ..data.cache import cache_root
 
@@ -56,7 +56,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    sweep_abandoned(folder.parent)  # a conversion killed half-way leaves a model-sized folder
+    tmp = temporary_sibling(folder)
     try:
         # a GGUF file carries no code; saying so keeps transformers from ever asking
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)

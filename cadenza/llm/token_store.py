@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 
+from ..artifacts import sweep_abandoned, temporary_sibling
 from ..data import stream
 from .tokenize import TokenizedRows
 
@@ -95,7 +95,8 @@ def write(folder: Path, chunks: Iterable[tuple[np.ndarray, TokenizedRows]], rows
     complete."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    sweep_abandoned(folder.parent)  # stores and caches of killed runs: a store of 1M rows is GBs
+    tmp = temporary_sibling(folder)
     tmp.mkdir()
     try:
         # the index is filled in place: arrays kept per chunk would each pin a piece of the heap that the chunk's

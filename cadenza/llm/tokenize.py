@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from ..artifacts import temporary_sibling
 
 CACHE_VERSION = "v1"
 
@@ -124,7 +125,7 @@ def _write_cache(path: Path, rows: TokenizedRows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lengths = rows.lengths
     flat = np.concatenate(rows.ids) if rows.ids else np.zeros(0, dtype=np.int64)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_sibling(path)
     save_file({"ids": flat, "lengths": lengths, "prompt_lens": rows.prompt_lens,
                "truncated": np.asarray([rows.truncated], dtype=np.int64)}, str(tmp))
     os.replace(tmp, path)
