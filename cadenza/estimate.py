@@ -44,7 +44,6 @@ from .errors import CadenzaError
 CALIBRATION_VERSION = 6
 PROBE_MAX_BLOCKS = 9  # the deeper probe's blocks (fewer when a block is large): its difference from 1 block is the per-block cost
 PROBE_BLOCK_PARAMETERS = 300e6  # ...within this many parameters of extra blocks
-EMBED_BATCH = 128  # cadenza.ecd.embed_cache.embed_texts' batch
 LOAD_BYTES_PER_SECOND = 1.0e9  # safetensors from the page cache, cast to the weights dtype (measured ~1 GB/s here)
 GGUF_SECONDS_PER_PARAMETER = 0.2e-6  # dequantizing a GGUF once (~25 s for SmolLM2-135M on 2 cores)
 SAVE_BYTES_PER_SECOND = 0.5e9
@@ -585,7 +584,7 @@ def _import_seconds(cal: dict, already: set) -> float:
 # ------------------------------------------------------------------------------------------------------- ecd
 def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) -> Estimate:
     from .ecd import DEFAULT_BATCH_SIZE, EcdModel
-    from .ecd.text_encoder import encoder_source
+    from .ecd.text_encoder import TOKENS_PER_BATCH, encoder_source
 
     model = EcdModel(config)
     t = config.trainer
@@ -617,26 +616,30 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
             tokenizer = model._tokenizer(f)
             lengths = {k: np.array([len(x) for x in tokenizer(v, truncation=True, max_length=max_len)["input_ids"]])
                        for k, v in all_texts.items()}
-        weights_bytes = shape.parameters * 4  # encoders load in fp32 (text_encoder.load_backbone)
         precision = device.precision(t.use_mixed_precision, "embed" if cached else "train")
         elem = 2 if precision.bf16 else 4
+        # a cached (embedding-only) encoder loads in the embedding precision, a trained one in fp32 (ecd._encoder)
+        weights_bytes = shape.parameters * (elem if cached else 4)
         if cached:
             facts[f"{f.name}: texts to embed"] = missing
             if missing:
                 mean_len = max(1, int(np.mean(np.concatenate(list(lengths.values())))))
-                cal = calibrate({"source": folder, "causal": False, "bf16": precision.bf16, "weights_dtype": "float32",
-                                 "forward": [EMBED_BATCH, _bucket(mean_len)]}, calibration_file(config),
+                rows = max(1, TOKENS_PER_BATCH // _bucket(mean_len))  # the pass's length-sorted batches
+                cal = calibrate({"source": folder, "causal": False, "bf16": precision.bf16,
+                                 "weights_dtype": "bfloat16" if precision.bf16 else "float32",
+                                 "forward": [rows, _bucket(mean_len)]}, calibration_file(config),
                                 refresh=refresh, cached_only=cached_only, log=log)
                 cal_base = cal_base or cal
-                per_token = _per_layer(cal, "forward", shape.layers) / (EMBED_BATCH * _bucket(mean_len))
+                per_token = _per_layer(cal, "forward", shape.layers) / (rows * _bucket(mean_len))
                 share = missing / max(1, sum(len(v) for v in all_texts.values()))
                 tokens = share * float(sum(v.sum() for v in lengths.values()))
                 once[f"{f.name}: embed {missing:,} texts ({precision.name})"] = tokens * per_token
                 load[f"{f.name}: load encoder"] = shape.weights_file_bytes / LOAD_BYTES_PER_SECOND
                 longest = int(max(v.max() for v in lengths.values()))
                 peak_phase[f"{f.name}: encoder weights"] = weights_bytes
-                peak_phase[f"{f.name}: embedding pass (batch {EMBED_BATCH})"] = \
-                    _resident(forward_transient_bytes(shape, min(EMBED_BATCH, missing), longest, elem), hw)
+                embed_rows = max(1, TOKENS_PER_BATCH // longest)  # the longest texts' batch: the largest scores
+                peak_phase[f"{f.name}: embedding pass ({TOKENS_PER_BATCH:,} tokens a batch)"] = \
+                    _resident(forward_transient_bytes(shape, min(embed_rows, missing), longest, elem), hw)
             memory[f"{f.name}: cached embeddings"] = sum(len(v) for v in all_texts.values()) * shape.hidden * 4
         else:
             train_bf16 = train_bf16 or precision.bf16

@@ -24,7 +24,7 @@ from ..errors import DataError, ModelFolderError
 from ..phases import note, phase
 from ..train.loop import TrainResult, TrainTask, fit, freeze_by_regex, process_state
 from . import features as FT
-from .embed_cache import CachedEmbedder, EmbeddingCache, Ranks, embed_texts
+from .embed_cache import CachedEmbedder, EmbeddingCache, Ranks
 from .network import CategoryEmbedding, EcdNet, output_loss, threads_for, torch_threads
 from .text_encoder import (TextEncoder, check_encoder_sources, encoder_source, fingerprint, load_tokenizer,
                            revision_known)

@@ -28,7 +28,6 @@ import torch
 from safetensors.torch import save_file
 
 from ..artifacts import sweep_abandoned, temporary_sibling
-from ..device import Precision
 
 KEY = np.dtype("S16")  # a text's key; numpy compares fixed-width bytes, so keys sort and search as arrays
 
@@ -181,25 +180,6 @@ class EmbeddingCache:
             out[rows] = vectors[self.index.row[at[rows]]]
             del vectors  # unmapped: the pages read leave this process
         return out
-
-
-def embed_texts(texts: list[str], encoder, tokenizer, max_length: int, precision: Precision,
-                batch_size: int = 128) -> np.ndarray:
-    """Embed with no grad, in length-sorted batches (little padding), in the given precision."""
-    if not texts:
-        return np.zeros((0, encoder.output_size), dtype=np.float32)
-    ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    device = next(encoder.parameters()).device
-    out = np.zeros((len(texts), encoder.output_size), dtype=np.float32)
-    encoder.eval()
-    with torch.no_grad(), precision.autocast(device.type):
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            batch = tokenizer.pad({"input_ids": [ids[i] for i in index]}, return_tensors="pt")
-            vectors = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            out[index] = vectors.float().cpu().numpy()
-    return out
 
 
 CHUNK = 8192  # texts embedded and written as one cache shard: an interrupted run keeps what it finished
