@@ -611,11 +611,10 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
         if f.preprocessing.lowercase:
             all_texts = {k: [x.lower() for x in v] for k, v in all_texts.items()}
         missing = _uncached_texts(model, f, max_len, [x for v in all_texts.values() for x in v]) if cached else 0
-        lengths = {}
+        lengths, scale, longest = {}, {}, 0
         if missing or not cached:  # a warm cache needs no tokenizer (nor transformers) at all
-            tokenizer = model._tokenizer(f)
-            lengths = {k: np.array([len(x) for x in tokenizer(v, truncation=True, max_length=max_len)["input_ids"]])
-                       for k, v in all_texts.items()}
+            lengths, scale, longest = _sampled_lengths(model._tokenizer(f), all_texts, max_len)
+        total_tokens = sum(scale[k] * float(v.sum()) for k, v in lengths.items())
         precision = device.precision(t.use_mixed_precision, "embed" if cached else "train")
         elem = 2 if precision.bf16 else 4
         # a cached (embedding-only) encoder loads in the embedding precision, a trained one in fp32 (ecd._encoder)
@@ -623,7 +622,7 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
         if cached:
             facts[f"{f.name}: texts to embed"] = missing
             if missing:
-                mean_len = max(1, int(np.mean(np.concatenate(list(lengths.values())))))
+                mean_len = max(1, int(total_tokens / sum(len(v) for v in all_texts.values())))
                 rows = max(1, TOKENS_PER_BATCH // _bucket(mean_len))  # the pass's length-sorted batches
                 cal = calibrate({"source": folder, "causal": False, "bf16": precision.bf16,
                                  "weights_dtype": "bfloat16" if precision.bf16 else "float32",
@@ -632,10 +631,9 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
                 cal_base = cal_base or cal
                 per_token = _per_layer(cal, "forward", shape.layers) / (rows * _bucket(mean_len))
                 share = missing / max(1, sum(len(v) for v in all_texts.values()))
-                tokens = share * float(sum(v.sum() for v in lengths.values()))
+                tokens = share * total_tokens
                 once[f"{f.name}: embed {missing:,} texts ({precision.name})"] = tokens * per_token
                 load[f"{f.name}: load encoder"] = shape.weights_file_bytes / LOAD_BYTES_PER_SECOND
-                longest = int(max(v.max() for v in lengths.values()))
                 peak_phase[f"{f.name}: encoder weights"] = weights_bytes
                 embed_rows = max(1, TOKENS_PER_BATCH // longest)  # the longest texts' batch: the largest scores
                 peak_phase[f"{f.name}: embedding pass ({TOKENS_PER_BATCH:,} tokens a batch)"] = \
@@ -643,12 +641,14 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
             memory[f"{f.name}: cached embeddings"] = sum(len(v) for v in all_texts.values()) * shape.hidden * 4
         else:
             train_bf16 = train_bf16 or precision.bf16
-            order = np.random.default_rng(seed).permutation(n_train) if t.should_shuffle else np.arange(n_train)
-            padded = sum(int(lengths["training"][order[i:i + batch]].max()) * len(order[i:i + batch])
-                         for i in range(0, n_train, batch))
-            eval_padded = sum(_padded(lengths[k], eval_batch) for k in lengths if k == "validation")
+            train_lengths = lengths["training"]
+            order = np.random.default_rng(seed).permutation(len(train_lengths)) if t.should_shuffle else \
+                np.arange(len(train_lengths))
+            padded = int(scale["training"] * sum(int(train_lengths[order[i:i + batch]].max()) * len(order[i:i + batch])
+                                                 for i in range(0, len(train_lengths), batch)))
+            eval_padded = int(sum(scale[k] * _padded(lengths[k], eval_batch) for k in lengths if k == "validation"))
             if t.evaluate_training_set:
-                eval_padded += _padded(lengths["training"], eval_batch)
+                eval_padded += int(scale["training"] * _padded(train_lengths, eval_batch))
             mean_len = _bucket(max(1, int(padded / n_train)))
             # the encoder runs inside training: in train mode (its dropout draws masks), as the probe times it
             cal = calibrate({"source": folder, "causal": False, "bf16": precision.bf16, "weights_dtype": "float32",
@@ -660,7 +660,6 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
             per_epoch[f"{f.name}: encoder on {padded:,} padded tokens"] = padded * per_token
             per_epoch[f"{f.name}: evaluation ({eval_padded:,} tokens)"] = eval_padded * eval_per_token
             load[f"{f.name}: load encoder"] = shape.weights_file_bytes / LOAD_BYTES_PER_SECOND
-            longest = int(max(v.max() for v in lengths.values()))
             memory[f"{f.name}: encoder weights"] = weights_bytes
             trainable = f.encoder.trainable or f.encoder.adapter is not None
             if trainable:  # fine-tuned encoder: activations for backward, gradients, AdamW
@@ -676,7 +675,7 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
             memory[f"{f.name}: largest forward ({widest} rows)"] = \
                 _resident(forward_transient_bytes(shape, widest, longest, elem), hw)
         if lengths:
-            facts[f"{f.name}: tokens"] = int(sum(v.sum() for v in lengths.values()))
+            facts[f"{f.name}: tokens"] = int(total_tokens)
     steps = math.ceil(n_train / batch) * t.epochs
     head = cal_base if cal_base and "head_step" in cal_base else \
         calibrate({"head": True}, calibration_file(config), refresh=refresh, cached_only=cached_only, log=log)
@@ -704,6 +703,32 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
 def _bucket(n: int) -> int:
     """Round a calibration shape to one of a few sizes, so nearby runs share the cached measurement."""
     return max(1, int(round(2 ** (round(2 * math.log2(max(n, 1))) / 2))))
+
+
+# texts per split tokenized for their lengths: the estimate of a large split tokenizes an evenly spaced sample
+# instead of every text a second time (the run tokenizes them anyway): at 14,000 rows that was 1 s of a 5 s train
+LENGTH_SAMPLE = 2000
+LONGEST_CANDIDATES = 32  # the texts with the most characters, tokenized for the longest row (memory peaks there)
+
+
+def _sampled_lengths(tokenizer, texts: dict[str, list[str]], max_len: int) -> tuple[dict, dict, int]:
+    """Token lengths of each split's texts (at most LENGTH_SAMPLE of them, evenly spaced), per split how many texts
+    each sampled one stands for, and the longest text's token length (looked for among the longest by characters:
+    an evenly spaced sample would miss the rare long text)."""
+    lengths, scale, longest = {}, {}, 0
+    count = lambda picked: np.array([len(x) for x in tokenizer(picked, truncation=True,  # noqa: E731
+                                                                max_length=max_len)["input_ids"]], dtype=np.int64)
+    for split, values in texts.items():
+        if len(values) <= LENGTH_SAMPLE:
+            lengths[split], scale[split] = count(values), 1.0
+        else:
+            lengths[split] = count([values[i] for i in np.linspace(0, len(values) - 1, LENGTH_SAMPLE).astype(int)])
+            scale[split] = len(values) / LENGTH_SAMPLE
+            chars = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+            widest = np.argpartition(chars, -LONGEST_CANDIDATES)[-LONGEST_CANDIDATES:]
+            longest = max(longest, int(count([values[i] for i in widest]).max()))
+        longest = max(longest, int(lengths[split].max()))
+    return lengths, scale, longest
 
 
 def _padded(lengths: np.ndarray, batch: int) -> int:

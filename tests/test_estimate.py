@@ -155,6 +155,24 @@ def calibrated_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("estimate-cache")
 
 
+def test_text_lengths_of_a_large_split_come_from_a_sample_and_its_longest_text(tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    rng = np.random.default_rng(0)
+    words = "the film is a quiet and moving story about two friends who never quite grow up".split()
+    train = [" ".join(rng.choice(words, rng.integers(3, 40))) for _ in range(12_000)]
+    train[7_777] = " ".join(["remarkably"] * 120)  # one long text that an evenly spaced sample skips
+    texts = {"training": train, "validation": train[:300]}
+    lengths, scale, longest = E._sampled_lengths(tokenizer, texts, max_len=96)
+    exact = {k: np.array([len(x) for x in tokenizer(v, truncation=True, max_length=96)["input_ids"]])
+             for k, v in texts.items()}
+    assert len(lengths["training"]) == E.LENGTH_SAMPLE and scale["training"] == 12_000 / E.LENGTH_SAMPLE
+    assert scale["validation"] == 1.0 and np.array_equal(lengths["validation"], exact["validation"])
+    assert scale["training"] * lengths["training"].sum() == pytest.approx(exact["training"].sum(), rel=0.03)
+    assert longest == 96 == max(v.max() for v in exact.values())  # found, truncated to max_len
+
+
 def test_cli_prints_a_table_and_json(tmp_path, tiny_bert_dir, calibrated_cache, capsys):
     config, data = _ecd_config(tmp_path, tiny_bert_dir, calibrated_cache), _data(tmp_path)
     assert main(["estimate", "--config", str(config), "--dataset", str(data)]) == 0
