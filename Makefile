@@ -15,4 +15,4 @@ docs: setup
 
 bench: setup
 	.venv/bin/python bench/bench_ecd.py | tee bench/results/ecd.txt
-	.venv/bin/python bench/bench_llm.py | tee bench/results/llm.txt
+	.venv/bin/python bench/bench_llm.py --rounds 2 | tee bench/results/llm.txt
