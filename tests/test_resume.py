@@ -34,19 +34,28 @@ from conftest import signal_in_step
 # cadenza train, pausing inside optimizer step CADENZA_TEST_PAUSE_AT_STEP (counted in this process) until the
 # test creates the file `go`; `paused` tells the test it got there
 DRIVER = """
-import os, sys, time
+import os, signal, sys, time
 from pathlib import Path
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from cadenza.cli import main
 
 pause_at, flags, steps = int(os.environ["CADENZA_TEST_PAUSE_AT_STEP"]), Path(os.environ["CADENZA_TEST_FLAGS"]), 0
+await_signal = os.environ.get("CADENZA_TEST_AWAIT_SIGNAL") == "1"
+
+def signal_received():
+    # Cadenza's handler (a StopRequest's method) records the signal. Under torchrun the test signals torchrun,
+    # which forwards it a moment later: without waiting, a fast step could end before it arrives
+    request = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return getattr(request, "signum", None) is not None
 
 def pause(optimizer, args, kwargs):
     global steps
     steps += 1
     if steps == pause_at:
         (flags / "paused").write_text("")
-        while not (flags / "go").exists():
+        deadline = time.monotonic() + 60
+        while not (flags / "go").exists() or (await_signal and not signal_received()
+                                               and time.monotonic() < deadline):
             time.sleep(0.01)
 
 register_optimizer_step_post_hook(pause)
@@ -111,7 +120,8 @@ def stop_in_step(workdir: Path, args: list[str], step: int, sig: int,
     """Run the driver until it pauses inside optimizer step `step`, send `sig`, let it go on, wait for its end."""
     flags = workdir / f"flags-{time.monotonic_ns()}"
     flags.mkdir()
-    env = {**os.environ, "CADENZA_TEST_PAUSE_AT_STEP": str(step), "CADENZA_TEST_FLAGS": str(flags)}
+    env = {**os.environ, "CADENZA_TEST_PAUSE_AT_STEP": str(step), "CADENZA_TEST_FLAGS": str(flags),
+           "CADENZA_TEST_AWAIT_SIGNAL": "0" if sig == signal.SIGKILL else "1"}
     command = command or [sys.executable, str(workdir / "driver.py")]
     proc = subprocess.Popen(command + args, cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
