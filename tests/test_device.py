@@ -77,6 +77,22 @@ def test_peak_flops_override(monkeypatch):
     assert device.peak_flops(True) == 2.5e12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_measured_peak_grows_the_product_until_it_takes_long_enough(monkeypatch, dtype):
+    """A product too quick to time well (a many-core CPU's 1024 x 1024) is measured again at the next size."""
+    sizes = []
+    real_randn = torch.randn
+    monkeypatch.setattr(device.torch, "randn", lambda *shape, **kw: sizes.append(shape) or real_randn(*shape, **kw))
+    monkeypatch.setattr(device, "PEAK_PRODUCT_SIZES", (64, 128, 256))
+    monkeypatch.setattr(device, "PEAK_PRODUCT_SECONDS", 3600.0)  # never long enough: every size, the last one counts
+    assert 1e6 < device._measure_matmul_peak(dtype) < 1e16
+    assert sizes == [(64, 64), (128, 128), (256, 256)]
+    sizes.clear()
+    monkeypatch.setattr(device, "PEAK_PRODUCT_SECONDS", 0.0)  # the first size is long enough
+    device._measure_matmul_peak(dtype)
+    assert sizes == [(64, 64)]
+
+
 def test_gpu_peaks_per_precision_and_name():
     """MFU on a GPU divides by the peak of the precision that runs: tensor-core bf16, or plain fp32 (no TF32)."""
     assert device.gpu_peak_flops("NVIDIA H200", True) == 989e12
