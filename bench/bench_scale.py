@@ -7,7 +7,8 @@ real tokenizer, built once into the bench folder) so that a million rows run her
 is then mostly Cadenza's own (reading, hashing, caching, batching), which is what must stay linear.
 
 Per size: `Model.train(dataset=<file>)` (max 16 tokens a text, 70/10/20 split, 2 epochs, batch 256) and `Model.predict_to_file(<file>, .csv)`
-(every row), each timed in the child; Python start-up and imports are not in the figures. Files of at least
+(every row), each timed in the child; Python start-up and imports are not in the figures. Before training, the
+child asks `Model.estimate` for the train's time and peak RSS (beside the measured ones in the table). Files of at least
 cadenza.data.stream.MIN_ROWS rows stream (`mode` says which path ran); `--stream always` streams every size.
 
     python bench/bench_scale.py [--sizes 3000 14000 100000 1000000] [--stream auto|always] [--folder /tmp/bench-scale]
@@ -89,6 +90,9 @@ def child(data: str, bert: str, out: str, always: bool) -> None:
     if always:
         stream.MIN_ROWS = 0
     model = Model(config(Path(bert)), log=lambda _: None)
+    # what `cadenza estimate` predicts for this train (it calibrates the machine first, in a subprocess, which
+    # train's start line then reuses): the estimate is checked against the run at every size
+    estimated = model.estimate(data)
     started = time.perf_counter()
     result = model.train(data, output_directory=out, skip_save_log=True)
     trained = time.perf_counter()
@@ -98,6 +102,8 @@ def child(data: str, bert: str, out: str, always: bool) -> None:
     phases = result.statistics["phases"]["phases"]
     startup = sum(phases[name]["seconds"] for name in STARTUP_PHASES if name in phases)
     print(json.dumps({"peak_rss_mb": peak_rss_mb(), "train_s": trained - started, "predict_s": predicted - trained,
+                      "estimated_peak_mb": estimated.peak_memory_bytes / 2**20,
+                      "estimated_train_s": estimated.total_seconds,
                       "startup_s": startup, "predicted_rows": rows,
                       "mode": "streamed" if isinstance(model._splits_used["training"], stream.FileRows) else "in memory",
                       "validation_accuracy": result.statistics["validation"][-1]["sentiment"]["accuracy"]}))
@@ -246,13 +252,14 @@ def main() -> None:
           "hidden 32), cold cache, train 2 epochs + predict every row; start-up = imports + encoder load + peak "
           "measurement, paid once whatever the rows")
     print("| rows | path | train s | predict s | start-up s | µs/row after start-up | vs largest | rows/s | peak RSS "
-          "| val. acc. |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| val. acc. | estimated train s | estimated peak RSS |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         total = r["train_s"] + r["predict_s"]
         print(f"| {r['rows']:,} | {r['mode']} | {r['train_s']:.1f} | {r['predict_s']:.1f} | {r['startup_s']:.1f} | "
               f"{1e6 * per_row(r):.0f} | {per_row(r) / per_row(largest):.2f}x | {r['rows'] / total:,.0f} | "
-              f"{r['peak_rss_mb']:,.0f} MB | {r['validation_accuracy']:.3f} |")
+              f"{r['peak_rss_mb']:,.0f} MB | {r['validation_accuracy']:.3f} | {r['estimated_train_s']:.1f} | "
+              f"{r['estimated_peak_mb']:,.0f} MB |")
 
 
 def main_llm(args) -> None:

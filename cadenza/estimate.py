@@ -523,31 +523,74 @@ def _fact(v) -> str:
     return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
 
 
-def estimate(config, splits: dict[str, pd.DataFrame], *, available_bytes: Optional[int] = None,
+def estimate(config, splits: dict, *, available_bytes: Optional[int] = None,
              refresh: bool = False, cached_only: bool = False, seed: int = 42, read_seconds: Optional[float] = None,
              log: Callable = print) -> Estimate:
-    """Predict peak memory and time of training `config` on `splits` (as api.Model.train splits them).
+    """Predict peak memory and time of training `config` on `splits` (as api.Model.train splits them: DataFrames,
+    or cadenza.data.stream.FileRows for a Parquet file that streams, estimated from an evenly spaced sample).
     read_seconds: what reading and splitting the data took here (train() does it again); None: already read.
     available_bytes: the memory to compare with (default: what cadenza.device.available_memory() reports).
     refresh: measure the calibration again; cached_only: use only a cached calibration (train's start line),
     without one the times are NaN and the imports' memory is this process's."""
-    if not all(isinstance(df, pd.DataFrame) for df in splits.values()):
-        raise CadenzaError("estimate: data streamed from a large Parquet file (docs/scale.md) is not estimated yet; "
-                           "estimate a sample of it (preprocessing.sample_size) for the per-row costs")
     hw = device.hardware()
     available = available_bytes if available_bytes is not None else device.available_memory()
     already = {m for m in ("transformers", "peft") if m in sys.modules}
+    data = DataSample.of(splits)
     if config.model_type == "llm":
-        est = _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log)
+        est = _estimate_llm(config, data, hw, already, refresh, cached_only, seed, log)
     else:
-        est = _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log)
+        est = _estimate_ecd(config, data, hw, already, refresh, cached_only, seed, log)
     est.available_bytes = available
+    if data.streamed:
+        est.facts["streamed"] = f"estimated from {sum(map(len, data.frames.values())):,} sampled rows"
     if read_seconds is not None and read_seconds > 0.05:
         est.time_parts = {"read and split the data": read_seconds, **est.time_parts}
         est.total_seconds += read_seconds
     if not est.fits:
         est.warnings.append(_advice(config, est))
     return est
+
+
+# rows read from each streamed split (a Parquet file larger than memory): every per-row figure of the estimate is
+# the sample's, scaled by the split's rows over the sample's. Reading them scans the file once (0.4 s for 1M rows).
+STREAM_SAMPLE_ROWS = 5000
+
+
+@dataclass
+class DataSample:
+    """The rows the estimate looks at, and how many rows each split really has."""
+
+    frames: dict  # split -> DataFrame: every row, or an evenly spaced sample of a streamed split
+    rows: dict  # split -> its rows
+    streamed: bool
+    chunk_bytes: int = 0  # a streamed pass's chunk of rows in memory (cadenza.data.stream.CHUNK_ROWS)
+
+    @classmethod
+    def of(cls, splits: dict) -> "DataSample":
+        from .data.stream import CHUNK_ROWS, FileRows
+
+        frames, rows, chunk = {}, {}, 0
+        for name, split in splits.items():
+            rows[name] = len(split)
+            if isinstance(split, FileRows):
+                picked = np.linspace(0, len(split) - 1, min(len(split), STREAM_SAMPLE_ROWS)).astype(np.int64)
+                frames[name] = FileRows(split.path, split.positions[picked]).read()
+                per_row = frames[name].memory_usage(deep=True).sum() / max(1, len(frames[name]))
+                chunk = max(chunk, int(per_row * min(CHUNK_ROWS, len(split))))
+            else:
+                frames[name] = split
+        return cls(frames, rows, any(isinstance(s, FileRows) for s in splits.values()), chunk)
+
+    def scale(self, split: str) -> float:
+        """How many rows of the split each row looked at stands for."""
+        return self.rows[split] / max(1, len(self.frames[split]))
+
+    def data_bytes(self) -> int:
+        """The data in memory: every frame, or for a streamed run a chunk and the split's row numbers and order
+        (16 bytes a row)."""
+        if self.streamed:
+            return self.chunk_bytes + 16 * sum(self.rows.values())
+        return int(sum(df.memory_usage(deep=True).sum() for df in self.frames.values() if len(df)))
 
 
 def _advice(config, est: Estimate) -> str:
@@ -573,26 +616,22 @@ def _base_parts(cal: dict, hw, data_bytes: int) -> dict:
     return {"imports (python, torch, transformers)": cal["base_rss_bytes"], "data": data_bytes}
 
 
-def _data_bytes(splits: dict) -> int:
-    return int(sum(df.memory_usage(deep=True).sum() for df in splits.values() if len(df)))
-
-
 def _import_seconds(cal: dict, already: set) -> float:
     return sum(v for k, v in cal["import_seconds"].items() if k != "torch" and k not in already)
 
 
 # ------------------------------------------------------------------------------------------------------- ecd
-def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) -> Estimate:
+def _estimate_ecd(config, data: DataSample, hw, already, refresh, cached_only, seed, log) -> Estimate:
     from .ecd import DEFAULT_BATCH_SIZE, EcdModel
+    from .ecd import features as FT
     from .ecd.text_encoder import TOKENS_PER_BATCH, encoder_source
 
     model = EcdModel(config)
     t = config.trainer
     batch = DEFAULT_BATCH_SIZE if t.batch_size == "auto" else t.batch_size
     eval_batch = model.eval_batch_size
-    train = splits["training"]
-    n_train = len(train)
-    n_eval = len(splits.get("validation", ())) + (n_train if t.evaluate_training_set else 0)
+    n_train = data.rows["training"]
+    n_eval = data.rows.get("validation", 0) + (n_train if t.evaluate_training_set else 0)
     memory = {}
     load, per_epoch, once = {}, {}, {}
     facts: dict = {"rows": n_train, "batch size": batch, "epochs": t.epochs}
@@ -607,13 +646,15 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
         cached = model.is_cached(f)
         max_len = model._max_length(f)
         column = f.column or f.name
-        all_texts = {k: df[column].astype(str).tolist() for k, df in splits.items() if len(df)}
+        all_texts = {k: df[column].astype(str).tolist() for k, df in data.frames.items() if len(df)}
         if f.preprocessing.lowercase:
             all_texts = {k: [x.lower() for x in v] for k, v in all_texts.items()}
-        missing = _uncached_texts(model, f, max_len, [x for v in all_texts.values() for x in v]) if cached else 0
-        lengths, scale, longest = {}, {}, 0
+        n_texts = sum(data.rows[k] for k in all_texts)
+        missing = _uncached_texts(model, f, max_len, all_texts, data) if cached else 0
+        lengths, scale, longest, tokenize_seconds = {}, {}, 0, 0.0
         if missing or not cached:  # a warm cache needs no tokenizer (nor transformers) at all
-            lengths, scale, longest = _sampled_lengths(model._tokenizer(f), all_texts, max_len)
+            lengths, scale, longest, tokenize_seconds = _sampled_lengths(model._tokenizer(f), all_texts, max_len)
+            scale = {k: v * data.scale(k) for k, v in scale.items()}
         total_tokens = sum(scale[k] * float(v.sum()) for k, v in lengths.items())
         precision = device.precision(t.use_mixed_precision, "embed" if cached else "train")
         elem = 2 if precision.bf16 else 4
@@ -622,7 +663,7 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
         if cached:
             facts[f"{f.name}: texts to embed"] = missing
             if missing:
-                mean_len = max(1, int(total_tokens / sum(len(v) for v in all_texts.values())))
+                mean_len = max(1, int(total_tokens / n_texts))
                 rows = max(1, TOKENS_PER_BATCH // _bucket(mean_len))  # the pass's length-sorted batches
                 cal = calibrate({"source": folder, "causal": False, "bf16": precision.bf16,
                                  "weights_dtype": "bfloat16" if precision.bf16 else "float32",
@@ -630,15 +671,17 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
                                 refresh=refresh, cached_only=cached_only, log=log)
                 cal_base = cal_base or cal
                 per_token = _per_layer(cal, "forward", shape.layers) / (rows * _bucket(mean_len))
-                share = missing / max(1, sum(len(v) for v in all_texts.values()))
+                share = missing / max(1, n_texts)
                 tokens = share * total_tokens
+                once[f"{f.name}: tokenize {missing:,} texts"] = missing * tokenize_seconds
                 once[f"{f.name}: embed {missing:,} texts ({precision.name})"] = tokens * per_token
                 load[f"{f.name}: load encoder"] = shape.weights_file_bytes / LOAD_BYTES_PER_SECOND
                 peak_phase[f"{f.name}: encoder weights"] = weights_bytes
                 embed_rows = max(1, TOKENS_PER_BATCH // longest)  # the longest texts' batch: the largest scores
                 peak_phase[f"{f.name}: embedding pass ({TOKENS_PER_BATCH:,} tokens a batch)"] = \
                     _resident(forward_transient_bytes(shape, min(embed_rows, missing), longest, elem), hw)
-            memory[f"{f.name}: cached embeddings"] = sum(len(v) for v in all_texts.values()) * shape.hidden * 4
+            if not data.streamed:  # a streamed run reads them from the cache on disk, a batch at a time
+                memory[f"{f.name}: cached embeddings"] = n_texts * shape.hidden * 4
         else:
             train_bf16 = train_bf16 or precision.bf16
             train_lengths = lengths["training"]
@@ -657,6 +700,7 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
             cal_base = cal_base or cal
             per_token = _per_layer(cal, "forward", shape.layers) / (batch * mean_len)
             eval_per_token = _per_layer(cal, "forward_eval", shape.layers) / (batch * mean_len)
+            once[f"{f.name}: tokenize {n_texts:,} texts"] = n_texts * tokenize_seconds
             per_epoch[f"{f.name}: encoder on {padded:,} padded tokens"] = padded * per_token
             per_epoch[f"{f.name}: evaluation ({eval_padded:,} tokens)"] = eval_padded * eval_per_token
             load[f"{f.name}: load encoder"] = shape.weights_file_bytes / LOAD_BYTES_PER_SECOND
@@ -685,7 +729,12 @@ def _estimate_ecd(config, splits, hw, already, refresh, cached_only, seed, log) 
     per_epoch["head: evaluation"] = math.ceil(max(n_eval, 1) / eval_batch) * head_step
     facts["steps"] = steps
     facts["precision"] = device.precision(t.use_mixed_precision, "train" if train_bf16 else "head").name
-    base = _base_parts(cal_base, hw, _data_bytes(splits))
+    base = _base_parts(cal_base, hw, data.data_bytes())
+    if data.streamed and hw.device != "cuda":  # fitting vocabularies and statistics reads these columns whole
+        fitted = [FT.column(f) for f in list(config.input_features) + list(config.output_features) if f.type != "text"]
+        training = data.frames["training"]
+        base["training split's non-text columns (fitting)"] = \
+            int(training[list(dict.fromkeys(fitted))].memory_usage(deep=True).sum() * data.scale("training"))
     load = {"imports": _import_seconds(cal_base, already), **load}
     parts = {**base, **memory}
     peak = sum(parts.values())
@@ -711,41 +760,56 @@ LENGTH_SAMPLE = 2000
 LONGEST_CANDIDATES = 32  # the texts with the most characters, tokenized for the longest row (memory peaks there)
 
 
-def _sampled_lengths(tokenizer, texts: dict[str, list[str]], max_len: int) -> tuple[dict, dict, int]:
+def _sampled_lengths(tokenizer, texts: dict[str, list[str]], max_len: int) -> tuple[dict, dict, int, float]:
     """Token lengths of each split's texts (at most LENGTH_SAMPLE of them, evenly spaced), per split how many texts
-    each sampled one stands for, and the longest text's token length (looked for among the longest by characters:
-    an evenly spaced sample would miss the rare long text)."""
-    lengths, scale, longest = {}, {}, 0
-    count = lambda picked: np.array([len(x) for x in tokenizer(picked, truncation=True,  # noqa: E731
-                                                                max_length=max_len)["input_ids"]], dtype=np.int64)
+    each sampled one stands for, the longest text's token length (looked for among the longest by characters:
+    an evenly spaced sample would miss the rare long text), and the seconds tokenizing took per text."""
+    from .ecd.text_encoder import token_ids
+
+    lengths, scale, longest, seconds, counted = {}, {}, 0, 0.0, 0
+
+    def count(picked: list[str], timed: bool = True) -> np.ndarray:
+        nonlocal seconds, counted
+        t0 = time.perf_counter()
+        out = np.fromiter(map(len, token_ids(tokenizer, picked, max_len)), dtype=np.int64, count=len(picked))
+        if timed:  # the longest texts are not a fair sample of the time a text takes
+            seconds, counted = seconds + time.perf_counter() - t0, counted + len(picked)
+        return out
+
+    token_ids(tokenizer, [""], max_len)  # not timed: the first call sets up the tokenizer's truncating copy
+    spread = lambda values: [values[i] for i in np.linspace(0, len(values) - 1, LENGTH_SAMPLE).astype(int)]  # noqa: E731
+    largest = max(texts.values(), key=len, default=[])
+    if len(largest) > LENGTH_SAMPLE:
+        # not timed either: tokenizers keep a cache of the words they split, which a long pass keeps warm; on a cold
+        # one the sample took 81 us a text where 65,536-text chunks of the same file took 58-63 (MiniLM's WordPiece)
+        token_ids(tokenizer, spread(largest), max_len)
     for split, values in texts.items():
         if len(values) <= LENGTH_SAMPLE:
             lengths[split], scale[split] = count(values), 1.0
         else:
-            lengths[split] = count([values[i] for i in np.linspace(0, len(values) - 1, LENGTH_SAMPLE).astype(int)])
+            lengths[split] = count(spread(values))
             scale[split] = len(values) / LENGTH_SAMPLE
             chars = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
             widest = np.argpartition(chars, -LONGEST_CANDIDATES)[-LONGEST_CANDIDATES:]
-            longest = max(longest, int(count([values[i] for i in widest]).max()))
+            longest = max(longest, int(count([values[i] for i in widest], timed=False).max()))
         longest = max(longest, int(lengths[split].max()))
-    return lengths, scale, longest
+    return lengths, scale, longest, seconds / max(1, counted)
 
 
 def _padded(lengths: np.ndarray, batch: int) -> int:
     return sum(int(lengths[i:i + batch].max()) * len(lengths[i:i + batch]) for i in range(0, len(lengths), batch))
 
 
-def _uncached_texts(model, feature, max_len: int, texts: list[str]) -> int:
-    """Distinct texts not yet in the embedding cache (reads only the cache shards' keys)."""
+def _uncached_texts(model, feature, max_len: int, texts: dict[str, list[str]], data: DataSample) -> int:
+    """Distinct texts not yet in the embedding cache (reads only the cache shards' keys); for a streamed run, each
+    split's sampled texts not in the cache, scaled to the split's rows."""
     from .ecd.embed_cache import text_key
     from .ecd.text_encoder import fingerprint, revision_known
 
-    distinct = {text_key(x) for x in texts}
-    if not revision_known(feature.encoder):
-        return len(distinct)
-    folder = model._cache_folder() / "embeddings" / fingerprint(feature.encoder, max_len)
+    keys = {split: {text_key(x) for x in values} for split, values in texts.items()}
     known: set = set()
-    if folder.exists():
+    folder = model._cache_folder() / "embeddings" / fingerprint(feature.encoder, max_len)
+    if revision_known(feature.encoder) and folder.exists():
         from safetensors import safe_open
 
         for shard in folder.glob("shard-*.safetensors"):
@@ -754,7 +818,9 @@ def _uncached_texts(model, feature, max_len: int, texts: list[str]) -> int:
                     known.update(k.tobytes() for k in f.get_tensor("keys"))
             except Exception:  # an unreadable shard is recomputed by the run: count its texts as missing
                 continue
-    return len(distinct - known)
+    if data.streamed:
+        return int(sum(data.scale(split) * len(k - known) for split, k in keys.items()))
+    return len(set().union(*keys.values()) - known)
 
 
 def _head_step_seconds() -> float:
@@ -817,7 +883,7 @@ def _gguf_config_folder(gguf: Path, converted: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- llm
-def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) -> Estimate:
+def _estimate_llm(config, data: DataSample, hw, already, refresh, cached_only, seed, log) -> Estimate:
     from .data.assets import resolve_model_name
     from .llm import batching
     from .llm.load import CONVERTED_MARKER, gguf_cache_dir, load_tokenizer, resolve_source
@@ -834,8 +900,10 @@ def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) 
     model.tokenizer = load_tokenizer(folder, config.trust_remote_code) if converted else _gguf_tokenizer(gguf)
     model._ensure_builder()
     quiet = lambda _: None  # noqa: E731
-    records = model._answered_records(splits["training"], "training", quiet)
-    rows = model._tokenize(records, with_targets=True)
+    records = model._answered_records(data.frames["training"], "training", quiet)
+    # a streamed run's sample is not what training tokenizes: no token cache entry for it
+    rows = model._tokenize(records, with_targets=True, cache=not data.streamed)
+    scale = data.scale("training")
     size = model._batch_size()
     rows_per_batch = size * (t.packing_max_sequences_per_pack or 1) if t.packing else size
     groups = batching.epoch_groups(rows, 0, seed, packed=t.packing, rows_per_batch=rows_per_batch,
@@ -844,22 +912,26 @@ def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) 
     share = _can_share_prefix(folder)
     computed = [batching.computed_tokens(rows, g, packed=t.packing, share_prefix=share) if t.packing else
                 len(g) * int(max(len(rows.ids[i]) for i in g)) for g in groups]
-    targets = int(rows.target_tokens(t.train_on_inputs).sum())
-    total_tokens = int(rows.lengths.sum())
-    val_df = splits.get("validation")
+    # a streamed split's sample stands for all its rows: counts and sums scale, shapes (longest, mean) do not
+    computed_tokens = int(sum(computed) * scale)
+    n_groups = int(round(len(groups) * scale))
+    n_rows = int(round(len(rows) * scale))
+    targets = int(rows.target_tokens(t.train_on_inputs).sum() * scale)
+    total_tokens = int(rows.lengths.sum() * scale)
+    val_df = data.frames.get("validation")
     val_tokens, val_batches = 0, 0
     if val_df is not None and len(val_df) and not t.skip_all_evaluation:
         val_records = model._answered_records(val_df, "validation", quiet)
         if val_records:
-            val_rows = model._tokenize(val_records, with_targets=True)
+            val_rows = model._tokenize(val_records, with_targets=True, cache=not data.streamed)
             eval_groups = batching.eval_groups(val_rows, model._batch_size(eval_=True),
                                                t.max_tokens_per_batch if t.packing else None)
-            val_tokens = sum(batching.computed_tokens(val_rows, g, packed=True, share_prefix=share)
-                             for g in eval_groups)
-            val_batches = len(eval_groups)
+            val_tokens = int(data.scale("validation") * sum(
+                batching.computed_tokens(val_rows, g, packed=True, share_prefix=share) for g in eval_groups))
+            val_batches = int(round(len(eval_groups) * data.scale("validation")))
     if t.evaluate_training_set:
-        val_tokens += sum(computed)
-        val_batches += len(groups)
+        val_tokens += computed_tokens
+        val_batches += n_groups
 
     # ---- what trains, in which precision
     training = t.type != "none"
@@ -878,7 +950,7 @@ def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) 
     longest = max(computed) if computed else 0
     mean_tokens = int(np.mean(computed)) if computed else 1
     target_share = targets / max(total_tokens, 1)
-    mean_row = max(2, int(total_tokens / max(len(rows), 1)))
+    mean_row = max(2, int(total_tokens / max(n_rows, 1)))
 
     # ---- calibration: the architecture cut to 1 and a few more blocks, on this run's micro-batch shape
     spec = {"source": folder, "causal": True, "bf16": precision.bf16, "weights_dtype": weights_dtype,
@@ -894,7 +966,9 @@ def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) 
 
     # ---- memory
     weights = int(shape.parameters * (0.56 if quantized else elem_weights))  # nf4 + its scales ~ 4.5 bits
-    parts = _base_parts(cal, hw, _data_bytes(splits))
+    parts = _base_parts(cal, hw, data.data_bytes())
+    if data.streamed and hw.device != "cuda":  # cadenza.llm.token_store keeps each split's row index in memory
+        parts["token store index (24 bytes a row)"] = 24 * sum(data.rows.values())
     parts["base weights" + (f" ({weights_dtype})" if not quantized else " (4-bit)")] = weights
     load_parts = dict(parts)
     if not quantized and hw.device != "cuda":
@@ -928,10 +1002,10 @@ def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) 
         setup["first step's warm-up"] = _per_layer(cal, "train_warmup", shape.layers)
         micro = _per_layer(cal, "train", shape.layers)
         tokens_cal = cal.get("train_tokens_1", math.nan)  # NaN: not calibrated (train's start line, cached_only)
-        per_epoch[f"forward + backward ({sum(computed):,} tokens)"] = micro * sum(computed) / tokens_cal
+        per_epoch[f"forward + backward ({computed_tokens:,} tokens)"] = micro * computed_tokens / tokens_cal
         from .train.loop import plan_steps
 
-        plan = plan_steps(t, len(groups), rows_per_batch, 1)
+        plan = plan_steps(t, n_groups, rows_per_batch, 1)
         steps_per_epoch = plan.steps_per_epoch
         optimizer = _per_layer(cal, "optimizer", shape.layers)
         per_epoch[f"optimizer ({steps_per_epoch} steps)"] = optimizer * steps_per_epoch * \
@@ -950,8 +1024,8 @@ def _estimate_llm(config, splits, hw, already, refresh, cached_only, seed, log) 
         after["save the weights"] = 4 * shape.parameters / SAVE_BYTES_PER_SECOND
     seconds_per_epoch = sum(per_epoch.values())
     total = sum(setup.values()) + epochs * seconds_per_epoch + sum(after.values())
-    facts = {"parameters": shape.parameters, "trainable": trainable, "rows": len(rows), "tokens": total_tokens,
-             "computed tokens": sum(computed), "target tokens": targets, "micro-batches": len(groups),
+    facts = {"parameters": shape.parameters, "trainable": trainable, "rows": n_rows, "tokens": total_tokens,
+             "computed tokens": computed_tokens, "target tokens": targets, "micro-batches": n_groups,
              "batch size": size, "precision": precision.name if training else weights_precision.name,
              "weights": weights_dtype if not quantized else "4-bit",
              "gradient checkpointing": t.enable_gradient_checkpointing}

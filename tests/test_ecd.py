@@ -317,3 +317,25 @@ def test_gguf_encoder_conversion_goes_to_the_configured_cache(tiny_llama_dir, ca
     Model(cfg, log=quiet).train(frame(32), output_directory=tmp_path / "out")
     assert asked and set(asked) == {(gguf, str(tmp_path / "my-cache"))}
     assert list((tmp_path / "my-cache" / "embeddings").iterdir())  # the embeddings went there too
+
+
+@pytest.mark.parametrize("which", ["minilm", "smollm2", "smollm2_left"])
+def test_token_ids_match_the_tokenizer_call(which, llama_tokenizer_dir):
+    """ecd tokenizes through the fast tokenizer's backend directly: the same ids as transformers' call (WordPiece and
+    byte-level BPE, truncation from either side), and the user's tokenizer is left as it was."""
+    from transformers import AutoTokenizer
+
+    from cadenza.data import assets
+    from cadenza.ecd.text_encoder import token_ids
+
+    tok = AutoTokenizer.from_pretrained(str(assets.minilm_dir()) if which == "minilm" else str(llama_tokenizer_dir))
+    if which == "smollm2_left":
+        tok.truncation_side = "left"
+    texts = ["", "a", "The film's Über-ending is naïve, 天气很好 — 🎬!", "[SEP] <|im_end|> [CLS]  spaced   out ",
+             " ".join(f"word{i}" for i in range(300)), "tab\tand\nnewline"] + \
+        assets.rotten_tomatoes()["text"].astype(str).head(200).tolist()
+    for max_length in (5, 16, 64):
+        assert token_ids(tok, texts, max_length) == tok(texts, truncation=True, max_length=max_length)["input_ids"]
+    tok.backend_tokenizer.no_truncation()
+    token_ids(tok, texts, 16)
+    assert tok.backend_tokenizer.truncation is None  # not set by token_ids

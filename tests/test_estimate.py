@@ -164,13 +164,14 @@ def test_text_lengths_of_a_large_split_come_from_a_sample_and_its_longest_text(t
     train = [" ".join(rng.choice(words, rng.integers(3, 40))) for _ in range(12_000)]
     train[7_777] = " ".join(["remarkably"] * 120)  # one long text that an evenly spaced sample skips
     texts = {"training": train, "validation": train[:300]}
-    lengths, scale, longest = E._sampled_lengths(tokenizer, texts, max_len=96)
+    lengths, scale, longest, seconds = E._sampled_lengths(tokenizer, texts, max_len=96)
     exact = {k: np.array([len(x) for x in tokenizer(v, truncation=True, max_length=96)["input_ids"]])
              for k, v in texts.items()}
     assert len(lengths["training"]) == E.LENGTH_SAMPLE and scale["training"] == 12_000 / E.LENGTH_SAMPLE
     assert scale["validation"] == 1.0 and np.array_equal(lengths["validation"], exact["validation"])
     assert scale["training"] * lengths["training"].sum() == pytest.approx(exact["training"].sum(), rel=0.03)
     assert longest == 96 == max(v.max() for v in exact.values())  # found, truncated to max_len
+    assert 0 < seconds < 0.01  # tokenizing time per text, for the estimate of the tokenize pass
 
 
 def test_cli_prints_a_table_and_json(tmp_path, tiny_bert_dir, calibrated_cache, capsys):
@@ -256,3 +257,79 @@ def test_train_prints_the_estimate_first_and_goes_on_when_it_will_not_fit(tmp_pa
     assert first and "peak RSS" in first[0]
     assert any(line.startswith("warning:") and "available" in line for line in lines)
     assert lines.index(first[0]) < min(i for i, line in enumerate(lines) if line.startswith("epoch "))
+
+
+def _streamed_and_in_memory(config: dict, df: pd.DataFrame, tmp_path: Path, monkeypatch, sample_rows: int):
+    """The estimate of `df` as a streamed Parquet file (an evenly spaced sample of `sample_rows` rows a split) and
+    of the same rows in memory."""
+    from cadenza import Model
+    from cadenza.data import stream
+
+    path = tmp_path / "big.parquet"
+    df.to_parquet(path, row_group_size=100)
+    in_memory = Model(config, log=lambda _: None).estimate(pd.read_parquet(path))
+    monkeypatch.setattr(stream, "MIN_ROWS", 0)
+    monkeypatch.setattr(stream, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(E, "STREAM_SAMPLE_ROWS", sample_rows)
+    streamed = Model(config, log=lambda _: None).estimate(str(path))
+    return streamed, in_memory
+
+
+def test_streamed_ecd_data_is_estimated_from_a_sample(tmp_path, tiny_bert_dir, calibrated_cache, monkeypatch):
+    """A Parquet file that streams is estimated from a sample of its rows, scaled to the splits: the same counts as
+    the in-memory estimate of the same rows, the embeddings on disk rather than in memory, 16 bytes a row."""
+    config = yaml.safe_load(_ecd_config(tmp_path, tiny_bert_dir, calibrated_cache).read_text())
+    config["input_features"].append({"name": "score", "type": "number"})
+    rng = np.random.default_rng(1)
+    words = ["good", "bad", "film", "plot", "great", "dull", "actors", "story"]
+    n = 1200
+    df = pd.DataFrame({"text": [" ".join(rng.choice(words, rng.integers(3, 9))) + f" {i}" for i in range(n)],
+                       "score": rng.normal(size=n), "label": rng.choice(["pos", "neg"], n)})
+    streamed, in_memory = _streamed_and_in_memory(config, df, tmp_path, monkeypatch, sample_rows=150)
+    assert "sampled rows" in streamed.facts["streamed"] and "streamed" not in in_memory.facts
+    assert streamed.facts["rows"] == in_memory.facts["rows"] > 800  # the split's rows, not the sample's
+    assert streamed.facts["text: texts to embed"] == pytest.approx(n, rel=0.02)
+    assert streamed.facts["text: tokens"] == pytest.approx(in_memory.facts["text: tokens"], rel=0.1)
+    assert streamed.facts["steps"] == in_memory.facts["steps"]
+    assert not any("cached embeddings" in k for k in streamed.memory_parts)  # on disk, read a batch at a time
+    assert streamed.memory_parts["data"] >= 16 * n
+    assert streamed.memory_parts["training split's non-text columns (fitting)"] > 0
+    tokenize = [v for k, v in streamed.time_parts.items() if k.startswith("text: tokenize")]
+    assert tokenize and tokenize[0] > 0
+    embed = lambda est: next(v for k, v in est.time_parts.items() if k.startswith("text: embed"))  # noqa: E731
+    assert embed(streamed) == pytest.approx(embed(in_memory), rel=0.15)
+
+
+def test_streamed_llm_data_is_estimated_from_a_sample(tmp_path, tiny_llama_dir, calibrated_cache, monkeypatch):
+    config = {"model_type": "llm", "base_model": str(tiny_llama_dir),
+              "input_features": [{"name": "question", "type": "text"}],
+              "output_features": [{"name": "answer", "type": "text"}], "adapter": {"type": "lora", "r": 4},
+              "preprocessing": {"cache_dir": str(calibrated_cache)},
+              "trainer": {"type": "finetune", "epochs": 1, "batch_size": 4}}
+    rng = np.random.default_rng(2)
+    n = 1000
+    df = pd.DataFrame({"question": [f"What is {i} plus {i}?" + " Please" * int(k) for i, k in
+                                    enumerate(rng.integers(0, 4, n))],
+                       "answer": [f"It is {2 * i}." for i in range(n)]})
+    streamed, in_memory = _streamed_and_in_memory(config, df, tmp_path, monkeypatch, sample_rows=200)
+    assert "sampled rows" in streamed.facts["streamed"]
+    assert streamed.facts["rows"] == pytest.approx(in_memory.facts["rows"], rel=0.01)
+    for fact in ("tokens", "computed tokens", "target tokens", "micro-batches"):
+        assert streamed.facts[fact] == pytest.approx(in_memory.facts[fact], rel=0.1), fact
+    assert streamed.memory_parts["token store index (24 bytes a row)"] == 24 * n
+    assert streamed.seconds_per_epoch == pytest.approx(in_memory.seconds_per_epoch, rel=0.15)
+
+
+def test_train_on_streamed_data_prints_its_estimate(tmp_path, tiny_bert_dir, calibrated_cache, monkeypatch):
+    from cadenza import Model
+    from cadenza.data import stream
+
+    monkeypatch.setattr(stream, "MIN_ROWS", 0)
+    path = tmp_path / "data.parquet"
+    pd.read_csv(_data(tmp_path)).to_parquet(path)
+    lines: list[str] = []
+    config = yaml.safe_load(_ecd_config(tmp_path, tiny_bert_dir, calibrated_cache, epochs=1).read_text())
+    model = Model(config, log=lines.append)
+    model.train(str(path), output_directory=tmp_path / "out", skip_save_log=True)
+    assert isinstance(model._splits_used["training"], stream.FileRows)
+    assert any(line.startswith("estimate: peak RSS") for line in lines), lines

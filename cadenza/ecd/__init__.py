@@ -26,7 +26,7 @@ from ..train.loop import TrainResult, TrainTask, fit, freeze_by_regex, process_s
 from . import features as FT
 from .embed_cache import CachedEmbedder, EmbeddingCache, Ranks
 from .network import CategoryEmbedding, EcdNet, output_loss, threads_for, torch_threads
-from .text_encoder import (TextEncoder, check_encoder_sources, encoder_source, fingerprint, load_tokenizer,
+from .text_encoder import (TextEncoder, check_encoder_sources, encoder_source, fingerprint, load_tokenizer, token_ids,
                            revision_known)
 
 DEFAULT_BATCH_SIZE = 64
@@ -134,7 +134,7 @@ class EcdModel:
                 else:
                     tok = self._tokenizer(f)
                     for k in frames:
-                        ids = tok(texts[k], truncation=True, max_length=self.metadata[f.name]["max_length"])["input_ids"]
+                        ids = token_ids(tok, texts[k], self.metadata[f.name]["max_length"])
                         prepared[k]["inputs"][f.name] = ids
         if with_targets:
             for f in self.config.output_features:
