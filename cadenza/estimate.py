@@ -653,7 +653,8 @@ def _estimate_ecd(config, data: DataSample, hw, already, refresh, cached_only, s
         missing = _uncached_texts(model, f, max_len, all_texts, data) if cached else 0
         lengths, scale, longest, tokenize_seconds = {}, {}, 0, 0.0
         if missing or not cached:  # a warm cache needs no tokenizer (nor transformers) at all
-            lengths, scale, longest, tokenize_seconds = _sampled_lengths(model._tokenizer(f), all_texts, max_len)
+            lengths, scale, longest, tokenize_seconds = _sampled_lengths(
+                model._tokenizer(f), all_texts, max_len, warm=n_texts > 10 * LENGTH_SAMPLE)
             scale = {k: v * data.scale(k) for k, v in scale.items()}
         total_tokens = sum(scale[k] * float(v.sum()) for k, v in lengths.items())
         precision = device.precision(t.use_mixed_precision, "embed" if cached else "train")
@@ -760,10 +761,12 @@ LENGTH_SAMPLE = 2000
 LONGEST_CANDIDATES = 32  # the texts with the most characters, tokenized for the longest row (memory peaks there)
 
 
-def _sampled_lengths(tokenizer, texts: dict[str, list[str]], max_len: int) -> tuple[dict, dict, int, float]:
+def _sampled_lengths(tokenizer, texts: dict[str, list[str]], max_len: int,
+                     warm: bool = False) -> tuple[dict, dict, int, float]:
     """Token lengths of each split's texts (at most LENGTH_SAMPLE of them, evenly spaced), per split how many texts
     each sampled one stands for, the longest text's token length (looked for among the longest by characters:
-    an evenly spaced sample would miss the rare long text), and the seconds tokenizing took per text."""
+    an evenly spaced sample would miss the rare long text), and the seconds tokenizing took per text (`warm`: as in
+    a long pass, which is worth a warm-up pass first where tokenizing takes seconds)."""
     from .ecd.text_encoder import token_ids
 
     lengths, scale, longest, seconds, counted = {}, {}, 0, 0.0, 0
@@ -779,7 +782,7 @@ def _sampled_lengths(tokenizer, texts: dict[str, list[str]], max_len: int) -> tu
     token_ids(tokenizer, [""], max_len)  # not timed: the first call sets up the tokenizer's truncating copy
     spread = lambda values: [values[i] for i in np.linspace(0, len(values) - 1, LENGTH_SAMPLE).astype(int)]  # noqa: E731
     largest = max(texts.values(), key=len, default=[])
-    if len(largest) > LENGTH_SAMPLE:
+    if warm and len(largest) > 1:
         # not timed either: tokenizers keep a cache of the words they split, which a long pass keeps warm; on a cold
         # one the sample took 81 us a text where 65,536-text chunks of the same file took 58-63 (MiniLM's WordPiece)
         token_ids(tokenizer, spread(largest), max_len)
