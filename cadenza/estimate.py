@@ -767,7 +767,7 @@ def _sampled_lengths(tokenizer, texts: dict[str, list[str]], max_len: int,
     each sampled one stands for, the longest text's token length (looked for among the longest by characters:
     an evenly spaced sample would miss the rare long text), and the seconds tokenizing took per text (`warm`: as in
     a long pass, which is worth a warm-up pass first where tokenizing takes seconds)."""
-    from .ecd.text_encoder import token_ids
+    from .ecd.tokens import token_ids
 
     lengths, scale, longest, seconds, counted = {}, {}, 0, 0.0, 0
 

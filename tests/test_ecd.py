@@ -320,22 +320,49 @@ def test_gguf_encoder_conversion_goes_to_the_configured_cache(tiny_llama_dir, ca
 
 
 @pytest.mark.parametrize("which", ["minilm", "smollm2", "smollm2_left"])
-def test_token_ids_match_the_tokenizer_call(which, llama_tokenizer_dir):
-    """ecd tokenizes through the fast tokenizer's backend directly: the same ids as transformers' call (WordPiece and
-    byte-level BPE, truncation from either side), and the user's tokenizer is left as it was."""
+def test_token_ids_match_the_tokenizer_call(which, llama_tokenizer_dir, monkeypatch):
+    """ecd tokenizes through the fast tokenizer's backend directly, long texts cut at a whitespace first: the same ids
+    as transformers' call (WordPiece and byte-level BPE, truncation from either side), also for texts whose cut
+    prefix holds too few tokens, and the user's tokenizer is left as it was."""
     from transformers import AutoTokenizer
 
     from cadenza.data import assets
-    from cadenza.ecd.text_encoder import token_ids
+    from cadenza.ecd import tokens
 
     tok = AutoTokenizer.from_pretrained(str(assets.minilm_dir()) if which == "minilm" else str(llama_tokenizer_dir))
     if which == "smollm2_left":
         tok.truncation_side = "left"
+    backend = tok.backend_tokenizer
+    assert (tokens._cut_layout(tok, 16) is not None) == (which != "smollm2_left")
+    reviews = assets.rotten_tomatoes()["text"].dropna().astype(str)
     texts = ["", "a", "The film's Über-ending is naïve, 天气很好 — 🎬!", "[SEP] <|im_end|> [CLS]  spaced   out ",
-             " ".join(f"word{i}" for i in range(300)), "tab\tand\nnewline"] + \
-        assets.rotten_tomatoes()["text"].astype(str).head(200).tolist()
+             " ".join(f"word{i}" for i in range(300)), "tab\tand\nnewline " * 40,
+             "x" * 150 + " short " + "y" * 600 + " end",  # MiniLM: the cut prefix holds 3 tokens ([UNK] for long words)
+             "pneumonoultramicroscopicsilicovolcanoconiosis " * 30, "天气很好" * 200, "   " + "lead " * 100] + \
+        reviews.head(200).tolist() + [" ".join(reviews.iloc[i:i + 6]) for i in range(0, 240, 6)]
+    sent = []
+    monkeypatch.setattr(tokens, "_truncating_backend",
+                        lambda t, n, real=tokens._truncating_backend: _Recording(real(t, n), sent))
+    monkeypatch.setattr(tokens, "_cut_layout", lambda t, n, real=tokens._cut_layout:
+                        None if real(t, n) is None else (_Recording(real(t, n)[0], sent), *real(t, n)[1:]))
     for max_length in (5, 16, 64):
-        assert token_ids(tok, texts, max_length) == tok(texts, truncation=True, max_length=max_length)["input_ids"]
-    tok.backend_tokenizer.no_truncation()
-    token_ids(tok, texts, 16)
+        sent.clear()
+        assert tokens.token_ids(tok, texts, max_length) == tok(texts, truncation=True, max_length=max_length)["input_ids"]
+        if which != "smollm2_left":  # long texts were cut before tokenizing
+            assert sum(map(len, sent[0])) < sum(map(len, texts)) / 2
+        if which == "minilm":  # ...and the one whose prefix overflowed nothing tokenized again whole
+            assert len(sent) == 2 and sent[1][0].startswith("x" * 150)
+    backend.no_truncation()
+    tokens.token_ids(tok, texts, 16)
     assert tok.backend_tokenizer.truncation is None  # not set by token_ids
+
+
+class _Recording:
+    """A tokenizer backend that records the texts each encode_batch call gets."""
+
+    def __init__(self, backend, sent: list):
+        self.backend, self.sent = backend, sent
+
+    def encode_batch(self, texts, **kwargs):
+        self.sent.append(list(texts))
+        return self.backend.encode_batch(texts, **kwargs)

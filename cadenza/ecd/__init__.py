@@ -26,7 +26,8 @@ from ..train.loop import TrainResult, TrainTask, fit, freeze_by_regex, process_s
 from . import features as FT
 from .embed_cache import CachedEmbedder, EmbeddingCache, Ranks
 from .network import CategoryEmbedding, EcdNet, output_loss, threads_for, torch_threads
-from .text_encoder import (TextEncoder, check_encoder_sources, encoder_source, fingerprint, load_tokenizer, token_ids,
+from .tokens import token_ids
+from .text_encoder import (TextEncoder, check_encoder_sources, encoder_source, fingerprint, load_tokenizer,
                            revision_known)
 
 DEFAULT_BATCH_SIZE = 64

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -20,44 +19,12 @@ from ..data.assets import resolve_model_name
 from ..device import Precision, peak_flops
 from ..phases import note, phase
 from ..threads import follow_load
+from .tokens import token_ids
 
 
 def encoder_source(encoder_cfg) -> str:
     name = getattr(encoder_cfg, "pretrained_model_name_or_path", None) or encoder_cfg.base_model
     return resolve_model_name(name)
-
-
-def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Each text's token ids, special tokens added, truncated to max_length: what `tokenizer(texts, truncation=True,
-    max_length=max_length)["input_ids"]` gives, taken from a fast tokenizer's Rust backend directly. transformers
-    turns every text's encoding into a dict of Python lists first: a third of the time (MiniLM on 65k review
-    texts: 74 vs 45 us a text on 2 cores; 72 of 128 s of a 1M-row ecd train were tokenizing)."""
-    backend = _truncating_backend(tokenizer, max_length)
-    if backend is None:  # a slow (Python) tokenizer: no backend to call
-        return tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
-
-
-# a copy of the backend per tokenizer and length, set to truncate as transformers would: the user's tokenizer object
-# is left as it was (transformers sets its backend's truncation on every call)
-_BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _truncating_backend(tokenizer, max_length: int):
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    copies = _BACKENDS.setdefault(tokenizer, {})
-    if max_length not in copies:
-        from tokenizers import Tokenizer
-
-        copy = Tokenizer.from_str(backend.to_str())
-        copy.no_padding()
-        copy.enable_truncation(max_length, stride=0, strategy="longest_first",
-                               direction=getattr(tokenizer, "truncation_side", "right"))
-        copy.encode_special_tokens = backend.encode_special_tokens
-        copies[max_length] = copy
-    return copies[max_length]
 
 
 def check_encoder_sources(config, why: str = "") -> None:
