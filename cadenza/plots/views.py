@@ -37,7 +37,7 @@ def learning_curves_overview(statistics: dict):
     pairs = _feature_metrics(runs, None, required=False)
     if not pairs:
         return None
-    figure, axes = draw.new_figure(len(pairs))
+    figure, axes = draw.new_figure(len(pairs), fixed_margins=True)
     for ax, (feature, metric) in zip(axes, pairs):
         draw.learning_curve_panel(ax, feature, metric, _curves(runs, feature, metric))
     return figure
