@@ -338,7 +338,9 @@ def test_token_ids_match_the_tokenizer_call(which, llama_tokenizer_dir, monkeypa
     texts = ["", "a", "The film's Über-ending is naïve, 天气很好 — 🎬!", "[SEP] <|im_end|> [CLS]  spaced   out ",
              " ".join(f"word{i}" for i in range(300)), "tab\tand\nnewline " * 40,
              "x" * 150 + " short " + "y" * 600 + " end",  # MiniLM: the cut prefix holds 3 tokens ([UNK] for long words)
-             "pneumonoultramicroscopicsilicovolcanoconiosis " * 30, "天气很好" * 200, "   " + "lead " * 100] + \
+             "pneumonoultramicroscopicsilicovolcanoconiosis " * 30, "天气很好" * 200, "   " + "lead " * 100,
+             # whitespace other than a space where a cut could fall: BERT's normalizer deletes \x1c, joining the words
+             *[f"{'a' * n}{odd}{'b' * 10}{' c' * 100}" for n in (40, 128) for odd in "\x1c\n\u00a0\u3000"]] + \
         reviews.head(200).tolist() + [" ".join(reviews.iloc[i:i + 6]) for i in range(0, 240, 6)]
     sent = []
     monkeypatch.setattr(tokens, "_truncating_backend",

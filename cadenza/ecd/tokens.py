@@ -6,7 +6,7 @@ Two savings, both exact:
 - a text much longer than L tokens is cut, at a whitespace, to a prefix that still holds more than L tokens before
   it is tokenized: tokenizing costs per character (~0.35 us a character for MiniLM's WordPiece on one core), and
   a 350-character review kept to 16 tokens needs its first ~130. This is exact only where the tokenizer splits
-  the text at whitespace before anything else (so the words before a cut tokenize as they would in the whole
+  the text at spaces before anything else (so the words before a cut tokenize as they would in the whole
   text): the backend's normalizer and pre-tokenizer must be in the SAFE tables below, and no added token may hold
   whitespace. A cut text that holds L tokens or fewer is tokenized again whole. Tokenizers outside the tables
   (Llama-3/Qwen's regex splits, SentencePiece without a pre-tokenizer) are tokenized whole.
@@ -61,11 +61,14 @@ def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
 
 
 def _prefix(text: str, keep: int) -> str:
-    """The text up to the first whitespace at or after `keep` characters (the text itself when there is none)."""
+    """The text up to the first space at or after `keep` characters (the text itself when there is none). A plain
+    space only: every pre-tokenizer in SPLITS_AT_WHITESPACE splits there, where Python's other whitespace is not
+    always theirs (Metaspace splits at spaces alone; BERT's normalizer deletes \x1c-\x1f, which `str.isspace`
+    calls whitespace, joining the words around them)."""
     if len(text) <= keep:
         return text
-    found = _WHITESPACE.search(text, keep)
-    return text[:found.start()] if found else text
+    found = text.find(" ", keep)
+    return text[:found] if found >= 0 else text
 
 
 # per tokenizer: a copy of its backend per length, set to truncate as transformers would (the user's tokenizer object
