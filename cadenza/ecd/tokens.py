@@ -37,22 +37,19 @@ def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     layout = _cut_layout(tokenizer, max_length)
     if layout is None:
         return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
-    whole, before, after = layout
-    room = max_length - before - after  # the text's own tokens kept, between the special tokens
+    whole, _, after = layout
     keep = CHARACTERS_PER_TOKEN * max_length
     cut = [_prefix(text, keep) for text in texts]
-    out: list = []
+    # tokenized without truncation and truncated here as the tokenizer would, its special tokens kept at both ends
+    # (`before` + the text's first max_length - before - after tokens + `after`): asking the backend to truncate costs
+    # its overflowing part, and asking whether there was one 8 us a text more
+    out = [encoding.ids for encoding in whole.encode_batch(cut, add_special_tokens=True)]
+    head = max_length - after
     again = []
-    # tokenized without truncation and truncated here as the tokenizer would (its special tokens kept at both ends):
-    # asking the backend to truncate costs its overflowing part, and asking whether there was one 8 us a text more
-    for i, (text, short, encoding) in enumerate(zip(texts, cut, whole.encode_batch(cut, add_special_tokens=True))):
-        ids = encoding.ids
-        if len(ids) - before - after > room:
-            out.append(ids[:before + room] + ids[len(ids) - after:])
-        elif short is text:
-            out.append(ids)
-        else:  # the cut lost tokens the whole text has: tokenized again whole, below
-            out.append(None)
+    for i, ids in enumerate(out):
+        if len(ids) > max_length:
+            out[i] = ids[:head] + ids[len(ids) - after:] if after else ids[:head]
+        elif cut[i] is not texts[i]:  # the cut lost tokens the whole text has: tokenized again whole, below
             again.append(i)
     if again:
         for i, encoding in zip(again, backend.encode_batch([texts[i] for i in again], add_special_tokens=True)):
