@@ -184,3 +184,35 @@ def test_peak_memory_does_not_grow_with_rows(tiny_bert_dir, tmp_path, simulated_
     small, big = peak_rss_mb(10_000, tmp_path, tiny_bert_dir), peak_rss_mb(100_000, tmp_path, tiny_bert_dir)
     # held in memory the same script grows ~169 MB (1.9 KB a row); streamed it was measured at 0-48 MB
     assert big - small < 80, (small, big)  # under ~900 bytes a row
+
+
+def test_prefetched_keeps_order_raises_errors_and_stops_when_closed():
+    """Streamed batches are gathered a batch ahead in a thread: same items in the same order, a producer's error
+    raised in the consumer, and a consumer that stops early leaves no thread running."""
+    import threading
+
+    assert list(stream.prefetched(iter(range(1000)))) == list(range(1000))
+    assert list(stream.prefetched(iter([]))) == []
+
+    def failing():
+        yield 1
+        raise OSError("row 7 is cut short")
+
+    got = []
+    with pytest.raises(OSError, match="row 7"):
+        for item in stream.prefetched(failing()):
+            got.append(item)
+    assert got == [1]
+
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    items = stream.prefetched(endless(), depth=2)
+    assert [next(items) for _ in range(5)] == [0, 1, 2, 3, 4]
+    items.close()
+    assert not [t for t in threading.enumerate() if t.name == "cadenza-prefetch"]
+    assert len(produced) <= 5 + 2 + 2  # at most the queue's depth (and one in hand) beyond what was taken

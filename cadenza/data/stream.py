@@ -218,6 +218,54 @@ class RowArrays:
         return self.arrays[name]
 
 
+def prefetched(items: Iterable, depth: int = 2) -> Iterator:
+    """`items`, each produced in a background thread while the caller works on the one before. For the batches of a
+    streamed split: gathering rows from the row arrays (a `pread` a row) then overlaps the head's training step,
+    which runs on one thread of a machine with more. The order is `items`' own; an error raised producing an item is
+    raised here; closing this generator early stops the thread."""
+    import queue
+    import threading
+
+    done, handoff, stop = object(), queue.Queue(maxsize=depth), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(_Failed(error))
+
+    thread = threading.Thread(target=produce, name="cadenza-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is done:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
 def write_frames(frames: Iterable[pd.DataFrame], path: Path) -> int:
     """Write DataFrames one after another as one CSV or Parquet file (by suffix), atomically (a temporary name,
     then rename). Returns the rows written."""

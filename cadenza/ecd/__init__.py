@@ -216,7 +216,7 @@ class EcdModel:
                     targets[name][at] = values
                 stream.release_freed_memory()
             index = np.flatnonzero(kept)
-            prepared[k] = {"n": len(index), "rows": index if len(index) < len(rows) else None,
+            prepared[k] = {"n": len(index), "rows": index if len(index) < len(rows) else None, "streamed": True,
                            "inputs": {name: store[name] for name in store.arrays},
                            "targets": {name: t[index] for name, t in targets.items()}}
         return prepared
@@ -356,9 +356,11 @@ class EcdModel:
             validation = None
         train_data = data["training"]
         cfg = self.config.trainer
+        # a streamed split's batches gather rows from disk: done a batch ahead, beside the step
+        ahead = stream.prefetched if train_data.get("streamed") else (lambda batches: batches)
         task = TrainTask(
-            batches=lambda epoch: self._batches(train_data, self.batch_size,
-                                                seed + epoch if cfg.should_shuffle else None, True),
+            batches=lambda epoch: ahead(self._batches(train_data, self.batch_size,
+                                                      seed + epoch if cfg.should_shuffle else None, True)),
             num_batches=-(-train_data["n"] // self.batch_size),
             weight=lambda b: b["n"],
             loss_sum=self._loss_sum,
