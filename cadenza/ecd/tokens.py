@@ -36,14 +36,14 @@ def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
         return tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
     layout = _cut_layout(tokenizer, max_length)
     if layout is None:
-        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
+        return [encoding.ids for encoding in _encode(backend, texts)]
     whole, _, after = layout
     keep = CHARACTERS_PER_TOKEN * max_length
     cut = [_prefix(text, keep) for text in texts]
     # tokenized without truncation and truncated here as the tokenizer would, its special tokens kept at both ends
     # (`before` + the text's first max_length - before - after tokens + `after`): asking the backend to truncate costs
     # its overflowing part, and asking whether there was one 8 us a text more
-    out = [encoding.ids for encoding in whole.encode_batch(cut, add_special_tokens=True)]
+    out = [encoding.ids for encoding in _encode(whole, cut)]
     head = max_length - after
     again = []
     for i, ids in enumerate(out):
@@ -52,9 +52,16 @@ def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
         elif cut[i] is not texts[i]:  # the cut lost tokens the whole text has: tokenized again whole, below
             again.append(i)
     if again:
-        for i, encoding in zip(again, backend.encode_batch([texts[i] for i in again], add_special_tokens=True)):
+        for i, encoding in zip(again, _encode(backend, [texts[i] for i in again])):
             out[i] = encoding.ids
     return out
+
+
+def _encode(backend, texts: list[str]) -> list:
+    """Encodings without character offsets (`encode_batch_fast`, tokenizers >= 0.20), which ids do not need: 65k
+    texts at 16 tokens 25.5 vs 30.4 us a text to encode and half the time to free (MiniLM, 2 cores)."""
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return encode(texts, add_special_tokens=True)
 
 
 def _prefix(text: str, keep: int) -> str:
