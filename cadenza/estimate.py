@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import pandas as pd
 
 from . import device
 from .data.cache import cache_root, configured_cache_dir
