@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .artifacts import read_json, write_json
+from .artifacts import read_json, temporary_sibling, write_json
 from .config.load import (ConfigSource, distill_output, load_config, load_teacher_config, read_config_file,
                           teacher_classes, teacher_problems)
 from .config.schema import CadenzaConfig
@@ -450,7 +450,7 @@ def _write_labels(path: Path, labelled: dict, splits: dict, column: str) -> None
         part.insert(0, "split", name)
         part[f"{column}_true"] = true
         parts.append(part)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_sibling(path)
     pd.concat(parts).to_csv(tmp, index=False)
     tmp.replace(path)
 

@@ -131,3 +131,14 @@ def test_sweep_removes_only_what_a_dead_writer_of_this_machine_left(tmp_path):
 def test_temporary_names_carry_the_writer(tmp_path, kind):
     name = temporary_sibling(tmp_path / "model.v1", kind).name
     assert name.startswith(".model.v1.") and name.endswith(f".{writer_tag()}.{kind}")
+
+
+def test_a_predictions_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    import pandas as pd
+
+    from cadenza.data.stream import write_frames
+
+    left = tmp_path / f".predictions.csv.0a1b2c3d.{dead_pid()}@{writer_tag().split('@', 1)[1]}.tmp"
+    left.write_text("half a file")
+    assert write_frames([pd.DataFrame({"a": [1, 2]})], tmp_path / "predictions.csv") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv"]

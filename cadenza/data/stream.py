@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import pandas as pd
 
+from ..artifacts import sweep_abandoned, temporary_sibling
 from ..errors import DataError
 from .read import sample, split_dataset
 
@@ -276,7 +277,8 @@ def write_frames(frames: Iterable[pd.DataFrame], path: Path) -> int:
     kind = path.suffix.lower()
     if kind not in (".csv", ".parquet"):
         raise DataError(f"{path}: predictions are written as .csv or .parquet")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    sweep_abandoned(path.parent)  # what a killed writer of predictions left here
+    tmp = temporary_sibling(path)
     writer, rows = None, 0
     try:
         for frame in frames:

@@ -22,10 +22,10 @@ import weakref
 
 # normalizers that map characters to characters, never looking across a whitespace
 SAFE_NORMALIZERS = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents", "Strip", "Prepend"}
-# pre-tokenizers that split at every whitespace (ByteLevel with its GPT-2 regex; Metaspace when it splits)
-SAFE_PRE_TOKENIZERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "Punctuation", "Digits", "ByteLevel",
-                       "Metaspace"}
+# pre-tokenizers that split at every whitespace (ByteLevel with its GPT-2 regex; Metaspace when it splits), and the
+# ones that only split further, safe beside them
 SPLITS_AT_WHITESPACE = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "ByteLevel", "Metaspace"}
+SAFE_PRE_TOKENIZERS = SPLITS_AT_WHITESPACE | {"Punctuation", "Digits"}
 CHARACTERS_PER_TOKEN = 8  # kept before the cut, per token of L: English runs ~4.5 characters a token
 _WHITESPACE = re.compile(r"\s")
 
