@@ -1042,11 +1042,11 @@ def _estimate_llm(config, data: DataSample, hw, already, refresh, cached_only, s
 
 
 def _attention_scores(rows, groups: list[list[int]], computed: list[int]) -> int:
-    """The most attention scores per head that one micro-batch's attention keeps: T^2 over a short pack's block
-    mask, about T x its longest row row by row over a long one (cadenza.llm.attention)."""
-    from .llm import batching
+    """The most attention scores per head that one micro-batch's attention keeps training in bf16: T^2 over a short
+    pack's block mask, at most T x its longest row row by row over a long one (cadenza.llm.attention)."""
+    from .llm import attention
 
-    return max((t * t if t < batching.MIN_SEGMENT_TOKENS else t * int(max(rows.lengths[i] for i in g))
+    return max((t * t if not attention.rows_pay(t, low_precision=True) else t * int(max(rows.lengths[i] for i in g))
                 for g, t in zip(groups, computed)), default=0)
 
 

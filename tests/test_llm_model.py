@@ -1,5 +1,6 @@
 """llm training/inference on the tiny random Llama (2 layers, SmolLM2's real tokenizer)."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -262,7 +263,6 @@ def test_layers_to_freeze_regex_and_truncation_reported(tiny_llama_dir, tmp_path
 @pytest.mark.parametrize("attn, train_on_inputs", [("sdpa", False), ("eager", True)])
 def test_shared_prefix_batch_equals_separate_rows(tiny_llama_dir, attn, train_on_inputs, monkeypatch):
     """Chat-templated rows share their system prompt: computed once per pack, same loss and gradients."""
-    monkeypatch.setattr(batching, "MIN_SEGMENT_TOKENS", 0)  # row attention at any length (short test rows)
     tok = load_tokenizer(str(tiny_llama_dir))
     df = qa_frame(5)
     chat = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,  # noqa: E731
@@ -292,8 +292,9 @@ def test_shared_prefix_batch_equals_separate_rows(tiny_llama_dir, attn, train_on
     # a mask that lets rows see each other changes the loss: the test can fail (both attention paths)
     leaky_mask = dict(shared, segments=None, attention_mask=torch.ones_like(shared["attention_mask"]).tril())
     segments = shared["segments"]
-    leaky_rows = dict(shared, segments=attention.Segments(segments.prefix, segments.rows, segments.inverse,
-                                                          torch.ones_like(segments.mask)))
+    leaky_rows = dict(shared, segments=attention.Segments(
+        segments.prefix, [attention.RowGroup(g.rows, torch.ones_like(g.mask)) for g in segments.groups],
+        segments.inverse))
     with torch.no_grad():
         for leaky in (leaky_mask, leaky_rows) if attn == "sdpa" else (leaky_mask,):  # eager: the mask only
             assert abs(module(leaky) - both) > max(1e-3, 10 * abs(one - both))
@@ -301,7 +302,8 @@ def test_shared_prefix_batch_equals_separate_rows(tiny_llama_dir, attn, train_on
 
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_row_attention_equals_block_mask(tiny_llama_dir, share, bf16, monkeypatch):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_row_attention_equals_block_mask(tiny_llama_dir, share, bf16, grouped, monkeypatch):
     """Cadenza's attention (cadenza.llm.attention) gives eager attention's loss and gradients, with rows of different
     lengths (padding inside the gathered batch) and grouped-query heads: row by row (long packs, segments), and
     over the block mask of a short pack — in bf16 training the explicit form, in fp32 transformers' sdpa. bf16 runs
@@ -312,11 +314,12 @@ def test_row_attention_equals_block_mask(tiny_llama_dir, share, bf16, monkeypatc
                                        add_generation_prompt=True) for i, q in enumerate(df.question)]
     rows = tokenize_rows(tok, prompts if share else list(df.question), list(df.answer), max_len=None,
                          add_special_tokens=False)
-    short = batching.make_batch(rows, list(range(len(rows))), packed=True, share_prefix=True)
-    assert short["num_tokens"] < batching.MIN_SEGMENT_TOKENS and short["segments"] is None  # short packs: the mask
-    monkeypatch.setattr(batching, "MIN_SEGMENT_TOKENS", 0)
+    monkeypatch.setattr(attention, "MIN_ROW_TOKENS_BF16", 0)  # rows in bf16 too (short test rows)
+    # grouped: calls cost nothing, so rows of different lengths go to separate groups (several attention calls)
+    monkeypatch.setattr(attention, "GROUP_CALL_SCORES", 0 if grouped else 10**9)
     batch = batching.make_batch(rows, list(range(len(rows))), packed=True, share_prefix=True)
     assert (batch["segments"].prefix > 0) == share and len(set(rows.lengths)) > 1
+    assert (len(batch["segments"].groups) > 1) == grouped
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = load_causal_lm(str(tiny_llama_dir), dtype=dtype)
     eager = load_causal_lm(str(tiny_llama_dir), dtype=dtype, attn_implementation="eager")
@@ -351,6 +354,67 @@ def test_row_attention_equals_block_mask(tiny_llama_dir, share, bf16, monkeypatc
     generate = dict(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1] * 5]), max_new_tokens=4,
                     do_sample=False)
     assert torch.equal(model.eval().generate(**generate), fresh.eval().generate(**generate))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_row_attention_where_it_pays(tiny_llama_dir, bf16, monkeypatch):
+    """Every pack carries its rows; attention goes row by row in fp32 whatever the pack's length (the flash kernel
+    over a block mask computes every masked block) and in bf16 training only from MIN_ROW_TOKENS_BF16 tokens."""
+    tok = load_tokenizer(str(tiny_llama_dir))
+    df = qa_frame(4)
+    rows = tokenize_rows(tok, list(df.question), list(df.answer), max_len=None, add_special_tokens=False)
+    batch = batching.make_batch(rows, list(range(len(rows))), packed=True, share_prefix=True)
+    assert batch["segments"] is not None and batch["computed_tokens"] < attention.MIN_ROW_TOKENS_BF16
+    assert attention.rows_pay(10, low_precision=False) and not attention.rows_pay(10, low_precision=True)
+    assert attention.rows_pay(attention.MIN_ROW_TOKENS_BF16, low_precision=True)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    module = TargetLoss(load_causal_lm(str(tiny_llama_dir), dtype=dtype))
+    moved = []
+    real_to = attention.Segments.to
+    monkeypatch.setattr(attention.Segments, "to", lambda self, device: moved.append(1) or real_to(self, device))
+
+    def row_attention_used() -> bool:
+        moved.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            module(batch).backward()
+        return bool(moved)
+    assert row_attention_used() == (not bf16)
+    monkeypatch.setattr(attention, "MIN_ROW_TOKENS_BF16", 0)
+    assert row_attention_used()
+
+
+def test_length_groups_minimise_the_attention_work():
+    """Rows sorted by length are cut where padding costs more than another call: one long row among short ones gets
+    its own group, rows of one length share a call, and the cuts are the cheapest (checked against every cut)."""
+    call = attention.GROUP_CALL_SCORES
+    assert attention.length_groups([30] * 7 + [139], 25) == [range(0, 7), range(7, 8)]
+    assert attention.length_groups([40] * 8, 25) == [range(0, 8)]
+    assert attention.length_groups([5, 6], 0) == [range(0, 2)]  # a second call costs more than a little padding
+
+    def cost(lengths, runs, prefix):
+        return sum(call + len(r) * lengths[r[-1]] * (prefix + lengths[r[-1]]) for r in runs)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        lengths = sorted(rng.integers(1, 200, size=int(rng.integers(1, 8))).tolist())
+        prefix = int(rng.integers(0, 40))
+        runs = attention.length_groups(lengths, prefix)
+        assert [i for r in runs for i in r] == list(range(len(lengths)))
+        cheapest = min(cost(lengths, [range(a, b) for a, b in zip((0,) + cuts, cuts + (len(lengths),))], prefix)
+                       for k in range(len(lengths)) for cuts in itertools.combinations(range(1, len(lengths)), k))
+        assert cost(lengths, runs, prefix) == cheapest
+
+
+def test_segments_scatter_rows_back_in_packed_order(monkeypatch):
+    """Segments.build over rows in several groups: each group's padded positions gather the right packed tokens,
+    and `inverse` puts every row's tokens back where the packed sequence had them."""
+    monkeypatch.setattr(attention, "GROUP_CALL_SCORES", 30)  # scaled to these short rows
+    prefix, lengths = 3, [2, 9, 3, 8]
+    segments = attention.Segments.build(prefix, lengths)
+    assert len(segments.groups) == 2  # (2, 3) and (8, 9)
+    layout = torch.cat([torch.where(g.mask[:, 0, -1, prefix:], g.rows, -1).reshape(-1) for g in segments.groups])
+    assert torch.equal(layout[segments.inverse], torch.arange(prefix, prefix + sum(lengths)))
+    for g in segments.groups:
+        assert g.mask.shape[-1] == prefix + g.rows.shape[1] and g.mask[..., :prefix].all()
 
 
 def test_masked_attention_bf16_explicit_form_equals_sdpa():

@@ -13,10 +13,10 @@ remaining tokens continue at the prefix's positions and attend to the prefix plu
 exactly the same computation and loss as repeating the prefix in every row, with the duplicate work removed;
 gradients through the shared prefix add up as they would over the copies. (Checked by the tests.)
 
-With `share_prefix` (a model whose attention allows it, `loss.can_share_prefix`) a packed batch of at least
-MIN_SEGMENT_TOKENS tokens also carries `segments` (`attention.Segments`): where each row sits, so attention runs row by row over (prefix + own tokens)
-instead of over the whole packed sequence with a mask (`cadenza/llm/attention.py`); the 4D mask stays in the batch
-for models that cannot switch (eager attention).
+With `share_prefix` (a model whose attention allows it, `loss.can_share_prefix`) a packed batch also carries
+`segments` (`attention.Segments`): where each row sits, so attention can run row by row over (prefix + own tokens)
+instead of over the whole packed sequence with a mask (`cadenza/llm/attention.py`; `attention.rows_pay` says when
+it does); the 4D mask stays in the batch for the other packs and for models that cannot switch (eager attention).
 
 Each batch also carries `target_index` (flat positions whose hidden state predicts a target token) and
 `target_ids`, so the loss applies the LM head only to those rows of hidden states.
@@ -53,10 +53,6 @@ def target_positions(rows: TokenizedRows, i: int, train_on_inputs: bool) -> np.n
 
 
 MIN_SHARED_PREFIX = 8  # shorter common prefixes save too little to be worth a dense mask
-# Row-by-row attention (attention.Segments) pays once the packed sequence is long: measured on SmolLM2 LoRA (2-core
-# CPU, 48 chatterbot rows), 8 rows per pack (~300 tokens) ran at the block mask's speed (bf16 -2%, fp32 +6% time)
-# and kept ~150 MB more activations, 24 rows (~900 tokens) ran 15% (bf16) / 7% (fp32) faster
-MIN_SEGMENT_TOKENS = 512
 
 
 def common_prefix(seqs: list[np.ndarray]) -> int:
@@ -87,7 +83,7 @@ def make_batch(rows: TokenizedRows, idx: list[int], *, packed: bool, train_on_in
         return _shared_prefix_batch(rows, idx, full, seqs, shared, train_on_inputs)
     if packed:
         input_ids = torch.from_numpy(np.concatenate(seqs)).view(1, -1)
-        segments = Segments.build(0, lens) if share_prefix and sum(lens) >= MIN_SEGMENT_TOKENS else None
+        segments = Segments.build(0, lens) if share_prefix else None
         position_ids = torch.cat([torch.arange(n) for n in lens]).view(1, -1)
         offset = 0
         for s, i, n in zip(full, idx, lens):
@@ -155,7 +151,7 @@ def _shared_prefix_batch(rows: TokenizedRows, idx: list[int], full: list[np.ndar
         "input_ids": torch.from_numpy(np.concatenate(parts)).view(1, -1),
         "position_ids": torch.from_numpy(np.concatenate(positions)).view(1, -1),
         "attention_mask": (causal & visible).view(1, 1, total, total),
-        "segments": Segments.build(shared, [len(s) - shared for s in seqs]) if total >= MIN_SEGMENT_TOKENS else None,
+        "segments": Segments.build(shared, [len(s) - shared for s in seqs]),
         "target_index": torch.from_numpy(np.concatenate(targets_index)).long(),
         "target_ids": torch.from_numpy(np.concatenate(targets)).long(),
         "num_tokens": int(sum(len(s) for s in full)),  # tokens of the rows as given (the work they stand for)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from peft.helpers import disable_input_dtype_casting
 
-from .attention import NAME as SEGMENT_ATTENTION, use_segment_attention
+from .attention import NAME as SEGMENT_ATTENTION, rows_pay, use_segment_attention
 
 
 def causal_lm_of(model):
@@ -50,10 +50,11 @@ class TargetLoss(torch.nn.Module):
                   "use_cache": False}  # a cache disables transformers' packed-sequence detection
         mask = batch.get("attention_mask")
         segments = batch.get("segments")
-        # cadenza.llm.attention: row by row over long packs (no (T x T) scores), the explicit form of the block
-        # mask while training in bf16; transformers' sdpa everywhere else
+        # cadenza.llm.attention: row by row (no (T x T) scores) where that pays, the explicit form of the block
+        # mask while training short packs in bf16; transformers' sdpa everywhere else
         switched = can_share_prefix(self.model) and use_segment_attention(causal_lm_of(self.model))
-        if segments is not None and switched:
+        low_precision = torch.is_autocast_enabled(device.type) or head.weight.dtype != torch.float32
+        if segments is not None and switched and rows_pay(batch["computed_tokens"], low_precision):
             kwargs["segments"], mask = segments.to(device), None
         if mask is not None:
             mask = mask.to(device)
