@@ -10,6 +10,7 @@ AVX2-only CPU, say) it is emulated and hundreds of times slower than fp32.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import resource
@@ -141,15 +142,50 @@ def gpu_peak_flops(name: str, bf16: bool) -> Optional[float]:
 
 
 def peak_flops(bf16: bool) -> float:
-    """Peak FLOP/s for MFU: CADENZA_PEAK_TFLOPS if set, a table for known GPUs, else a quick matmul measurement."""
+    """Peak FLOP/s for MFU: CADENZA_PEAK_TFLOPS if set, a table for known GPUs, else a quick matmul measurement (once
+    a process; the best reading this machine has given wins, see best_peak_seen)."""
     if os.environ.get("CADENZA_PEAK_TFLOPS"):
         return float(os.environ["CADENZA_PEAK_TFLOPS"]) * 1e12
     hw = hardware()
     if hw.device == "cuda" and gpu_peak_flops(hw.name, bf16):
         return gpu_peak_flops(hw.name, bf16)
     if bf16 not in _MEASURED_PEAK:
-        _MEASURED_PEAK[bf16] = _measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32)
+        _MEASURED_PEAK[bf16] = best_peak_seen(bf16, _measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32))
     return _MEASURED_PEAK[bf16]
+
+
+# A shared VM's cores run at a varying share of their speed from one second to the next: on this project's 2-core
+# machine one process's fp32 product read 200 GFLOP/s and the next process's 102 (all four reps equally slow), so that
+# run printed "MFU 124.8%". The highest reading each machine has given is kept in the cache folder; a slow moment
+# can only lower what one process measures, not the peak it divides by.
+PEAK_FILE = "peak_flops.json"
+
+
+def best_peak_seen(bf16: bool, measured: float) -> float:
+    """max(measured, the best this machine (machine_key) has read before in this precision); a higher reading is
+    written back. A cache folder that cannot be read or written changes nothing but the figure's steadiness."""
+    from .artifacts import write_json
+    from .data.cache import cache_root
+
+    file = cache_root() / PEAK_FILE
+    key = f"{machine_key()}|{'bf16' if bf16 else 'fp32'}"
+    seen = _read_peaks(file).get(key, 0.0)
+    if measured <= seen:
+        return seen
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(file, {**_read_peaks(file), key: measured})  # re-read: another process may have added entries
+    except OSError:
+        pass
+    return measured
+
+
+def _read_peaks(file: Path) -> dict:
+    try:
+        table = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v) for k, v in table.items() if isinstance(v, (int, float))} if isinstance(table, dict) else {}
 
 
 # the square product timed for the peak grows until one takes this long: big enough that the thread team's start-up
