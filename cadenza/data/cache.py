@@ -1,5 +1,6 @@
 """Where Cadenza keeps what it computes once: embeddings/ (frozen encoders), tokens/ (tokenized llm data),
-models/ (GGUF files converted to safetensors) and hub-models/ (models downloaded from the Hub)."""
+models/ (GGUF files converted to safetensors), hub-models/ (models downloaded from the Hub), estimate/ (the
+estimate's calibrations) and peak_flops.json (the best matmul peak each machine has shown, for MFU)."""
 
 from __future__ import annotations
 
