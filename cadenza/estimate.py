@@ -623,7 +623,7 @@ def _import_seconds(cal: dict, already: set) -> float:
 def _estimate_ecd(config, data: DataSample, hw, already, refresh, cached_only, seed, log) -> Estimate:
     from .ecd import DEFAULT_BATCH_SIZE, EcdModel
     from .ecd import features as FT
-    from .ecd.text_encoder import TOKENS_PER_BATCH, encoder_source
+    from .ecd.text_encoder import batch_token_budget, encoder_source
 
     model = EcdModel(config)
     t = config.trainer
@@ -664,7 +664,8 @@ def _estimate_ecd(config, data: DataSample, hw, already, refresh, cached_only, s
             facts[f"{f.name}: texts to embed"] = missing
             if missing:
                 mean_len = max(1, int(total_tokens / n_texts))
-                rows = max(1, TOKENS_PER_BATCH // _bucket(mean_len))  # the pass's length-sorted batches
+                budget = batch_token_budget(shape.hidden)
+                rows = max(1, budget // _bucket(mean_len))  # the pass's length-sorted batches
                 cal = calibrate({"source": folder, "causal": False, "bf16": precision.bf16,
                                  "weights_dtype": "bfloat16" if precision.bf16 else "float32",
                                  "forward": [rows, _bucket(mean_len)]}, calibration_file(config),
@@ -677,8 +678,8 @@ def _estimate_ecd(config, data: DataSample, hw, already, refresh, cached_only, s
                 once[f"{f.name}: embed {missing:,} texts ({precision.name})"] = tokens * per_token
                 load[f"{f.name}: load encoder"] = shape.weights_file_bytes / LOAD_BYTES_PER_SECOND
                 peak_phase[f"{f.name}: encoder weights"] = weights_bytes
-                embed_rows = max(1, TOKENS_PER_BATCH // longest)  # the longest texts' batch: the largest scores
-                peak_phase[f"{f.name}: embedding pass ({TOKENS_PER_BATCH:,} tokens a batch)"] = \
+                embed_rows = max(1, budget // longest)  # the longest texts' batch: the largest scores
+                peak_phase[f"{f.name}: embedding pass ({budget:,} tokens a batch)"] = \
                     _resident(forward_transient_bytes(shape, min(embed_rows, missing), longest, elem), hw)
             if not data.streamed:  # a streamed run reads them from the cache on disk, a batch at a time
                 memory[f"{f.name}: cached embeddings"] = n_texts * shape.hidden * 4
@@ -735,6 +736,9 @@ def _estimate_ecd(config, data: DataSample, hw, already, refresh, cached_only, s
         training = data.frames["training"]
         base["training split's non-text columns (fitting)"] = \
             int(training[list(dict.fromkeys(fitted))].memory_usage(deep=True).sum() * data.scale("training"))
+        # targets and narrow inputs (a number, a category's index) stay in memory: at most 8 bytes a row each
+        # (cadenza.data.stream.IN_MEMORY_ROW_BYTES; a set's multi-hot rows are wider and go to disk)
+        base["targets and narrow inputs (8 bytes a row each)"] = 8 * len(fitted) * sum(data.rows.values())
     load = {"imports": _import_seconds(cal_base, already), **load}
     parts = {**base, **memory}
     peak = sum(parts.values())

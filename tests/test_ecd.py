@@ -372,3 +372,32 @@ class _Recording:
     def encode_batch_fast(self, texts, **kwargs):  # what token_ids calls (no character offsets)
         self.sent.append(list(texts))
         return self.backend.encode_batch_fast(texts, **kwargs)
+
+
+def test_embedding_batches_hold_more_tokens_for_narrow_encoders(tiny_bert_dir, monkeypatch):
+    """The embedding pass's token budget a batch is MiniLM's 2,048 at width 384 and wider, and grows for narrower
+    encoders (the same bytes a hidden state): the tiny BERT (width 32) embeds in 12x larger batches, with the
+    same vectors as small batches give."""
+    import torch
+
+    from cadenza import device
+    from cadenza.config.load import load_config
+    from cadenza.ecd import text_encoder
+    from cadenza.ecd.text_encoder import TextEncoder, batch_token_budget, load_tokenizer
+
+    assert batch_token_budget(384) == batch_token_budget(1024) == text_encoder.TOKENS_PER_BATCH == 2048
+    assert batch_token_budget(32) == 12 * 2048
+    cfg = load_config({"model_type": "ecd",
+                       "input_features": [{"name": "review", "type": "text", "encoder": {
+                           "type": "auto_transformer", "pretrained_model_name_or_path": str(tiny_bert_dir)}}],
+                       "output_features": [{"name": "sentiment", "type": "category"}]}).input_features[0].encoder
+    encoder = TextEncoder(cfg)
+    budgets = []
+    real = text_encoder.length_batches
+    monkeypatch.setattr(text_encoder, "length_batches", lambda *a: budgets.append(a[2]) or real(*a))
+    texts = [" ".join(["good plot"] * (1 + i % 40)) for i in range(600)]
+    fp32 = device.Precision(False, "fp32")
+    default = encoder.embed(texts, load_tokenizer(cfg), 64, fp32)
+    small = encoder.embed(texts, load_tokenizer(cfg), 64, fp32, tokens_per_batch=256)
+    assert budgets == [12 * 2048, 256]
+    assert torch.allclose(torch.from_numpy(default), torch.from_numpy(small), atol=1e-5)

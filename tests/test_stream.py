@@ -216,3 +216,23 @@ def test_prefetched_keeps_order_raises_errors_and_stops_when_closed():
     items.close()
     assert not [t for t in threading.enumerate() if t.name == "cadenza-prefetch"]
     assert len(produced) <= 5 + 2 + 2  # at most the queue's depth (and one in hand) beyond what was taken
+
+
+def test_row_arrays_read_back_what_was_written_narrow_ones_in_memory(tmp_path):
+    """Rows written chunk by chunk in any order read back by any row numbers (repeats, runs of consecutive rows,
+    one row, none). Wide rows (an embedding) live in a file; narrow ones (a number, a category's index: at most
+    IN_MEMORY_ROW_BYTES) in memory, with no file."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    wide = rng.standard_normal((n, 32)).astype(np.float32)
+    narrow = rng.integers(0, 9, n)
+    store = stream.RowArrays(tmp_path / "split", n)
+    for part in np.array_split(rng.permutation(n), 7):
+        store.write("review", part, wide[part])
+        store.write("critic", part, narrow[part])
+    assert isinstance(store["review"], stream.RowArray) and isinstance(store["critic"], np.ndarray)
+    assert [p.name for p in (tmp_path / "split").iterdir()] == ["0.bin"]
+    for index in (rng.integers(0, n, 300), np.arange(100, 400), np.array([5, 5, 4, 999]), np.array([7]),
+                  np.array([], dtype=np.int64)):
+        assert np.array_equal(store["review"][index], wide[index])
+        assert np.array_equal(store["critic"][index], narrow[index])

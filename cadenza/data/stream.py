@@ -18,7 +18,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -168,18 +168,24 @@ class RowArray:
         return self.shape[0]
 
     def _runs(self, index: np.ndarray):
-        """(order, sorted rows, [(start, end)] of runs of consecutive rows in the sorted rows)."""
+        """(order, [(start, end, file offset)] in bytes of each run of consecutive rows, once `index` is sorted by
+        `order`). Plain ints: the loops over runs are a row's Python overhead, ~30% of a random row's read."""
         order = np.argsort(index, kind="stable")
         rows = index[order]
+        if not len(rows):
+            return order, iter(())
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        return order, rows, zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]]))
+        starts, ends = np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])
+        b = self.row_bytes
+        return order, zip((starts * b).tolist(), (ends * b).tolist(), (rows[starts] * b).tolist())
 
     def __getitem__(self, index) -> np.ndarray:
         index = np.asarray(index, dtype=np.int64)
         ordered = np.empty((len(index),) + self.shape[1:], self.dtype)
-        order, rows, runs = self._runs(index)
-        for start, end in runs:
-            os.preadv(self._fd, [memoryview(ordered[start:end]).cast("B")], int(rows[start]) * self.row_bytes)
+        order, runs = self._runs(index)
+        into = memoryview(ordered.reshape(-1)).cast("B")  # flat: no rows is then a valid (empty) view
+        for start, end, offset in runs:
+            os.preadv(self._fd, (into[start:end],), offset)
         if np.array_equal(order, np.arange(len(order))):
             return ordered
         out = np.empty_like(ordered)
@@ -187,10 +193,10 @@ class RowArray:
         return out
 
     def write(self, index: np.ndarray, values: np.ndarray) -> None:
-        order, rows, runs = self._runs(np.asarray(index, dtype=np.int64))
-        values = np.ascontiguousarray(values[order], dtype=self.dtype)
-        for start, end in runs:
-            os.pwritev(self._fd, [memoryview(values[start:end]).cast("B")], int(rows[start]) * self.row_bytes)
+        order, runs = self._runs(np.asarray(index, dtype=np.int64))
+        source = memoryview(np.ascontiguousarray(values[order], dtype=self.dtype).reshape(-1)).cast("B")
+        for start, end, offset in runs:
+            os.pwritev(self._fd, (source[start:end],), offset)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -201,21 +207,33 @@ class RowArray:
         self.close()
 
 
+# arrays of at most this many bytes a row (a number, a category's index) stay in memory, as targets do: 8 MB a
+# million rows, where on disk each batch read them with a pread a row beside the text's embedding
+IN_MEMORY_ROW_BYTES = 16
+
+
 class RowArrays:
-    """The row-aligned arrays of one split, created when the first chunk shows their shapes."""
+    """The row-aligned arrays of one split, created when the first chunk shows their shapes: on disk (RowArray),
+    or in memory when narrow (IN_MEMORY_ROW_BYTES)."""
 
     def __init__(self, folder: Path, rows: int):
         self.folder, self.rows = Path(folder), rows
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.arrays: dict[str, RowArray] = {}
+        self.arrays: dict[str, Union[RowArray, np.ndarray]] = {}
 
     def write(self, name: str, positions: np.ndarray, values: np.ndarray) -> None:
         if name not in self.arrays:
-            self.arrays[name] = RowArray(self.folder / f"{len(self.arrays)}.bin", values.dtype,
-                                         (self.rows,) + values.shape[1:])
-        self.arrays[name].write(positions, values)
+            shape = (self.rows,) + values.shape[1:]
+            narrow = int(np.prod(shape[1:], dtype=np.int64)) * values.dtype.itemsize <= IN_MEMORY_ROW_BYTES
+            self.arrays[name] = np.zeros(shape, values.dtype) if narrow else \
+                RowArray(self.folder / f"{len(self.arrays)}.bin", values.dtype, shape)
+        array = self.arrays[name]
+        if isinstance(array, np.ndarray):
+            array[positions] = values
+        else:
+            array.write(positions, values)
 
-    def __getitem__(self, name: str) -> RowArray:
+    def __getitem__(self, name: str) -> Union[RowArray, np.ndarray]:
         return self.arrays[name]
 
 
