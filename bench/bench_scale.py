@@ -7,7 +7,8 @@ real tokenizer, built once into the bench folder) so that a million rows run her
 is then mostly Cadenza's own (reading, hashing, caching, batching), which is what must stay linear.
 
 Per size: `Model.train(dataset=<file>)` (max 16 tokens a text, 70/10/20 split, 2 epochs, batch 256) and `Model.predict_to_file(<file>, .csv)`
-(every row), each timed in the child; Python start-up and imports are not in the figures. Before training, the
+(every row), each timed in the child; Python start-up and imports are not in the figures. The train's phase
+breakdown (cadenza.phases) is printed under the table. Before training, the
 child asks `Model.estimate` for the train's time and peak RSS (beside the measured ones in the table). Files of at least
 cadenza.data.stream.MIN_ROWS rows stream (`mode` says which path ran); `--stream always` streams every size.
 
@@ -105,6 +106,7 @@ def child(data: str, bert: str, out: str, always: bool) -> None:
                       "estimated_peak_mb": estimated.peak_memory_bytes / 2**20,
                       "estimated_train_s": estimated.total_seconds,
                       "startup_s": startup, "predicted_rows": rows,
+                      "phases": {name: p["seconds"] for name, p in phases.items()},
                       "mode": "streamed" if isinstance(model._splits_used["training"], stream.FileRows) else "in memory",
                       "validation_accuracy": result.statistics["validation"][-1]["sentiment"]["accuracy"]}))
 
@@ -260,6 +262,10 @@ def main() -> None:
               f"{1e6 * per_row(r):.0f} | {per_row(r) / per_row(largest):.2f}x | {r['rows'] / total:,.0f} | "
               f"{r['peak_rss_mb']:,.0f} MB | {r['validation_accuracy']:.3f} | {r['estimated_train_s']:.1f} | "
               f"{r['estimated_peak_mb']:,.0f} MB |")
+    print("train's phases (s):")
+    for r in results:
+        print(f"  {r['rows']:>9,}: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in r["phases"].items()
+                                                  if seconds >= 0.05))
 
 
 def main_llm(args) -> None:
