@@ -25,7 +25,7 @@ import torch
 # units and the part is listed as gaining from it: "head" (a small MLP on cached embeddings) gains nothing; a
 # frozen encoder's embedding pass, a frozen base's dtype and training a transformer do.
 PARTS = {
-    "train": "training (bf16 autocast, fp32 master weights)",
+    "train": "training",
     "embed": "the frozen encoder's embedding pass",
     "weights": "frozen pretrained weights (loaded in bf16)",
     "head": "training a head on cached embeddings",
@@ -59,7 +59,8 @@ class Precision:
 
     def describe(self, part: str) -> str:
         """One line for the start of a run."""
-        how = "bf16 autocast" if self.bf16 and part == "train" else self.name
+        # training in bf16 is autocast over fp32 master weights; in fp32 there is nothing more to say
+        how = "bf16 autocast (fp32 master weights)" if self.bf16 and part == "train" else self.name
         switch = "false for fp32" if self.bf16 else "true to force bf16"
         return f"precision: {how} for {PARTS[part]} — {self.reason}; set trainer.use_mixed_precision: {switch}"
 

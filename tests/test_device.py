@@ -49,8 +49,10 @@ def test_precision_table(hw, part):
 
 def test_reasons_say_why():
     assert precision(None, "train", AMX).describe("train") == (
-        "precision: bf16 autocast for training (bf16 autocast, fp32 master weights) — auto: cpu has AMX; "
+        "precision: bf16 autocast (fp32 master weights) for training — auto: cpu has AMX; "
         "set trainer.use_mixed_precision: false for fp32")
+    # fp32 training says fp32 and nothing about autocast
+    assert precision(False, "train", AMX).describe("train").startswith("precision: fp32 for training — ")
     assert "no bf16 units" in precision(None, "train", AVX2).reason
     assert "emulated" in precision(True, "train", AVX2).reason
     assert "too small" in precision(None, "head", AMX).reason
