@@ -729,7 +729,7 @@ def _estimate_ecd(config, data: DataSample, hw, already, refresh, cached_only, s
     head_step = head.get("head_step", math.nan)
     cal_base = cal_base or head
     if not cached_only and all(model.is_cached(f) for f in texts):  # the head is the whole training: time it
-        head_step = _own_head_step_seconds(model, data.frames["training"], batch, widths)
+        head_step = _own_head_step_seconds(model, data.frames["training"], batch, widths) or head_step
     per_epoch["head: optimizer steps"] = math.ceil(n_train / batch) * head_step
     per_epoch["head: evaluation"] = math.ceil(max(n_eval, 1) / eval_batch) * head_step
     facts["steps"] = steps
@@ -842,7 +842,7 @@ def _uncached_texts(model, feature, max_len: int, texts: dict[str, list[str]], d
 LOOP_BOOKKEEPING = 1.25
 
 
-def _own_head_step_seconds(model, train, batch: int, widths: dict[str, int]) -> float:
+def _own_head_step_seconds(model, train, batch: int, widths: dict[str, int]) -> Optional[float]:
     """One optimizer step of this config's own head network (forward, loss, backward, clipping, the optimizer) on
     `batch` rows of the training split, cached text inputs as zero vectors of their encoder's width, on the threads
     the run would use. A head of several inputs and layers costs several times the generic 384 -> 2 probe's step
@@ -860,6 +860,8 @@ def _own_head_step_seconds(model, train, batch: int, widths: dict[str, int]) -> 
     for name, width in widths.items():
         model.metadata[name]["embedding_size"] = width
     rows = model._clean(rows, True, "training")
+    if not len(rows):  # every row dropped for missing values: nothing to time (the generic step stands)
+        return None
     inputs = {f.name: np.zeros((len(rows), widths[f.name]), np.float32) if f.name in widths else
               FT.encode_input(rows, f, model.metadata[f.name]) for f in model.config.input_features}
     targets = {f.name: FT.encode_target(rows, f, model.metadata[f.name]) for f in model.config.output_features}
