@@ -40,7 +40,7 @@ from . import device
 from .data.cache import cache_root, configured_cache_dir
 from .errors import CadenzaError
 
-CALIBRATION_VERSION = 6
+CALIBRATION_VERSION = 7
 PROBE_MAX_BLOCKS = 9  # the deeper probe's blocks (fewer when a block is large): its difference from 1 block is the per-block cost
 PROBE_BLOCK_PARAMETERS = 300e6  # ...within this many parameters of extra blocks
 LOAD_BYTES_PER_SECOND = 1.0e9  # safetensors from the page cache, cast to the weights dtype (measured ~1 GB/s here)
@@ -319,6 +319,10 @@ def probe(spec: dict) -> dict:
 
     import cadenza.api  # noqa: F401  (what every run imports)
     import_seconds = {"torch": _timed_once(t0, c0)}
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    from torch import _dynamo  # noqa: F401  (torch.optim's optimizers import torch's compiler stack on first use)
+
+    import_seconds["torch._dynamo"] = _timed_once(t0, c0)
     torch.manual_seed(0)
     head_step = _head_step_seconds()
     if spec.get("head"):  # a head on cached embeddings: only the per-step overhead matters
@@ -335,8 +339,12 @@ def probe(spec: dict) -> dict:
         import_seconds["peft"] = _timed_once(t0, c0)
     config = AutoConfig.from_pretrained(spec["source"])
     causal = spec["causal"]
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     with torch.device("meta"):  # imports the model class's modules: part of what a run holds before its weights
         skeleton = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+    # transformers' modelling code (scipy, torch.distributed, ...: seconds), under the module's own name so that an
+    # estimate in a process that has it imported already does not count it
+    import_seconds[type(skeleton).__module__] = _timed_once(t0, c0)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     precision = device.Precision(spec["bf16"], "calibration")
     weights_dtype = getattr(torch, spec["weights_dtype"])
@@ -533,7 +541,7 @@ def estimate(config, splits: dict, *, available_bytes: Optional[int] = None,
     without one the times are NaN and the imports' memory is this process's."""
     hw = device.hardware()
     available = available_bytes if available_bytes is not None else device.available_memory()
-    already = {m for m in ("transformers", "peft") if m in sys.modules}
+    already = set(sys.modules)  # imports this process has made: not counted again (before the estimate's own)
     data = DataSample.of(splits)
     if config.model_type == "llm":
         est = _estimate_llm(config, data, hw, already, refresh, cached_only, seed, log)
