@@ -555,3 +555,35 @@ def test_ludwig_llm_config_runs_unchanged(tiny_llama_dir, tmp_path, cache_dir):
     predictions = model.predict(df.head(3))
     assert len(predictions) == 3 and predictions["output_predictions"].map(type).eq(str).all()
     assert (out.model_dir / "model_weights" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("adapter", [True, False])
+def test_mfu_counts_the_lm_head_on_target_tokens_only(tiny_llama_dir, adapter):
+    """MFU's FLOPs per target token: the transformer's weights on every computed token (shared prefixes once), the
+    LM head's on target tokens only, the input embedding's (a lookup) never; 4 per weight with an adapter, 6 in
+    full fine-tuning. The tiny Llama ties its head to its input embedding: one tensor, counted once."""
+    from types import SimpleNamespace
+
+    from cadenza.llm.train import SftRows
+
+    tok = load_tokenizer(str(tiny_llama_dir))
+    df = qa_frame(8)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in df.question]
+    rows = tokenize_rows(tok, prompts, list(df.answer), max_len=None, add_special_tokens=False)
+    model = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32)
+    config = load_config({"model_type": "llm", "base_model": str(tiny_llama_dir),
+                          "input_features": [{"name": "question", "type": "text"}],
+                          "output_features": [{"name": "answer", "type": "text"}],
+                          **({"adapter": {"type": "lora"}} if adapter else {}), "trainer": {"batch_size": 4}})
+    data = SftRows(SimpleNamespace(model=model, config=config), rows, None, seed=0)
+    groups = data.groups(0, 4)
+    per_target = data.flops_per_unit(groups, share=True)
+    head = model.get_output_embeddings().weight
+    assert head is model.get_input_embeddings().weight  # tied
+    body = sum(p.numel() for p in model.parameters()) - head.numel()
+    targets = data.target_tokens
+    computed = sum(batching.computed_tokens(rows, g, packed=True, share_prefix=True) for g in groups)
+    assert computed < sum(len(rows.ids[i]) for i in range(len(rows)))  # the shared prefix once a pack
+    k = 4 if adapter else 6
+    assert per_target * targets == pytest.approx(k * (body * computed + head.numel() * targets))
