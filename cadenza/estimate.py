@@ -571,6 +571,7 @@ class DataSample:
     rows: dict  # split -> its rows
     streamed: bool
     chunk_bytes: int = 0  # a streamed pass's chunk of rows in memory (cadenza.data.stream.CHUNK_ROWS)
+    files: dict = field(default_factory=dict)  # split -> its FileRows, for a streamed split
 
     @classmethod
     def of(cls, splits: dict) -> "DataSample":
@@ -586,7 +587,8 @@ class DataSample:
                 chunk = max(chunk, int(per_row * min(CHUNK_ROWS, len(split))))
             else:
                 frames[name] = split
-        return cls(frames, rows, any(isinstance(s, FileRows) for s in splits.values()), chunk)
+        files = {name: split for name, split in splits.items() if isinstance(split, FileRows)}
+        return cls(frames, rows, bool(files), chunk, files)
 
     def scale(self, split: str) -> float:
         """How many rows of the split each row looked at stands for."""
@@ -629,6 +631,7 @@ def _import_seconds(cal: dict, already: set) -> float:
 
 # ------------------------------------------------------------------------------------------------------- ecd
 def _estimate_ecd(config, data: DataSample, hw, already, refresh, cached_only, seed, log) -> Estimate:
+    from .data import stream
     from .ecd import DEFAULT_BATCH_SIZE, EcdModel
     from .ecd import features as FT
     from .ecd.text_encoder import batch_token_budget, encoder_source
@@ -738,6 +741,11 @@ def _estimate_ecd(config, data: DataSample, hw, already, refresh, cached_only, s
     cal_base = cal_base or head
     if not cached_only and all(model.is_cached(f) for f in texts):  # the head is the whole training: time it
         head_step = _own_head_step_seconds(model, data.frames["training"], batch, widths) or head_step
+        if data.files:  # and the streamed pass that writes its rows: each split reads the whole file
+            per_file_row, per_row = _streamed_prepare_seconds(model, data.files["training"])
+            file_rows = stream.parquet_rows(data.files["training"].path)
+            once["preprocessing (streamed, every split)"] = \
+                len(data.files) * file_rows * per_file_row + sum(data.rows.values()) * per_row
     per_epoch["head: optimizer steps"] = math.ceil(n_train / batch) * head_step
     per_epoch["head: evaluation"] = math.ceil(max(n_eval, 1) / eval_batch) * head_step
     facts["steps"] = steps
@@ -892,6 +900,46 @@ def _own_head_step_seconds(model, train, batch: int, widths: dict[str, int]) -> 
 
         with torch_threads(threads_for(net, batch)):
             return LOOP_BOOKKEEPING * _timed(steps, parallel=False) / 10
+
+
+def _streamed_prepare_seconds(model, split) -> tuple[float, float]:
+    """What the streamed preprocessing pass (ecd._prepare_streamed) costs: (seconds a row of the file, read and
+    decoded once per split: every split's pass scans the whole file; seconds a row of the split: cleaned, encoded,
+    its texts' cache keys computed, written to row arrays). Measured on the file's first chunk, the split's rows
+    among it, with row arrays in a scratch folder; tokenizing and embedding are estimated apart, and reading
+    cached vectors back from the cache's shards is not counted. Needs model.metadata (_own_head_step_seconds)."""
+    import shutil
+    import tempfile
+
+    from .data import stream
+    from .ecd import features as FT
+    from .ecd.embed_cache import text_keys
+
+    features = list(model.config.input_features) + list(model.config.output_features)
+    columns = list(dict.fromkeys(FT.column(f) for f in features))
+    folder = Path(tempfile.mkdtemp(prefix="cadenza-estimate-"))
+    try:
+        t0 = time.perf_counter()
+        positions, chunk = next(split.chunks(columns), (np.zeros(0, np.int64), None))
+        if chunk is None or not len(chunk):
+            return 0.0, 0.0
+        read = time.perf_counter() - t0
+        file_rows = int(chunk.index.max()) + 1  # the chunk's rows of the file (its index: file row numbers)
+        t0 = time.perf_counter()
+        chunk = model._clean(chunk, True, "training")
+        store = stream.RowArrays(folder, len(split))
+        at = positions[:len(chunk)]
+        for f in model.config.input_features:
+            if f.type == "text":
+                keys = text_keys(model._texts(chunk, f))
+                store.write(f.name, at, np.zeros((len(keys), model.metadata[f.name]["embedding_size"]), np.float32))
+            else:
+                store.write(f.name, at, np.asarray(FT.encode_input(chunk, f, model.metadata[f.name])))
+        for f in model.config.output_features:
+            FT.encode_target(chunk, f, model.metadata[f.name])
+        return read / file_rows, (time.perf_counter() - t0) / len(positions)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _head_step_seconds() -> float:

@@ -298,6 +298,9 @@ def test_streamed_ecd_data_is_estimated_from_a_sample(tmp_path, tiny_bert_dir, c
     assert tokenize and tokenize[0] > 0
     embed = lambda est: next(v for k, v in est.time_parts.items() if k.startswith("text: embed"))  # noqa: E731
     assert embed(streamed) == pytest.approx(embed(in_memory), rel=0.15)
+    # the streamed pass that reads, encodes and writes every split's rows (the in-memory path has none)
+    assert streamed.time_parts["preprocessing (streamed, every split)"] > 0
+    assert not any(k.startswith("preprocessing") for k in in_memory.time_parts)
 
 
 def test_streamed_llm_data_is_estimated_from_a_sample(tmp_path, tiny_llama_dir, calibrated_cache, monkeypatch):
