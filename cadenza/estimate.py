@@ -740,6 +740,7 @@ def _estimate_ecd(config, data: DataSample, hw, already, refresh, cached_only, s
     head_step = head.get("head_step", math.nan)
     cal_base = cal_base or head
     if not cached_only and all(model.is_cached(f) for f in texts):  # the head is the whole training: time it
+        _fit_for_timing(model, data.frames["training"], widths)
         head_step = _own_head_step_seconds(model, data.frames["training"], batch, widths) or head_step
         if data.files:  # and the streamed pass that writes its rows: each split reads the whole file
             per_file_row, per_row = _streamed_prepare_seconds(model, data.files["training"])
@@ -858,6 +859,15 @@ def _uncached_texts(model, feature, max_len: int, texts: dict[str, list[str]], d
 LOOP_BOOKKEEPING = 1.25
 
 
+def _fit_for_timing(model, train, widths: dict[str, int]) -> None:
+    """What a run fits before it trains (vocabularies, statistics), on the training rows at hand, with each cached
+    text input at its encoder's width: the metadata _own_head_step_seconds and _streamed_prepare_seconds use."""
+    model.log = lambda _: None
+    model.metadata = model._fit_metadata(train)
+    for name, width in widths.items():
+        model.metadata[name]["embedding_size"] = width
+
+
 def _own_head_step_seconds(model, train, batch: int, widths: dict[str, int]) -> Optional[float]:
     """One optimizer step of this config's own head network (forward, loss, backward, clipping, the optimizer) on
     `batch` rows of the training split, cached text inputs as zero vectors of their encoder's width, on the threads
@@ -870,12 +880,8 @@ def _own_head_step_seconds(model, train, batch: int, widths: dict[str, int]) -> 
     from .ecd.network import threads_for, torch_threads
     from .train.loop import build_optimizer
 
-    rows = train.head(batch)  # `train`: the training split's frame (a streamed split's sample)
-    model.log = lambda _: None
-    model.metadata = model._fit_metadata(train)
-    for name, width in widths.items():
-        model.metadata[name]["embedding_size"] = width
-    rows = model._clean(rows, True, "training")
+    # `train`: the training split's frame (a streamed split's sample); model.metadata from _fit_for_timing
+    rows = model._clean(train.head(batch), True, "training")
     if not len(rows):  # every row dropped for missing values: nothing to time (the generic step stands)
         return None
     inputs = {f.name: np.zeros((len(rows), widths[f.name]), np.float32) if f.name in widths else
@@ -907,7 +913,7 @@ def _streamed_prepare_seconds(model, split) -> tuple[float, float]:
     decoded once per split: every split's pass scans the whole file; seconds a row of the split: cleaned, encoded,
     its texts' cache keys computed, written to row arrays). Measured on the file's first chunk, the split's rows
     among it, with row arrays in a scratch folder; tokenizing and embedding are estimated apart, and reading
-    cached vectors back from the cache's shards is not counted. Needs model.metadata (_own_head_step_seconds)."""
+    cached vectors back from the cache's shards is not counted. Needs model.metadata (_fit_for_timing)."""
     import shutil
     import tempfile
 
