@@ -248,6 +248,8 @@ def main(argv=None) -> int:
         if process_state().is_main_process:
             print(record.table(), flush=True)
     if argv is None:
+        if code == 0:
+            _end_process_group()
         # The process ends now. Freezing every object skips the interpreter's final garbage collection over all
         # the objects torch, transformers and pandas made (measured on a busy 2-core machine: ~6-10 s between
         # atexit and exit, ~1.4 s frozen); atexit handlers still run and refcounted objects are still released.
@@ -255,6 +257,19 @@ def main(argv=None) -> int:
 
         gc.freeze()
     return code
+
+
+def _end_process_group() -> None:
+    """Under torchrun / `accelerate launch`, the process group is torn down before the interpreter ends: left to
+    finalization, gloo's worker threads can still hold tensors and abort the process ("terminate called without an
+    active exception", SIGABRT; pytorch/pytorch#190489). Seen once here in a 2-rank ecd train that had finished and
+    saved. Only after success: ranks that failed may never reach the collective teardown (torchtitan does the same)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _run(args) -> int:

@@ -250,3 +250,22 @@ def test_a_rank_left_short_reruns_a_batch_that_counts_nothing():
     rank1 = list(micro_batch_groups(iter(batches), 2, rank=1, world=2, num_batches=7))
     assert rank0 == [["b0", "b2"], ["b4", "b6"]]
     assert rank1 == [["b1", "b3"], ["b5", Repeated("b1")]]  # the same number of micro-batches on every rank
+
+
+def test_the_command_tears_the_process_group_down_before_the_interpreter_ends(tmp_path):
+    """Left to interpreter finalization, gloo's worker threads can abort a finished rank ("terminate called without an
+    active exception"; it failed a 2-rank train here once). `cadenza`'s main tears the group down after a successful
+    command; without a group it does nothing."""
+    import torch.distributed as dist
+
+    from cadenza import cli
+
+    cli._end_process_group()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        cli._end_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
