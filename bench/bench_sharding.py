@@ -1,4 +1,5 @@
-"""Peak memory and wall time per process of DDP against FSDP2 (backend.type ddp / fsdp), 2 CPU processes.
+"""Peak memory and wall time per process of DDP against FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3 (backend.type ddp / fsdp /
+deepspeed), 2 CPU processes.
 
 SmolLM2-135M (the packaged GGUF) fully fine-tuned for a few steps on chatterbot pairs, fp32, under torchrun; each
 process reports its peak RSS (VmHWM) when `cadenza train` returns.
@@ -28,12 +29,17 @@ sys.exit(code)
 """
 
 
+BACKENDS = {"ddp": {"type": "ddp"}, "fsdp": {"type": "fsdp"},
+            "zero2": {"type": "deepspeed", "deepspeed": {"zero_stage": 2}},
+            "zero3": {"type": "deepspeed", "deepspeed": {"zero_stage": 3}}}
+
+
 def config(kind: str, steps: int) -> dict:
     return {"model_type": "llm", "base_model": "smollm2",
             "input_features": [{"name": "question", "type": "text"}],
             "output_features": [{"name": "answer", "type": "text"}],
             "preprocessing": {"split": {"type": "random", "probabilities": [0.9, 0.1, 0.0]}},
-            "backend": {"type": kind},
+            "backend": BACKENDS[kind],
             "trainer": {"type": "finetune", "epochs": 1, "batch_size": 2, "train_steps": steps, "learning_rate": 1e-5,
                         "use_mixed_precision": False, "checkpoints_per_epoch": 0}}
 
@@ -53,7 +59,7 @@ def main() -> None:
         print(f"SmolLM2-135M full fine-tuning, fp32, {args.steps} steps of 2 rows per process, "
               f"{args.processes} CPU processes (gloo)")
         print("| backend | wall s | peak RSS per process |\n|---|---:|---|")
-        for kind in ("ddp", "fsdp"):
+        for kind in BACKENDS:
             (work / f"{kind}.yaml").write_text(yaml.safe_dump(config(kind, args.steps)))
             started = time.perf_counter()
             done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(args.processes), "driver.py",

@@ -141,7 +141,9 @@ def test_two_processes_split_the_embedding_pass_into_the_single_process_cache(ti
 SHARING = {"ddp_lora": ({"type": "ddp"}, True),
            "fsdp_lora": ({"type": "fsdp", "fsdp": {"reshard_after_forward": False}}, True),
            "fsdp_full": ({"type": "fsdp", "fsdp": {"auto_wrap": "size", "min_num_params": 20_000,
-                                                    "activation_checkpointing": True}}, False)}
+                                                    "activation_checkpointing": True}}, False),
+           "zero2_lora": ({"type": "deepspeed", "deepspeed": {"zero_stage": 2}}, True),
+           "zero3_full": ({"type": "deepspeed", "deepspeed": {"zero_stage": 3}}, False)}
 
 
 @pytest.mark.integration
@@ -210,25 +212,29 @@ def test_backend_maps_to_accelerate_arguments(tiny_llama_dir):
 
     from cadenza.config.schema import FsdpOptions
     from cadenza.errors import HardwareError
-    from cadenza.train.backend import accelerator_options, sharding_options
+    from cadenza.train.backend import accelerator_options, deepspeed_options, sharding_options
     from cadenza.train.sharding import units
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=2))
     for kind in ("local", "ddp", "fsdp", "deepspeed"):  # one process trains the plain model whatever the type
-        assert accelerator_options(backend_config({"type": kind}), model, world=1) == {}
+        assert accelerator_options(backend_config({"type": kind}), world=1) == {}
         assert sharding_options(backend_config({"type": kind}), world=1) is None
-    (ddp,) = accelerator_options(backend_config({"type": "ddp", "ddp": {"find_unused_parameters": True}}), model,
+        assert deepspeed_options(backend_config({"type": kind}), world=1) is None
+    (ddp,) = accelerator_options(backend_config({"type": "ddp", "ddp": {"find_unused_parameters": True}}),
                                  world=2)["kwargs_handlers"]
     assert isinstance(ddp, DistributedDataParallelKwargs) and ddp.find_unused_parameters
-    # fsdp: no Accelerate plugin, the loop shards the model itself (on CPU processes too)
-    assert accelerator_options(backend_config({"type": "fsdp"}), model, world=2) == {}
+    # fsdp and deepspeed: no Accelerate plugin (it would quietly run DDP on CPU processes); the loop hands the model
+    # to torch's fully_shard or to DeepSpeed's engine itself
+    for kind in ("fsdp", "deepspeed"):
+        assert accelerator_options(backend_config({"type": kind}), world=2) == {}
     assert sharding_options(backend_config({"type": "fsdp", "fsdp": {"reshard_after_forward": False}}),
                             world=2).reshard_after_forward is False
+    assert deepspeed_options(backend_config({"type": "deepspeed"}), world=2).zero_stage == 2
     with pytest.raises(HardwareError, match="backend.fsdp.cpu_offload: true keeps the shards in CPU memory"):
         sharding_options(backend_config({"type": "fsdp", "fsdp": {"cpu_offload": True}}), world=2)
-    # deepspeed is refused with the reason where it cannot run (here: CPU processes)
-    with pytest.raises(HardwareError, match="backend.type: deepspeed needs CUDA GPUs.*backend.type: fsdp"):
-        accelerator_options(backend_config({"type": "deepspeed"}), model, world=2)
+    with pytest.raises(HardwareError, match="backend.deepspeed.offload_optimizer_device: cpu .* remove the offload"):
+        deepspeed_options(backend_config({"type": "deepspeed", "deepspeed": {"offload_optimizer_device": "cpu"}}),
+                          world=2)
     # the units fsdp shards one at a time: each decoder layer although the PEFT wrapper hides _no_split_modules;
     # by size, never a module holding the tied embedding (it stays in the root with the LM head that shares it)
     layers = [type(m).__name__ for m in units(model, FsdpOptions())]
@@ -240,6 +246,97 @@ def test_backend_maps_to_accelerate_arguments(tiny_llama_dir):
     assert embedding.numel() > 10_000  # (big enough to be a unit of its own if it were not tied)
     covered = [id(p) for m in by_size for p in m.parameters()]
     assert len(covered) == len(set(covered))  # no parameter in two units
+
+
+def test_deepspeed_config_takes_the_trainers_batches_and_clipping_and_refuses_what_it_cannot_do(tmp_path):
+    from cadenza.config.schema import DeepSpeedOptions, TrainerConfig
+    from cadenza.errors import ConfigError
+    from cadenza.train.zero import engine_config
+
+    trainer = TrainerConfig(gradient_clipping={"clipglobalnorm": 0.5})
+    assert engine_config(DeepSpeedOptions(zero_stage=3), trainer, accumulation=4, micro_batch_rows=8) == {
+        "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4, "gradient_clipping": 0.5,
+        "zero_optimization": {"stage": 3}}
+    # a DeepSpeed JSON file: its own keys kept, "auto" filled in, train_batch_size derived by DeepSpeed
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}, "train_batch_size": 64,
+                                "gradient_accumulation_steps": "auto", "bf16": {"enabled": False}}))
+    assert engine_config(DeepSpeedOptions(config_file=str(file)), trainer, 4, 8) == {
+        "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}, "bf16": {"enabled": False},
+        "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4, "gradient_clipping": 0.5}
+    # the "auto" values of Hugging Face's example files: the trainer's where it decides, DeepSpeed's defaults elsewhere
+    file.write_text(json.dumps({"fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+                                "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
+    assert engine_config(DeepSpeedOptions(config_file=str(file)), trainer, 4, 8) == {
+        "fp16": {}, "zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": 4, "gradient_clipping": 0.5}
+    for content, says in [({"bf16": {"enabled": True}}, "turns bf16.enabled on: precision is trainer.use_mixed"),
+                          ({"optimizer": {"type": "AdamW"}}, "its optimizer section would replace trainer.optimizer"),
+                          ([1, 2], "holds no JSON object"),
+                          ({"gradient_accumulation_steps": 2}, "sets gradient_accumulation_steps: 2 but the trainer"),
+                          ("{not json", "cannot be read as JSON")]:
+        file.write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(ConfigError, match=says):
+            engine_config(DeepSpeedOptions(config_file=str(file)), trainer, 4, 8)
+    # the engine steps inside the last backward: nothing may act on the gradients in between
+    for trainer, says in [(TrainerConfig(gradient_clipping={"clipvalue": 1.0}), "clipvalue: not available"),
+                          (TrainerConfig(regularization_type="l1", regularization_lambda=0.1), "l1 is not available")]:
+        with pytest.raises(ConfigError, match=says):
+            engine_config(DeepSpeedOptions(), trainer, 1, 8)
+
+
+ZERO_ROUND_TRIP = """
+import copy, sys
+import torch
+import torch.distributed as dist
+from cadenza.config.schema import DeepSpeedOptions, TrainerConfig
+from cadenza.train import zero
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+x, y = torch.randn(8, 16), torch.randn(8, 1)
+
+def engine(stage, weights):
+    model = copy.deepcopy(base)
+    model.load_state_dict(weights)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    template = optimizer.state_dict()
+    config = zero.engine_config(DeepSpeedOptions(zero_stage=stage), TrainerConfig(), 1, 8)
+    return (*zero.initialize(model, optimizer, config), template)
+
+def step(e):
+    zero.backward(e, ((e(x) - y) ** 2).sum(), last=True)
+
+def weights(e):
+    with zero.gathered(e.module):
+        return {k: v.detach().clone() for k, v in e.module.state_dict().items()}
+
+for stage in (0, 1, 2, 3):
+    a, optimizer, template = engine(stage, base.state_dict())
+    for _ in range(3):
+        step(a)
+    saved = zero.optimizer_state(a.module, optimizer, template)
+    assert sorted(saved["state"]) == [0, 1, 2, 3] and saved["state"][3]["exp_avg"].shape == (1,)
+    assert float(saved["state"][0]["step"]) == 3 and saved["param_groups"][0]["params"] == [0, 1, 2, 3]
+    b, optimizer_b, _ = engine(stage, weights(a))  # a resumed engine: the weights, then the optimizer state
+    zero.load_optimizer_state(b.module, optimizer_b, saved)
+    step(a), step(b)
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), stage  # on each process: a failure fails the command
+    if dist.get_rank() == 0:
+        print("stage", stage, "resumed exactly", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_zero_optimizer_state_gathers_and_scatters_back_exactly_at_every_stage(tmp_path):
+    """Two CPU processes: after 3 steps the gathered optimizer state (torch's state_dict layout) put into a fresh
+    engine makes its next step the very step of the engine it came from, at ZeRO stages 0 to 3."""
+    (tmp_path / "round_trip.py").write_text(ZERO_ROUND_TRIP)
+    done = torchrun([str(tmp_path / "round_trip.py")], tmp_path)
+    assert [line for line in done.stdout.splitlines() if "resumed" in line] == \
+        [f"stage {stage} resumed exactly" for stage in range(4)], done.stdout
 
 
 def test_a_rank_left_short_reruns_a_batch_that_counts_nothing():

@@ -178,3 +178,14 @@ def test_fsdp_with_quantization_is_a_config_error():
     with pytest.raises(ConfigError) as err:
         llm_config("anything", quantization={"bits": 4}, adapter={"type": "lora"}, backend={"type": "fsdp"})
     assert any(p == "backend.type" and "fsdp does not shard 4/8-bit" in m for p, m in err.value.problems)
+
+
+def test_zero_3_with_quantization_is_a_config_error():
+    def problems(stage: int) -> list:
+        with pytest.raises(ConfigError) as err:  # (always an error here: quantization needs CUDA)
+            llm_config("anything", quantization={"bits": 4}, adapter={"type": "lora"},
+                       backend={"type": "deepspeed", "deepspeed": {"zero_stage": stage}})
+        return [p for p, m in err.value.problems if "cannot be partitioned" in m]
+
+    assert problems(3) == ["backend.deepspeed.zero_stage"]
+    assert problems(2) == []  # stages 0-2 leave the quantized base whole

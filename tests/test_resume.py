@@ -292,10 +292,16 @@ def test_a_run_that_fails_before_training_leaves_no_folder(tiny_bert_dir, cache_
 
 
 # two processes: an ecd head under DDP; LoRA under FSDP2, each decoder layer sharded (weights, gradients and optimizer
-# state gathered for the checkpoint, put back into shards on resume)
+# state gathered for the checkpoint, put back into shards on resume); DeepSpeed ZeRO: a trained BERT encoder with the
+# optimizer state partitioned (stage 1), LoRA with gradients too (2), full fine-tuning with the parameters too (3)
 # (the step each pair is stopped in: 2 processes take 3 (ecd) and 2 (llm) steps per epoch)
 TWO_PROCESS_KINDS = {"ecd_cached_ddp": (ecd_case, "tiny_bert_dir", False, None, 4),
-                     "llm_lora_fsdp": (llm_case, "tiny_llama_dir", True, {"type": "fsdp"}, 3)}
+                     "llm_lora_fsdp": (llm_case, "tiny_llama_dir", True, {"type": "fsdp"}, 3),
+                     "ecd_trainable_zero1": (ecd_case, "tiny_bert_dir", True,
+                                             {"type": "deepspeed", "deepspeed": {"zero_stage": 1}}, 4),
+                     "llm_lora_zero2": (llm_case, "tiny_llama_dir", True, {"type": "deepspeed"}, 3),
+                     "llm_full_zero3": (llm_case, "tiny_llama_dir", False,
+                                        {"type": "deepspeed", "deepspeed": {"zero_stage": 3}}, 3)}
 
 
 @pytest.mark.integration

@@ -310,6 +310,11 @@ def _check_llm(config: CadenzaConfig, add) -> None:
         if config.backend is not None and config.backend.type == "fsdp":
             add("backend.type", "fsdp does not shard 4/8-bit bitsandbytes weights: with quantization use backend.type: "
                 "ddp (each GPU holds the quantized base), or fsdp without quantization")
+        zero = config.backend.deepspeed if config.backend is not None else None
+        if zero is not None and zero.zero_stage == 3 and not zero.config_file:
+            add("backend.deepspeed.zero_stage", "ZeRO-3 partitions every parameter, and 4/8-bit bitsandbytes weights "
+                "cannot be partitioned: with quantization use zero_stage 0-2 (the quantized base stays whole) or "
+                "backend.type: ddp")
         from ..device import is_cuda
 
         if not is_cuda():

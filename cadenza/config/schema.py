@@ -757,16 +757,18 @@ class FsdpOptions(Section):
 
 
 class DeepSpeedOptions(Section):
-    """`backend.deepspeed`: DeepSpeed ZeRO through Accelerate's DeepSpeedPlugin (type deepspeed; CUDA only)."""
+    """`backend.deepspeed`: DeepSpeed's ZeRO engine (type deepspeed; GPU processes, or CPU processes over gloo)."""
 
     zero_stage: Literal[0, 1, 2, 3] = Field(
-        2, description="1: optimizer state sharded; 2: and gradients; 3: and parameters.")
+        2, description="0: data parallel only; 1: optimizer state partitioned; 2: and gradients; 3: and parameters.")
     offload_optimizer_device: Literal["none", "cpu", "nvme"] = Field(
-        "none", description="Where ZeRO keeps the optimizer state (stage 1-3).")
+        "none", description="Where ZeRO keeps the optimizer state (stage 1-3; GPU processes only).")
     offload_param_device: Literal["none", "cpu", "nvme"] = Field(
-        "none", description="Where ZeRO keeps the parameters (stage 3 only).")
+        "none", description="Where ZeRO keeps the parameters (stage 3 only; GPU processes only).")
     config_file: Optional[str] = Field(
-        None, description="A DeepSpeed JSON config; replaces the keys above (Accelerate fills its `auto` values).")
+        None, description="A DeepSpeed JSON config; replaces the keys above. Its micro-batch size, accumulation "
+        "steps and clipping are the trainer's (absent or `auto`: filled in; other values: an error), and its "
+        "fp16/bf16 sections must stay off (precision is trainer.use_mixed_precision's).")
 
     @model_validator(mode="after")
     def _offload_params_needs_stage_3(self):
@@ -780,8 +782,8 @@ class BackendConfig(Section):
         "local", description="How the processes of `torchrun` / `accelerate launch` share the work (one process: "
         "plain training whatever the type). local and ddp: every process holds the whole model and gradients are "
         "averaged (DistributedDataParallel). fsdp (FSDP2): parameters, gradients and optimizer state sharded over "
-        "the processes (CPU and GPU). deepspeed (ZeRO) validates, but a run of several processes stops at its start "
-        "with the reason (not supported yet). See [docs/distributed.md](distributed.md).")
+        "the processes (CPU and GPU). deepspeed: DeepSpeed's ZeRO engine partitions optimizer state (stage 1), "
+        "gradients (2) and parameters (3) (CPU processes over gloo, and GPU). See [docs/distributed.md](distributed.md).")
     ddp: Optional[DdpOptions] = Field(None, description="type ddp: DistributedDataParallel settings.")
     fsdp: Optional[FsdpOptions] = Field(None, description="type fsdp: FSDP2 settings (null: the defaults).")
     deepspeed: Optional[DeepSpeedOptions] = Field(None, description="type deepspeed: ZeRO settings (null: stage 2).")

@@ -2,9 +2,10 @@
 
 `local` and `ddp` keep a whole model in every process and average gradients (DistributedDataParallel, through
 Accelerate); `fsdp` shards parameters, gradients and optimizer state (FSDP2: `cadenza.train.sharding`, torch's
-`fully_shard`, on CPU and GPU processes alike); `deepspeed` maps to Accelerate's DeepSpeedPlugin (ZeRO) and is refused
-at the start of a multi-process run with the reason (`check_runnable`). With one process every type trains the plain
-model. See docs/distributed.md.
+`fully_shard`, on CPU and GPU processes alike); `deepspeed` hands it to DeepSpeed's ZeRO engine
+(`cadenza.train.zero`; on CPU processes DeepSpeed's CPU accelerator, over gloo). Neither goes through Accelerate's
+plugins, which shard GPU processes only and quietly run DDP on CPU processes. With one process every type trains the
+plain model. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -12,28 +13,38 @@ from __future__ import annotations
 import importlib.util
 from typing import Optional
 
-import torch
 
 from ..config.schema import BackendConfig, DdpOptions, DeepSpeedOptions, FsdpOptions
 from ..device import is_cuda
 from ..errors import HardwareError
 
-__all__ = ["accelerator_options", "check_launch", "check_runnable", "deepspeed_plugin", "sharding_options"]
+__all__ = ["accelerator_options", "check_launch", "deepspeed_options", "sharding_options"]
 
 
-def accelerator_options(backend: Optional[BackendConfig], model: torch.nn.Module, world: int, *,
-                        accumulation: int = 1, micro_batch_rows: Optional[int] = None,
-                        clip_norm: Optional[float] = None) -> dict:
-    """Keyword arguments for `Accelerator(...)`: the DDP settings or DeepSpeed plugin of `backend` (fsdp: none, the
-    loop shards the model itself)."""
+def accelerator_options(backend: Optional[BackendConfig], world: int) -> dict:
+    """Keyword arguments for `Accelerator(...)`: the DDP settings of `backend` (fsdp and deepspeed: none, the loop
+    hands the model to torch's fully_shard or to DeepSpeed's engine itself)."""
     kind = backend.type if backend is not None else "local"
-    if world == 1 or kind in ("local", "fsdp"):
+    if world == 1 or kind in ("local", "fsdp", "deepspeed"):
         return {}
-    check_runnable(kind)
-    if kind == "ddp":
-        return {"kwargs_handlers": [ddp_kwargs(backend.ddp or DdpOptions())]}
-    return {"deepspeed_plugin": deepspeed_plugin(backend.deepspeed or DeepSpeedOptions(), accumulation,
-                                                 micro_batch_rows, clip_norm)}
+    return {"kwargs_handlers": [ddp_kwargs(backend.ddp or DdpOptions())]}
+
+
+def deepspeed_options(backend: Optional[BackendConfig], world: int) -> Optional[DeepSpeedOptions]:
+    """The ZeRO settings when this run hands its model to DeepSpeed (type deepspeed with more than one process)."""
+    if world == 1 or backend is None or backend.type != "deepspeed":
+        return None
+    if importlib.util.find_spec("deepspeed") is None:
+        raise HardwareError("backend.type: deepspeed needs the deepspeed package: pip install 'cadenza[deepspeed]' "
+                            "(or pip install deepspeed)")
+    options = backend.deepspeed or DeepSpeedOptions()
+    offloaded = [f"offload_{what}_device: {where}" for what, where in
+                 (("optimizer", options.offload_optimizer_device), ("param", options.offload_param_device))
+                 if where != "none"]
+    if offloaded and not is_cuda():
+        raise HardwareError(f"backend.deepspeed.{offloaded[0]} moves what GPU processes hold out of GPU memory; these "
+                            "processes run on CPUs, where everything is in CPU memory already: remove the offload key")
+    return options
 
 
 def sharding_options(backend: Optional[BackendConfig], world: int) -> Optional[FsdpOptions]:
@@ -47,33 +58,17 @@ def sharding_options(backend: Optional[BackendConfig], world: int) -> Optional[F
     return options
 
 
-def check_runnable(kind: str) -> None:
-    """deepspeed is refused until the loop can write what ZeRO shards: checkpoints, best weights and the model
-    folder are written from whole weights and optimizer state, which DeepSpeed's engine would have to gather through
-    its own API (`cadenza.train.sharding` does that for FSDP2). The plugin below is what the type maps to."""
-    if kind != "deepspeed":
-        return
-    if not is_cuda():
-        raise HardwareError("backend.type: deepspeed needs CUDA GPUs (DeepSpeed's kernels); on CPUs use "
-                            "backend.type: fsdp (sharded) or ddp")
-    if importlib.util.find_spec("deepspeed") is None:
-        raise HardwareError("backend.type: deepspeed needs the deepspeed package: pip install deepspeed (it builds "
-                            "its kernels against the installed torch and CUDA)")
-    raise HardwareError("backend.type: deepspeed is not supported by Cadenza's training loop yet: its checkpoints and "
-                        "model folder are written from whole weights. Use backend.type: fsdp (FSDP2 shards "
-                        "parameters, gradients and optimizer state like ZeRO-3); see docs/distributed.md")
-
-
 def check_launch(distributed_type) -> None:
     """`accelerate launch --use_fsdp` / `--use_deepspeed` turn Accelerate's own sharding on through the environment,
-    which writes nothing gathered: refused, with the config key that does it."""
+    bypassing the config: refused, with the config key that does it."""
     from accelerate.utils import DistributedType
 
     if distributed_type == DistributedType.FSDP:
         raise HardwareError("accelerate launch --use_fsdp: Cadenza shards the model itself; launch without "
                             "--use_fsdp and set backend.type: fsdp in the config (settings under backend.fsdp)")
     if distributed_type == DistributedType.DEEPSPEED:
-        check_runnable("deepspeed")
+        raise HardwareError("accelerate launch --use_deepspeed: launch without it and set backend.type: deepspeed "
+                            "in the config (settings under backend.deepspeed)")
 
 
 def ddp_kwargs(options: DdpOptions):
@@ -81,20 +76,3 @@ def ddp_kwargs(options: DdpOptions):
 
     extra = {"bucket_cap_mb": int(options.bucket_cap_mb)} if options.bucket_cap_mb else {}
     return DistributedDataParallelKwargs(find_unused_parameters=options.find_unused_parameters, **extra)
-
-
-def deepspeed_plugin(options: DeepSpeedOptions, accumulation: int, micro_batch_rows: Optional[int],
-                     clip_norm: Optional[float]):
-    """ZeRO with the run's accumulation and clipping (DeepSpeed applies both itself); needs the deepspeed package."""
-    from accelerate import DeepSpeedPlugin
-
-    if options.config_file:
-        plugin = DeepSpeedPlugin(hf_ds_config=options.config_file, gradient_accumulation_steps=accumulation)
-    else:
-        plugin = DeepSpeedPlugin(zero_stage=options.zero_stage, gradient_accumulation_steps=accumulation,
-                                 gradient_clipping=clip_norm or 0.0,
-                                 offload_optimizer_device=options.offload_optimizer_device,
-                                 offload_param_device=options.offload_param_device, zero3_init_flag=False)
-    # Accelerate reads the micro-batch size off prepared data loaders; the loop feeds its own batches
-    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_rows or 1
-    return plugin

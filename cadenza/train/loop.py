@@ -14,6 +14,7 @@ very steps the uninterrupted one takes (see checkpoint.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 import re
@@ -33,8 +34,8 @@ from ..device import Precision, is_cuda, peak_flops
 from ..metrics import is_better
 from ..threads import follow_load
 from ..track import Tracker
-from . import sharding
-from .backend import accelerator_options, check_launch, sharding_options
+from . import sharding, zero
+from .backend import accelerator_options, check_launch, deepspeed_options, sharding_options
 from .checkpoint import (CHECKPOINT, check_same_batches, load_trainable_state, random_states, read_checkpoint,
                          restore_random_states, save_checkpoint, trainable_state)
 from .interrupt import TrainingInterrupted, stop_on_signals
@@ -168,13 +169,15 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     # constant ("no") and apply this run's precision with our own autocast, so runs in one process stay independent
     world = process_state().num_processes
     plan = plan_steps(cfg, task.num_batches, task.micro_batch_rows, world)
-    clip = cfg.gradient_clipping.clipglobalnorm or cfg.gradient_clipping.clipnorm
-    accelerator = Accelerator(mixed_precision="no", cpu=not is_cuda(), **accelerator_options(
-        backend, model, world, accumulation=plan.accumulation, micro_batch_rows=task.micro_batch_rows, clip_norm=clip))
+    accelerator = Accelerator(mixed_precision="no", cpu=not is_cuda(), **accelerator_options(backend, world))
     check_launch(accelerator.distributed_type)
     autocast = lambda: precision.autocast(accelerator.device.type)  # noqa: E731
     shards = sharding_options(backend, world)
-    if shards is None:
+    zero_options = deepspeed_options(backend, world)  # DeepSpeed's config, checked before anything is built
+    zero_config = zero.engine_config(zero_options, cfg, plan.accumulation, task.micro_batch_rows) if zero_options \
+        else None
+    deepspeed = zero_config is not None
+    if shards is None and not deepspeed:  # a sharded or partitioned copy goes to the device, not the model given
         model = model.to(accelerator.device)
 
     # ---- resume, part 1: counters, statistics and weights as the checkpoint left them (weights into the plain model)
@@ -186,10 +189,13 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         load_trainable_state(model, saved.weights, ckpt_dir)
     state = TrainState(**saved.state) if saved else TrainState()
 
-    # ---- the module trained: the model itself, or under FSDP2 a sharded copy that hands its weights back at the end
+    # ---- the module trained: the model itself, or a copy sharded by FSDP2 or partitioned by DeepSpeed's ZeRO, which
+    # hands its weights back at the end
     given = model
     if shards is not None:
         model = sharding.shard(model, shards)
+    elif deepspeed:
+        model = copy.deepcopy(model)
     if cfg.compile:  # in place (nn.Module.compile): parameter names and checkpoints stay those of the eager module
         model.compile(dynamic=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -197,18 +203,28 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         raise RuntimeError("nothing to train: every parameter is frozen")
     ratios = [task.lr_ratio(n) for n, p in model.named_parameters() if p.requires_grad] if task.lr_ratio else None
     optimizer = build_optimizer(trainable, cfg, world, ratios)
-    if shards is None:  # DDP (or nothing) around the model, through Accelerate
+    template = optimizer.state_dict()  # its layout (parameter indices by group), before any engine wraps it
+    if deepspeed:
+        model, optimizer = zero.initialize(model, optimizer, zero_config)
+    elif shards is None:  # DDP (or nothing) around the model, through Accelerate
         model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+
+    def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The trained weights, whole: ZeRO-3 gathers its partitions (collective), FSDP2 its shards."""
+        with zero.gathered(module) if deepspeed else contextlib.nullcontext():
+            return trainable_state(module)
 
     # ---- resume, part 2: optimizer and schedule
     scheduler = build_scheduler(optimizer, cfg, plan, plateau=lambda: state.lr_factor)
     best_weights = None  # the best weights so far; kept only when a validation metric says which are best
     if saved:
-        if shards is None:
-            optimizer.load_state_dict(saved.optimizer)
-        else:
+        if shards is not None:
             sharding.load_optimizer_state(unwrapped, optimizer, saved.optimizer)
+        elif deepspeed:
+            zero.load_optimizer_state(unwrapped, optimizer, saved.optimizer)
+        else:
+            optimizer.load_state_dict(saved.optimizer)
         scheduler.load_state_dict(saved.scheduler)
         best_weights = saved.best_weights
         log(f"resuming from {ckpt_dir}: epoch {state.epoch + 1}, step {state.global_step}")
@@ -218,10 +234,16 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     def save() -> None:
         rng = every_process_random_states(accelerator)  # each process draws its own dropout masks
         # a sharded model's weights and optimizer state are gathered by every process; the main process writes them
-        gathers = ckpt_dir is not None and (accelerator.is_main_process or shards is not None)
-        weights = trainable_state(unwrapped) if gathers else None
-        optimizer_state = (sharding.optimizer_state(unwrapped, optimizer) if shards is not None
-                           else optimizer.state_dict()) if gathers else None
+        gathers = ckpt_dir is not None and (accelerator.is_main_process or shards is not None or deepspeed)
+        weights = state_of(unwrapped) if gathers else None
+        if not gathers:
+            optimizer_state = None
+        elif shards is not None:
+            optimizer_state = sharding.optimizer_state(unwrapped, optimizer)
+        elif deepspeed:
+            optimizer_state = zero.optimizer_state(unwrapped, optimizer, template)
+        else:
+            optimizer_state = optimizer.state_dict()
         if ckpt_dir and accelerator.is_main_process:
             tracker.flush()  # what was logged up to the checkpoint is on disk before it
             save_checkpoint(ckpt_dir, weights, optimizer_state, scheduler, asdict(state), best_weights,
@@ -240,7 +262,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         nonlocal best_weights
         metrics, improved = validation_round(accelerator, model, task, cfg, state, epoch, autocast)
         if improved and metrics:
-            best_weights = trainable_state(unwrapped)
+            best_weights = state_of(unwrapped)
         reduce_on_plateau(cfg, state, say)
         state.stopped_early = cfg.early_stop > 0 and state.evaluations_since_best >= cfg.early_stop
         return metrics, improved
@@ -323,8 +345,10 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                 log(f"early stop: no improvement in {cfg.early_stop} evaluations")
 
     # ---- finish: the best weights back in the model; a sharded run's gathered into the model it was given
-    if shards is not None:
-        weights = best_weights if best_weights is not None else trainable_state(unwrapped)
+    if shards is not None or deepspeed:
+        weights = best_weights if best_weights is not None else state_of(unwrapped)
+        if deepspeed:
+            model.destroy()  # DeepSpeed's hooks and buffers on the partitioned copy
         del model, unwrapped, optimizer  # the shards, before the whole model moves to the device
         given.load_state_dict(weights, strict=False)
         try:
@@ -437,6 +461,7 @@ def accumulate_gradients(accelerator: Accelerator, model, task: TrainTask, group
     """Backward over one effective batch, each micro-batch's summed loss divided by the total weight of the whole
     effective batch on all processes. Returns (loss sum over all processes, this process's weight, total weight,
     this process's tokens)."""
+    deepspeed = zero.is_engine(model)
     weight = float(sum(task.weight(b) for b in group if not isinstance(b, Repeated)))
     total = torch.tensor(weight, device=accelerator.device)
     if world > 1:
@@ -446,10 +471,15 @@ def accumulate_gradients(accelerator: Accelerator, model, task: TrainTask, group
         counts = 0.0 if isinstance(item, Repeated) else 1.0
         batch = item.batch if isinstance(item, Repeated) else item
         # gradients are all-reduced once, with the last micro-batch; DDP averages them over processes, hence * world
-        sync = contextlib.nullcontext() if j == len(group) - 1 else accelerator.no_sync(model)
+        last = j == len(group) - 1
+        sync = contextlib.nullcontext() if last or deepspeed else accelerator.no_sync(model)
         with sync, autocast():
             loss = task.loss_sum(model, batch)
-        accelerator.backward(loss * (counts * world) / total.clamp_min(1.0))
+        scaled = loss * (counts * world) / total.clamp_min(1.0)
+        if deepspeed:  # the engine reduces, clips and steps at the last micro-batch (optimizer.step() is then a no-op)
+            zero.backward(model, scaled, last)
+        else:
+            accelerator.backward(scaled)
         loss_sum += counts * float(loss.detach())
         tokens += int(counts) * task.tokens(batch) if task.tokens else 0
     if world > 1:  # the step's loss over every rank's rows, as one process would report it
@@ -466,6 +496,8 @@ def add_l1_gradient(params: list[torch.Tensor], strength: float) -> None:
 
 
 def clip_gradients(accelerator: Accelerator, model, cfg: TrainerConfig) -> None:
+    if zero.is_engine(model):  # DeepSpeed clipped (by norm) in its own step, inside the last backward
+        return
     c = cfg.gradient_clipping
     if c.clipvalue:
         accelerator.clip_grad_value_(model.parameters(), c.clipvalue)
