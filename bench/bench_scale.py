@@ -7,7 +7,9 @@ real tokenizer, built once into the bench folder) so that a million rows run her
 is then mostly Cadenza's own (reading, hashing, caching, batching), which is what must stay linear.
 
 Per size: `Model.train(dataset=<file>)` (max 16 tokens a text, 70/10/20 split, 2 epochs, batch 256) and `Model.predict_to_file(<file>, .csv)`
-(every row), each timed in the child; Python start-up and imports are not in the figures. The train's phase
+(every row), each timed in the child; Python start-up and imports are not in the figures. Per size the table
+gives the time per row after the start-up phases, and the slope: the time each row between the size above and this
+one added (a run's other fixed costs, such as the train's start line, cancel out). The train's phase
 breakdown (cadenza.phases) is printed under the table. Before training, the
 child asks `Model.estimate` for the train's time and peak RSS (beside the measured ones in the table). Files of at least
 cadenza.data.stream.MIN_ROWS rows stream (`mode` says which path ran); `--stream always` streams every size.
@@ -249,17 +251,22 @@ def main() -> None:
         print(f"# {size} rows: train {r['train_s']:.1f} s, predict {r['predict_s']:.1f} s, peak RSS "
               f"{r['peak_rss_mb']:.0f} MB ({r['mode']})", file=sys.stderr, flush=True)
     largest = results[-1]
-    per_row = lambda r: (r["train_s"] + r["predict_s"] - r["startup_s"]) / r["rows"]  # noqa: E731
+    after_startup = lambda r: r["train_s"] + r["predict_s"] - r["startup_s"]  # noqa: E731
+    per_row = lambda r: after_startup(r) / r["rows"]  # noqa: E731
+    # the slope: what each row between one size and the next added (the fixed cost of a run cancels out)
+    added = [None] + [(after_startup(b) - after_startup(a)) / (b["rows"] - a["rows"])
+                      for a, b in zip(results, results[1:])]
+    shown = lambda x: "-" if x is None else f"{1e6 * x:.0f} ({x / added[-1]:.2f}x)"  # noqa: E731
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; tiny BERT (2 layers, "
           "hidden 32), cold cache, train 2 epochs + predict every row; start-up = imports + encoder load + peak "
           "measurement, paid once whatever the rows")
-    print("| rows | path | train s | predict s | start-up s | µs/row after start-up | vs largest | rows/s | peak RSS "
-          "| val. acc. | estimated train s | estimated peak RSS |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
+    print("| rows | path | train s | predict s | start-up s | µs/row after start-up | vs largest | µs per row added "
+          "since the size above (vs the last) | rows/s | peak RSS | val. acc. | estimated train s | estimated peak RSS |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r, slope in zip(results, added if len(results) > 1 else [None]):
         total = r["train_s"] + r["predict_s"]
         print(f"| {r['rows']:,} | {r['mode']} | {r['train_s']:.1f} | {r['predict_s']:.1f} | {r['startup_s']:.1f} | "
-              f"{1e6 * per_row(r):.0f} | {per_row(r) / per_row(largest):.2f}x | {r['rows'] / total:,.0f} | "
+              f"{1e6 * per_row(r):.0f} | {per_row(r) / per_row(largest):.2f}x | {shown(slope)} | {r['rows'] / total:,.0f} | "
               f"{r['peak_rss_mb']:,.0f} MB | {r['validation_accuracy']:.3f} | {r['estimated_train_s']:.1f} | "
               f"{r['estimated_peak_mb']:,.0f} MB |")
     print("train's phases (s):")

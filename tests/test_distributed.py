@@ -166,7 +166,8 @@ def test_llm_two_processes_follow_the_single_process_loss_curve(sharing, tiny_ll
     if lora:
         cfg["adapter"] = {"type": "lora", "r": 4, "dropout": 0.0}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    torchrun(["-m", "cadenza", "train", "-c", "c.yaml", "--dataset", "qa.csv", "-od", "two"], tmp_path)
+    done = torchrun(["-m", "cadenza", "train", "-c", "c.yaml", "--dataset", "qa.csv", "-od", "two"], tmp_path)
+    assert (done.stdout + done.stderr).count("step 2: validation") == 1  # said by the main process alone
     from cadenza import Model
 
     Model(cfg, log=lambda _: None).train(dataset=tmp_path / "qa.csv", output_directory=tmp_path / "one")

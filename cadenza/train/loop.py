@@ -282,6 +282,8 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                                         task.num_batches)
             bar = tqdm(total=plan.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
+            # above the bar, once (tqdm.write prints on the disabled bars of the other processes too)
+            say = bar.write if accelerator.is_main_process else lambda _: None
             with bar:  # closed (and cleared) however the epoch ends, an interruption included
                 for group in islice(groups, state.step_in_epoch, None):  # resumed mid-epoch: skip the steps taken
                     if state.stopped_early or state.global_step >= plan.total_steps:
@@ -311,12 +313,12 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
                     bar.update(1)
                     epoch_done = state.step_in_epoch >= plan.steps_per_epoch or state.global_step >= plan.total_steps
                     if cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and not epoch_done:
-                        metrics, _ = evaluate_and_track(epoch, bar.write)
+                        metrics, _ = evaluate_and_track(epoch, say)
                         if metrics:
                             state.statistics["validation_steps"].append({"epoch": epoch + 1, "step": state.global_step,
                                                                          **metrics})
                             tracker.log_validation(state.global_step, metrics)
-                            bar.write(f"step {state.global_step}: validation {summary_metric(metrics, cfg)}")
+                            say(f"step {state.global_step}: validation {summary_metric(metrics, cfg)}")
                     if checkpoint_due(cfg, plan, state) and not (epoch_done and cfg.checkpoints_per_epoch):
                         save()
             stop_if_asked(stop)  # every step of the epoch taken: a resumed run starts with the epoch's end
