@@ -197,10 +197,15 @@ def test_the_command_prints_its_breakdown_counted_from_the_process_start(tiny_be
 
     frame().to_csv(tmp_path / "reviews.csv", index=False)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model_type": "ecd", **config(tiny_bert_dir)}))
-    done = subprocess.run([sys.executable, "-m", "cadenza", "train", "-c", str(tmp_path / "c.yaml"), "--dataset",
+    # `cadenza train` as the console script runs it, then a look at what it imported: DeepSpeed (installed here)
+    # costs ~1 s to import and a run that does not use it must not pay that (Accelerate's unwrap_model would)
+    command = ("import sys; from cadenza.cli import main; code = main(sys.argv[1:]); "
+               "print('deepspeed imported:', 'deepspeed' in sys.modules); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", command, "train", "-c", str(tmp_path / "c.yaml"), "--dataset",
                            str(tmp_path / "reviews.csv"), "-od", str(tmp_path / "out"), "--skip_save_log"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "deepspeed imported: False" in done.stdout
     table = done.stdout[done.stdout.index("time by phase"):].splitlines()
     rows = {m[1]: float(m[2]) for m in (re.match(r"\s+(.+?)\s+([\d.]+) s ", line) for line in table[1:]) if m}
     assert {"imports", "data", "model load", "embed", "head epochs", "writing", "other"} <= set(rows)

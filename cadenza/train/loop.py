@@ -208,7 +208,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
         model, optimizer = zero.initialize(model, optimizer, zero_config)
     elif shards is None:  # DDP (or nothing) around the model, through Accelerate
         model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(model)
 
     def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The trained weights, whole: ZeRO-3 gathers its partitions (collective), FSDP2 its shards."""
@@ -260,7 +260,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     def evaluate_and_track(epoch: int, say: Callable) -> tuple[Optional[dict], bool]:
         """A validation round: update the best-so-far and the plateau/early-stop counters."""
         nonlocal best_weights
-        metrics, improved = validation_round(accelerator, model, task, cfg, state, epoch, autocast)
+        metrics, improved = validation_round(model, task, cfg, state, epoch, autocast)
         if improved and metrics:
             best_weights = state_of(unwrapped)
         reduce_on_plateau(cfg, state, say)
@@ -329,7 +329,7 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
             train_stats = epoch_statistics(state, session, task, world, peak)
             line = f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f}, {describe_rate(train_stats, task, peak)}"
             if cfg.evaluate_training_set and task.evaluate_training and not cfg.skip_all_evaluation:
-                train_stats["metrics"] = evaluate(accelerator, model, task.evaluate_training, autocast)
+                train_stats["metrics"] = evaluate(model, task.evaluate_training, autocast)
                 line += f", training set {summary_metric(train_stats['metrics'], cfg)}"
             state.statistics["training"].append(train_stats)
             metrics, improved = evaluate_and_track(epoch, log)
@@ -535,21 +535,28 @@ def agreed_signal(stop, accelerator: Accelerator) -> Optional[int]:
 
 
 # ================================================================================================== evaluation
-def evaluate(accelerator, model, evaluate_fn: Callable, autocast: Callable) -> dict:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP or DeepSpeed's engine. (Accelerate's unwrap_model would import DeepSpeed, ~1 s, in every
+    run of a process where DeepSpeed is installed, to check for its engine.)"""
+    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or zero.is_engine(model)
+    return model.module if wrapped else model
+
+
+def evaluate(model, evaluate_fn: Callable, autocast: Callable) -> dict:
     model.eval()
     with torch.no_grad(), autocast():
-        metrics = evaluate_fn(accelerator.unwrap_model(model))
+        metrics = evaluate_fn(unwrap(model))
     model.train()
     return metrics
 
 
-def validation_round(accelerator, model, task: TrainTask, cfg: TrainerConfig, state: TrainState, epoch: int,
+def validation_round(model, task: TrainTask, cfg: TrainerConfig, state: TrainState, epoch: int,
                      autocast: Callable) -> tuple[Optional[dict], bool]:
     """Evaluate on the validation split (if any) and track the best value: (metrics or None, improved).
     Without validation every round counts as an improvement: the last weights are the ones kept."""
     metrics, improved = None, True
     if task.evaluate and not cfg.skip_all_evaluation:
-        metrics = evaluate(accelerator, model, task.evaluate, autocast)
+        metrics = evaluate(model, task.evaluate, autocast)
         if metrics:
             value, _, metric = watched(metrics, cfg)
             improved = is_better(metric, value, state.best_value)
