@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 from typing import Optional
 
-
 from ..config.schema import BackendConfig, DdpOptions, DeepSpeedOptions, FsdpOptions
 from ..device import is_cuda
 from ..errors import HardwareError
