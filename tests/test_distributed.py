@@ -257,23 +257,26 @@ def test_deepspeed_config_takes_the_trainers_batches_and_clipping_and_refuses_wh
     trainer = TrainerConfig(gradient_clipping={"clipglobalnorm": 0.5})
     assert engine_config(DeepSpeedOptions(zero_stage=3), trainer, accumulation=4, micro_batch_rows=8) == {
         "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4, "gradient_clipping": 0.5,
-        "zero_optimization": {"stage": 3}}
+        "zero_optimization": {"stage": 3, "memory_efficient_linear": False}}
     # a DeepSpeed JSON file: its own keys kept, "auto" filled in, train_batch_size derived by DeepSpeed
     file = tmp_path / "ds.json"
     file.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}, "train_batch_size": 64,
                                 "gradient_accumulation_steps": "auto", "bf16": {"enabled": False}}))
     assert engine_config(DeepSpeedOptions(config_file=str(file)), trainer, 4, 8) == {
-        "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}, "bf16": {"enabled": False},
+        "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000, "memory_efficient_linear": False},
+        "bf16": {"enabled": False},
         "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4, "gradient_clipping": 0.5}
     # the "auto" values of Hugging Face's example files: the trainer's where it decides, DeepSpeed's defaults elsewhere
     file.write_text(json.dumps({"fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
                                 "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
     assert engine_config(DeepSpeedOptions(config_file=str(file)), trainer, 4, 8) == {
-        "fp16": {}, "zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 8,
+        "fp16": {}, "zero_optimization": {"stage": 3, "memory_efficient_linear": False},
+        "train_micro_batch_size_per_gpu": 8,
         "gradient_accumulation_steps": 4, "gradient_clipping": 0.5}
     for content, says in [({"bf16": {"enabled": True}}, "turns bf16.enabled on: precision is trainer.use_mixed"),
                           ({"optimizer": {"type": "AdamW"}}, "its optimizer section would replace trainer.optimizer"),
                           ([1, 2], "holds no JSON object"),
+                          ({"zero_optimization": {"memory_efficient_linear": True}}, "replaces torch.nn.functional"),
                           ({"gradient_accumulation_steps": 2}, "sets gradient_accumulation_steps: 2 but the trainer"),
                           ("{not json", "cannot be read as JSON")]:
         file.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -294,6 +297,7 @@ from cadenza.config.schema import DeepSpeedOptions, TrainerConfig
 from cadenza.train import zero
 
 dist.init_process_group("gloo")
+torch_linear = torch.nn.functional.linear
 torch.manual_seed(0)
 base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
 x, y = torch.randn(8, 16), torch.randn(8, 1)
@@ -325,6 +329,8 @@ for stage in (0, 1, 2, 3):
     step(a), step(b)
     wa, wb = weights(a), weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa), stage  # on each process: a failure fails the command
+    a.destroy(), b.destroy()
+    assert torch.nn.functional.linear is torch_linear, stage  # nothing of DeepSpeed's outlives its engines
     if dist.get_rank() == 0:
         print("stage", stage, "resumed exactly", flush=True)
 dist.destroy_process_group()

@@ -27,6 +27,12 @@ from ..errors import ConfigError
 
 __all__ = ["engine_config", "initialize", "is_engine", "backward", "gathered", "optimizer_state", "load_optimizer_state"]
 
+# ZeRO-3's default memory_efficient_linear swaps torch.nn.functional.linear for its own and never swaps it back, so
+# every later model trained or used in the process would run through it: off (stage 3 re-gathers weights for the
+# backward either way)
+KEEP_TORCH_LINEAR = {"memory_efficient_linear": False}
+
+
 def engine_config(options: DeepSpeedOptions, cfg: TrainerConfig, accumulation: int,
                   micro_batch_rows: Optional[int]) -> dict:
     """DeepSpeed's JSON config: ZeRO from `backend.deepspeed` (or its config_file), the batch arithmetic and clipping
@@ -45,7 +51,7 @@ def engine_config(options: DeepSpeedOptions, cfg: TrainerConfig, accumulation: i
     loop = {"train_micro_batch_size_per_gpu": micro_batch_rows or 1, "gradient_accumulation_steps": accumulation,
             "gradient_clipping": float(clip or 0.0)}
     if not options.config_file:
-        zero = {"stage": options.zero_stage}
+        zero = {"stage": options.zero_stage, **KEEP_TORCH_LINEAR}
         if options.offload_optimizer_device != "none":
             zero["offload_optimizer"] = {"device": options.offload_optimizer_device}
         if options.offload_param_device != "none":
@@ -71,9 +77,14 @@ def engine_config(options: DeepSpeedOptions, cfg: TrainerConfig, accumulation: i
         if config.get(key, "auto") not in ("auto", value):
             raise ConfigError([(where, f"{options.config_file} sets {key}: {config[key]} but the trainer's settings "
                                 f"give {value}; set it to \"auto\" or remove it")])
+    zero = config.get("zero_optimization") or {}
+    if zero.get("memory_efficient_linear") is True:
+        raise ConfigError([(where, f"{options.config_file} sets zero_optimization.memory_efficient_linear: true, "
+                            "which replaces torch.nn.functional.linear for the rest of the process (DeepSpeed never "
+                            "puts it back): every later run in it would use ZeRO-3's linear; remove the key")])
     config.pop("train_batch_size", None)  # DeepSpeed derives it: micro-batch x accumulation x processes
     # "auto" is Accelerate's word for "fill in from the model"; DeepSpeed itself does not read it: its defaults apply
-    return {**without_auto(config), **loop}
+    return {**without_auto(config), "zero_optimization": {**without_auto(zero), **KEEP_TORCH_LINEAR}, **loop}
 
 
 def without_auto(config: dict) -> dict:
