@@ -257,7 +257,7 @@ def test_deepspeed_config_takes_the_trainers_batches_and_clipping_and_refuses_wh
     trainer = TrainerConfig(gradient_clipping={"clipglobalnorm": 0.5})
     assert engine_config(DeepSpeedOptions(zero_stage=3), trainer, accumulation=4, micro_batch_rows=8) == {
         "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4, "gradient_clipping": 0.5,
-        "zero_optimization": {"stage": 3, "memory_efficient_linear": False}}
+        "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": 3, "memory_efficient_linear": False}}
     # a DeepSpeed JSON file: its own keys kept, "auto" filled in, train_batch_size derived by DeepSpeed
     file = tmp_path / "ds.json"
     file.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}, "train_batch_size": 64,
@@ -265,14 +265,15 @@ def test_deepspeed_config_takes_the_trainers_batches_and_clipping_and_refuses_wh
     assert engine_config(DeepSpeedOptions(config_file=str(file)), trainer, 4, 8) == {
         "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000, "memory_efficient_linear": False},
         "bf16": {"enabled": False},
-        "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4, "gradient_clipping": 0.5}
+        "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4, "gradient_clipping": 0.5,
+        "zero_allow_untested_optimizer": True}
     # the "auto" values of Hugging Face's example files: the trainer's where it decides, DeepSpeed's defaults elsewhere
     file.write_text(json.dumps({"fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
                                 "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
     assert engine_config(DeepSpeedOptions(config_file=str(file)), trainer, 4, 8) == {
         "fp16": {}, "zero_optimization": {"stage": 3, "memory_efficient_linear": False},
         "train_micro_batch_size_per_gpu": 8,
-        "gradient_accumulation_steps": 4, "gradient_clipping": 0.5}
+        "gradient_accumulation_steps": 4, "gradient_clipping": 0.5, "zero_allow_untested_optimizer": True}
     for content, says in [({"bf16": {"enabled": True}}, "turns bf16.enabled on: precision is trainer.use_mixed"),
                           ({"optimizer": {"type": "AdamW"}}, "its optimizer section would replace trainer.optimizer"),
                           ([1, 2], "holds no JSON object"),
@@ -302,10 +303,13 @@ torch.manual_seed(0)
 base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
 x, y = torch.randn(8, 16), torch.randn(8, 1)
 
-def engine(stage, weights):
+OPTIMIZERS = {"adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+              "sgd": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9)}
+
+def engine(stage, weights, kind):
     model = copy.deepcopy(base)
     model.load_state_dict(weights)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    optimizer = OPTIMIZERS[kind](model.parameters())
     template = optimizer.state_dict()
     config = zero.engine_config(DeepSpeedOptions(zero_stage=stage), TrainerConfig(), 1, 8)
     return (*zero.initialize(model, optimizer, config), template)
@@ -317,14 +321,16 @@ def weights(e):
     with zero.gathered(e.module):
         return {k: v.detach().clone() for k, v in e.module.state_dict().items()}
 
-for stage in (0, 1, 2, 3):
-    a, optimizer, template = engine(stage, base.state_dict())
+for kind, stage in [(kind, stage) for kind in OPTIMIZERS for stage in (0, 1, 2, 3)]:
+    a, optimizer, template = engine(stage, base.state_dict(), kind)
     for _ in range(3):
         step(a)
     saved = zero.optimizer_state(a.module, optimizer, template)
-    assert sorted(saved["state"]) == [0, 1, 2, 3] and saved["state"][3]["exp_avg"].shape == (1,)
-    assert float(saved["state"][0]["step"]) == 3 and saved["param_groups"][0]["params"] == [0, 1, 2, 3]
-    b, optimizer_b, _ = engine(stage, weights(a))  # a resumed engine: the weights, then the optimizer state
+    moment = "exp_avg" if kind == "adamw" else "momentum_buffer"
+    assert sorted(saved["state"]) == [0, 1, 2, 3] and saved["state"][3][moment].shape == (1,)  # a 1-element bias
+    assert saved["param_groups"][0]["params"] == [0, 1, 2, 3]
+    assert kind != "adamw" or float(saved["state"][0]["step"]) == 3
+    b, optimizer_b, _ = engine(stage, weights(a), kind)  # a resumed engine: the weights, then the optimizer state
     zero.load_optimizer_state(b.module, optimizer_b, saved)
     step(a), step(b)
     wa, wb = weights(a), weights(b)
@@ -332,18 +338,19 @@ for stage in (0, 1, 2, 3):
     a.destroy(), b.destroy()
     assert torch.nn.functional.linear is torch_linear, stage  # nothing of DeepSpeed's outlives its engines
     if dist.get_rank() == 0:
-        print("stage", stage, "resumed exactly", flush=True)
+        print(kind, "stage", stage, "resumed exactly", flush=True)
 dist.destroy_process_group()
 """
 
 
 def test_zero_optimizer_state_gathers_and_scatters_back_exactly_at_every_stage(tmp_path):
     """Two CPU processes: after 3 steps the gathered optimizer state (torch's state_dict layout) put into a fresh
-    engine makes its next step the very step of the engine it came from, at ZeRO stages 0 to 3."""
+    engine makes its next step the very step of the engine it came from, at ZeRO stages 0 to 3, for AdamW and for
+    SGD with momentum."""
     (tmp_path / "round_trip.py").write_text(ZERO_ROUND_TRIP)
     done = torchrun([str(tmp_path / "round_trip.py")], tmp_path)
     assert [line for line in done.stdout.splitlines() if "resumed" in line] == \
-        [f"stage {stage} resumed exactly" for stage in range(4)], done.stdout
+        [f"{kind} stage {stage} resumed exactly" for kind in ("adamw", "sgd") for stage in range(4)], done.stdout
 
 
 def test_a_rank_left_short_reruns_a_batch_that_counts_nothing():

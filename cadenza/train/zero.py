@@ -50,13 +50,16 @@ def engine_config(options: DeepSpeedOptions, cfg: TrainerConfig, accumulation: i
     clip = cfg.gradient_clipping.clipglobalnorm or cfg.gradient_clipping.clipnorm
     loop = {"train_micro_batch_size_per_gpu": micro_batch_rows or 1, "gradient_accumulation_steps": accumulation,
             "gradient_clipping": float(clip or 0.0)}
+    # DeepSpeed lists only Adam-like optimizers as tested with ZeRO; what partitioning needs is a state kept element
+    # by element, which every trainer.optimizer (sgd, adam, adamw) has (the tests run sgd and adamw)
+    ours = {**loop, "zero_allow_untested_optimizer": True}
     if not options.config_file:
         zero = {"stage": options.zero_stage, **KEEP_TORCH_LINEAR}
         if options.offload_optimizer_device != "none":
             zero["offload_optimizer"] = {"device": options.offload_optimizer_device}
         if options.offload_param_device != "none":
             zero["offload_param"] = {"device": options.offload_param_device}
-        return {**loop, "zero_optimization": zero}
+        return {**ours, "zero_optimization": zero}
     where = "backend.deepspeed.config_file"
     try:
         config = json.loads(Path(options.config_file).read_text())
@@ -84,7 +87,7 @@ def engine_config(options: DeepSpeedOptions, cfg: TrainerConfig, accumulation: i
                             "puts it back): every later run in it would use ZeRO-3's linear; remove the key")])
     config.pop("train_batch_size", None)  # DeepSpeed derives it: micro-batch x accumulation x processes
     # "auto" is Accelerate's word for "fill in from the model"; DeepSpeed itself does not read it: its defaults apply
-    return {**without_auto(config), "zero_optimization": {**without_auto(zero), **KEEP_TORCH_LINEAR}, **loop}
+    return {**without_auto(config), "zero_optimization": {**without_auto(zero), **KEEP_TORCH_LINEAR}, **ours}
 
 
 def without_auto(config: dict) -> dict:
@@ -188,9 +191,11 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: SteppedByEngine, sa
     if not saved["state"]:
         return
     params = trained_parameters(module)
+    # torch's optimizers keep one scalar, the step count (Adam, AdamW; SGD none); the rest is per element (by name,
+    # not by shape: a 0-dimensional parameter's moments are 0-dimensional too)
     first = saved["state"][0]
-    tensors = [k for k, v in first.items() if v.dim() > 0]
-    link_fresh_state(optimizer, tensors, {k: v for k, v in first.items() if v.dim() == 0})
+    tensors = [k for k in first if k != "step"]
+    link_fresh_state(optimizer, tensors, {k: v for k, v in first.items() if k == "step"})
     for index, param in enumerate(params):
         for key in tensors:
             value = saved["state"][index][key].reshape(-1).to(torch.float32)
@@ -215,8 +220,9 @@ def trained_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def state_entries(optimizer: SteppedByEngine) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """What the base optimizer keeps per flat partition: the names of its per-element tensors (exp_avg, exp_avg_sq,
-    momentum_buffer, ...) and its scalars (Adam's step count, the same in every partition)."""
+    """What the base optimizer keeps per flat partition (a 1-dimensional tensor, so the two kinds cannot be confused):
+    the names of its per-element tensors (exp_avg, exp_avg_sq, momentum_buffer, ...) and its scalars (Adam's step
+    count, the same in every partition)."""
     for flat in flat_partitions(optimizer.optimizer):
         entries = optimizer.base.state.get(flat)
         if entries:
