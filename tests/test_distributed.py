@@ -291,7 +291,7 @@ def test_deepspeed_config_takes_the_trainers_batches_and_clipping_and_refuses_wh
 
 
 ZERO_ROUND_TRIP = """
-import copy, sys
+import copy, gc, sys
 import torch
 import torch.distributed as dist
 from cadenza.config.schema import DeepSpeedOptions, TrainerConfig
@@ -339,6 +339,10 @@ for kind, stage in [(kind, stage) for kind in OPTIMIZERS for stage in (0, 1, 2, 
     assert torch.nn.functional.linear is torch_linear, stage  # nothing of DeepSpeed's outlives its engines
     if dist.get_rank() == 0:
         print(kind, "stage", stage, "resumed exactly", flush=True)
+# the engines hold the process group (their optimizers' data-parallel group) in reference cycles: freed before the
+# group is torn down, not at the interpreter's end, where gloo's threads can abort the process (pytorch#190489)
+del a, b, optimizer, optimizer_b
+gc.collect()
 dist.destroy_process_group()
 """
 
