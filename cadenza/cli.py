@@ -269,6 +269,10 @@ def _end_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if "deepspeed" in sys.modules:  # a DeepSpeed engine's reference cycles hold the group: freed first
+            import gc
+
+            gc.collect()
         dist.destroy_process_group()
 
 
