@@ -116,6 +116,21 @@ def simulated_hardware(request, monkeypatch):
     return hw
 
 
+@pytest.fixture
+def slow_first_peak_reading(monkeypatch) -> list[float]:
+    """The matmul peak's first reading as in a slow moment of a shared VM (1 FLOP/s), the next ones real; the list
+    of readings is returned."""
+    from cadenza import device
+
+    real = device._measure_matmul_peak
+    readings = []
+    monkeypatch.delenv("CADENZA_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(device, "_MEASURED_PEAK", {})
+    monkeypatch.setattr(device, "_measure_matmul_peak",
+                        lambda dtype, where: readings.append(real(dtype, where) if readings else 1.0) or readings[-1])
+    return readings
+
+
 def tolerance(hw, fp32: float, bf16: float) -> float:
     """A numeric tolerance for the precision that auto mode picks on `hw`."""
     return bf16 if hw is not None and hw.bf16_units else fp32

@@ -91,7 +91,7 @@ def test_measured_peak_is_the_best_this_machine_has_read(cache_dir, monkeypatch)
 
     def new_process(bf16=False):  # each call: a fresh process's first measurement
         monkeypatch.setattr(device, "_MEASURED_PEAK", {})
-        monkeypatch.setattr(device, "_measure_matmul_peak", lambda dtype: next(readings))
+        monkeypatch.setattr(device, "_measure_matmul_peak", lambda dtype, where: next(readings))
         return device.peak_flops(bf16)
     assert new_process() == 2e11
     assert new_process() == 2e11  # a slow moment (1e11): the best reading stands
@@ -101,6 +101,48 @@ def test_measured_peak_is_the_best_this_machine_has_read(cache_dir, monkeypatch)
     assert new_process(bf16=True) == 5e10  # ... per precision
     (cache_dir / device.PEAK_FILE).write_text("{not json")
     assert new_process() == 4e10 and json.loads((cache_dir / device.PEAK_FILE).read_text())
+
+
+def test_a_peak_below_what_a_run_reached_is_measured_again(cache_dir, monkeypatch):
+    """A first reading taken in a slow moment (an empty cache folder: nothing better to fall back on) would print a
+    share of peak over 100%: a run that reached more has the peak measured again, and the higher reading counts."""
+    monkeypatch.delenv("CADENZA_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(device, "hardware", lambda: device.Hardware("cpu", "test cpu", None))
+    monkeypatch.setattr(device, "_MEASURED_PEAK", {})
+    readings = iter([1e11, 3e11, 2e11, 5e10])
+    monkeypatch.setattr(device, "_measure_matmul_peak", lambda dtype, where: next(readings))
+    assert device.peak_flops(False) == 1e11
+    assert device.peak_flops(False, reached=0.9e11) == 1e11  # below the peak: not measured again
+    assert device.peak_flops(False, reached=1.5e11) == 3e11  # measured again: the higher reading
+    assert device.peak_flops(False) == 3e11
+    assert device.peak_flops(False, reached=4e11) == 3e11  # a lower second reading (2e11) changes nothing ...
+    assert json.loads((cache_dir / device.PEAK_FILE).read_text()) == {f"{device.machine_key()}|fp32": 3e11}
+    monkeypatch.setenv("CADENZA_PEAK_TFLOPS", "0.1")
+    assert device.peak_flops(False, reached=1e15) == 1e11  # ... and a peak the user set is never measured
+
+
+def test_measuring_the_peak_leaves_the_runs_random_numbers_alone(monkeypatch):
+    """The peak may be measured again in the middle of a run (above), so it draws from its own generator: the run's
+    random numbers, and a resumed run's equality with an uninterrupted one, cannot depend on it."""
+    monkeypatch.setattr(device, "PEAK_PRODUCT_SIZES", (64,))
+    torch.manual_seed(7)
+    expected = torch.rand(5)
+    torch.manual_seed(7)
+    device._measure_matmul_peak(torch.float32)
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_a_gpu_not_in_the_table_is_measured_on_the_gpu(monkeypatch):
+    """MFU on a GPU the table does not know divides by a product timed on that GPU, not on the CPU beside it (which
+    would give an MFU in the thousands of percent). The CUDA timing itself needs a GPU; the routing is tested here."""
+    monkeypatch.delenv("CADENZA_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(device, "hardware", lambda: device.Hardware("cuda", "Some New GPU", "CUDA sm_90"))
+    monkeypatch.setattr(device, "_MEASURED_PEAK", {})
+    monkeypatch.setattr(device, "best_peak_seen", lambda bf16, measured: measured)
+    asked = []
+    monkeypatch.setattr(device, "_measure_matmul_peak", lambda dtype, where: asked.append((dtype, where)) or 1e14)
+    assert device.peak_flops(True) == 1e14
+    assert asked == [(torch.bfloat16, torch.device("cuda"))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
