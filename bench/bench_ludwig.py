@@ -13,7 +13,7 @@ release as Cadenza's (Ludwig 0.11 predates transformers 5, numpy 2 and pandas 3,
 torchvision import needs torchvision's build for PyPI's torch, so that torch is PyPI's build of the same release).
 Nothing of Ludwig is installed into Cadenza's environment.
 
-    python bench/bench_ludwig.py [--rounds 3]         # ~4 min a round on 2 cores; the first run adds ~5 min setup
+    python bench/bench_ludwig.py [--rounds 3]         # ~1.5 min a round on 2 cores; the first run adds ~2 min of setup
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def peak_flops(bf16: bool, reached: float = 0.0) -> float:
     device the work runs on (once a process; the best reading this machine has given wins, see best_peak_seen).
     `reached`: a rate the run has just achieved. A measured peak below it was read in a slow moment of a shared
     machine (with an empty cache folder there is no better reading to fall back on; "114% of the peak" was printed
-    that way), so it is measured once more, and the higher reading counts."""
+    that way), so it is measured again, and the higher reading counts."""
     if os.environ.get("CADENZA_PEAK_TFLOPS"):
         return float(os.environ["CADENZA_PEAK_TFLOPS"]) * 1e12
     hw = hardware()
