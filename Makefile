@@ -1,5 +1,8 @@
 # The two commands of README.md: `make demo` (main job) and `make test` (test suite). Each sets up .venv first.
 .PHONY: setup demo test bench bench-ludwig docs
+# bash with pipefail: a benchmark that fails under `| tee` fails the target too
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 
 setup:
 	bash scripts/setup.sh
