@@ -118,7 +118,8 @@ class Model:
             splits = self._splits(dataset, training_set, validation_set, test_set, random_seed, log)
         self._splits_used = splits
         if dist.is_main_process:
-            self._say_estimate(splits, random_seed, log)
+            with phases.phase("estimate"):
+                self._say_estimate(splits, random_seed, log)
         # what a resumed run must find unchanged; stored in every checkpoint
         fingerprints = run_fingerprints(self.config.model_dump(mode="json"), splits, random_seed, dist.num_processes)
         description = self._description(splits, fingerprints)

@@ -1,4 +1,4 @@
-"""Where a run's wall time goes: imports, data, model load, tokenize, embed, head epochs, evaluation, writing.
+"""Where a run's wall time goes: imports, data, estimate, model load, tokenize, embed, epochs, evaluation, writing.
 
 A run opens one record with `recording()`; code marks its work with `with phase("embed"):`. A phase inside another
 counts once: the outer phase's seconds leave out the inner one's, so the phases add up to the run's wall time, with
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 # the order of the table; other phases follow in the order they first ran
-ORDER = ("imports", "data", "model load", "tokenize", "embed", "preprocessing", "head epochs", "epochs", "evaluation",
-         "writing", "plots")
+ORDER = ("imports", "data", "estimate", "model load", "tokenize", "embed", "preprocessing", "measure peak",
+         "head epochs", "epochs", "evaluation", "merge", "writing", "plots")
 
 _CURRENT: contextvars.ContextVar[Optional["Phases"]] = contextvars.ContextVar("cadenza_phases", default=None)
 

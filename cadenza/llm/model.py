@@ -78,10 +78,11 @@ class LlmModel:
     def _ensure_base(self, log=print) -> None:
         if self.model is not None:
             return
-        source = plain_model_dir(self.config.base_model, str(self._cache()), log=log)
-        self.tokenizer = load_tokenizer(source, self.config.trust_remote_code)
-        self.model = load_causal_lm(source, dtype=self._dtype(), trust_remote_code=self.config.trust_remote_code,
-                                    quantization=self.config.quantization, rope_scaling=self._rope_scaling())
+        with phase("model load"):
+            source = plain_model_dir(self.config.base_model, str(self._cache()), log=log)
+            self.tokenizer = load_tokenizer(source, self.config.trust_remote_code)
+            self.model = load_causal_lm(source, dtype=self._dtype(), trust_remote_code=self.config.trust_remote_code,
+                                        quantization=self.config.quantization, rope_scaling=self._rope_scaling())
         log(f"base model weights in {str(self._dtype()).replace('torch.', '')} "
             f"({_weights_precision(self.config).reason})")
         # FSDP2 shards a copy of the model onto the GPUs: the whole model stays in CPU memory until training ends
@@ -456,6 +457,10 @@ class LlmModel:
         return out
 
     def evaluate(self, df: pd.DataFrame, batch_size: Optional[int] = None) -> tuple[dict, pd.DataFrame]:
+        with phase("evaluation"):  # generation, then the loss and the scores
+            return self._evaluate(df, batch_size)
+
+    def _evaluate(self, df: pd.DataFrame, batch_size: Optional[int]) -> tuple[dict, pd.DataFrame]:
         self._ensure_base()
         if isinstance(df, stream.FileRows):  # a streamed test split: its predictions are a DataFrame anyway
             df = df.read()

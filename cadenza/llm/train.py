@@ -28,6 +28,7 @@ from ..adapters import lora_plus_lr_ratio
 from ..data.read import require_columns
 from ..data.stream import FileRows
 from ..errors import DataError
+from ..phases import phase
 from ..train import loop
 from . import batching, preference
 from .loss import TargetLoss, can_share_prefix, causal_lm_of
@@ -102,14 +103,16 @@ def fit(llm, splits: dict[str, pd.DataFrame], *, run_dir, resume: bool, seed: in
         check_preference_data(llm, splits)
 
     # ---- load: base model, tokenizer, prompts; the rows tokenized
-    llm._ensure_base(log)
-    if not prefers:
-        llm._build_labels(splits)
-        llm._build_retriever(records, seed)
+    with phase("model load"):
+        llm._ensure_base(log)
+        if not prefers:
+            llm._build_labels(splits)
+            llm._build_retriever(records, seed)
     if t.type == "none":
         log("trainer.type: none: no training (zero/few-shot); the base model is used as is")
         return loop.TrainResult()
-    data = PreferenceRows.of(llm, splits, seed, log) if prefers else SftRows.of(llm, records, splits, seed, log)
+    with phase("tokenize"):
+        data = PreferenceRows.of(llm, splits, seed, log) if prefers else SftRows.of(llm, records, splits, seed, log)
     llm._train_rows = data.rows  # (EVA/CorDA calibrate on the training rows)
     llm.truncated_rows = data.rows.truncated
 
@@ -119,8 +122,9 @@ def fit(llm, splits: dict[str, pd.DataFrame], *, run_dir, resume: bool, seed: in
     llm._total_steps = loop.plan_steps(t, len(data.groups(0, size)), data.rows_per_micro_batch(size),
                                        loop.process_state().num_processes).total_steps
     precision = device.precision(t.use_mixed_precision, "train")
-    reference = reference_model(llm, data, precision, log) if prefers else None
-    llm._prepare_for_training(log)
+    with phase("model load"):  # the reference, then the adapter (EVA/CorDA: its calibration passes too)
+        reference = reference_model(llm, data, precision, log) if prefers else None
+        llm._prepare_for_training(log)
     params = llm.config.model_parameters
     neftune = params.neftune_noise_alpha if params and not prefers else 0.0
     module = TargetLoss(llm.model, neftune_noise_alpha=neftune)
@@ -148,14 +152,16 @@ def fit(llm, splits: dict[str, pd.DataFrame], *, run_dir, resume: bool, seed: in
         micro_batch_rows=data.rows_per_micro_batch(size), lr_ratio=lora_plus_lr_ratio(llm.config.adapter))
     log(precision.describe("train"))
     log(data.describe(size))
-    result = loop.fit(module, task, t, run_dir=run_dir, resume=resume, seed=seed, precision=precision,
-                      fingerprints=fingerprints, tracker=tracker, log=log, backend=llm.config.backend)
+    with phase("epochs"):  # its validation rounds count as evaluation
+        result = loop.fit(module, task, t, run_dir=run_dir, resume=resume, seed=seed, precision=precision,
+                          fingerprints=fingerprints, tracker=tracker, log=log, backend=llm.config.backend)
     result.precision = {"part": "train", "precision": precision.name, "reason": precision.reason}
 
     # ---- save: the caller (api.Model.train) writes the model folder; the adapter is merged first when asked
     llm.model.eval()
     if llm._should_merge():
-        llm._merge(log)
+        with phase("merge"):
+            llm._merge(log)
     return result
 
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..config.schema import BackendConfig, TrainerConfig
 from ..device import Precision, is_cuda, peak_flops
 from ..metrics import is_better
+from ..phases import phase
 from ..threads import follow_load
 from ..track import Tracker
 from . import sharding, zero
@@ -162,7 +163,8 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
     step arithmetic, which the loop compares itself. `tracker` (cadenza.track) gets the statistics as they come.
     `backend` (the config's backend section) says how the processes of a distributed run share the work."""
     # ---- setup
-    peak = peak_flops(precision.bf16) if task.flops_per_unit else None  # MFU's divisor (own random numbers)
+    with phase("measure peak"):  # MFU's divisor: timed once a process (own random numbers), else read back
+        peak = peak_flops(precision.bf16) if task.flops_per_unit else None
     seed_everything(seed)
     # Accelerate's state is global to the process and refuses a second, different mixed_precision: keep it
     # constant ("no") and apply this run's precision with our own autocast, so runs in one process stay independent
@@ -327,7 +329,8 @@ def fit(model: torch.nn.Module, task: TrainTask, cfg: TrainerConfig, *, run_dir:
             totals.seconds += session.seconds
             if peak:  # again if the epoch ran faster than the first reading
                 reached = task.flops_per_unit * session.units / max(session.seconds, 1e-9)
-                peak = peak_flops(precision.bf16, reached=reached)
+                with phase("measure peak"):
+                    peak = peak_flops(precision.bf16, reached=reached)
             train_stats = epoch_statistics(state, session, task, world, peak)
             line = f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f}, {describe_rate(train_stats, task, peak)}"
             if cfg.evaluate_training_set and task.evaluate_training and not cfg.skip_all_evaluation:
@@ -546,7 +549,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def evaluate(model, evaluate_fn: Callable, autocast: Callable) -> dict:
     model.eval()
-    with torch.no_grad(), autocast():
+    with phase("evaluation"), torch.no_grad(), autocast():
         metrics = evaluate_fn(unwrap(model))
     model.train()
     return metrics
