@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 # the order of the table; other phases follow in the order they first ran
 ORDER = ("imports", "data", "estimate", "model load", "tokenize", "embed", "preprocessing", "measure peak",
-         "head epochs", "epochs", "evaluation", "merge", "writing", "plots")
+         "head epochs", "epochs", "evaluation", "generate", "merge", "writing", "plots")
 
 _CURRENT: contextvars.ContextVar[Optional["Phases"]] = contextvars.ContextVar("cadenza_phases", default=None)
 

@@ -243,8 +243,8 @@ def test_an_llm_experiment_records_its_phases(tiny_llama_dir, cache_dir, tmp_pat
     out, _ = Model(cfg, log=lines.append).experiment(df, output_directory=tmp_path, skip_save_log=True)
     s = json.loads((out.run_dir / "training_statistics.json").read_text())["phases"]
     p = s["phases"]
-    for name in ("data", "estimate", "model load", "tokenize", "measure peak", "epochs", "evaluation", "merge",
-                 "writing"):
+    for name in ("data", "estimate", "model load", "tokenize", "measure peak", "epochs", "evaluation", "generate",
+                 "merge", "writing"):
         assert p[name]["seconds"] > 0, name
     assert sum(e["seconds"] for e in p.values()) == pytest.approx(s["total_seconds"], rel=1e-6)
     assert p["other"]["share"] < 0.25, lines[-1]

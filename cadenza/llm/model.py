@@ -390,8 +390,9 @@ class LlmModel:
         generation_config = self._generation_config()
         if self.chat:
             self.chat.stop_at_end_of_turn(generation_config, self.tokenizer)
-        return generate_ids(self.model, self.tokenizer, rows.ids, generation_config,
-                            batch_size=batch_size or self._batch_size(eval_=True))
+        with phase("generate"):
+            return generate_ids(self.model, self.tokenizer, rows.ids, generation_config,
+                                batch_size=batch_size or self._batch_size(eval_=True))
 
     def generate(self, prompts: list[str], **generation_overrides) -> list[str]:
         """Continue raw prompts (no prompt.template; the chat template is applied when the model uses one)."""
@@ -457,7 +458,7 @@ class LlmModel:
         return out
 
     def evaluate(self, df: pd.DataFrame, batch_size: Optional[int] = None) -> tuple[dict, pd.DataFrame]:
-        with phase("evaluation"):  # generation, then the loss and the scores
+        with phase("evaluation"):  # the loss and the scores (the generation counts as generate)
             return self._evaluate(df, batch_size)
 
     def _evaluate(self, df: pd.DataFrame, batch_size: Optional[int]) -> tuple[dict, pd.DataFrame]:
