@@ -39,13 +39,15 @@ class TrainOutput:
 
 
 def _model_type_class(model_type: str):
-    if model_type == "llm":
-        from .llm import LlmModel
+    # counted as imports in the run's breakdown: an llm's modules pull peft and transformers' generation (~3 s cold)
+    with phases.phase("imports"):
+        if model_type == "llm":
+            from .llm import LlmModel
 
-        return LlmModel
-    from .ecd import EcdModel
+            return LlmModel
+        from .ecd import EcdModel
 
-    return EcdModel
+        return EcdModel
 
 
 def _say(message: str) -> None:
