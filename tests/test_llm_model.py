@@ -1,5 +1,6 @@
 """llm training/inference on the tiny random Llama (2 layers, SmolLM2's real tokenizer)."""
 
+import contextlib
 import itertools
 import json
 from pathlib import Path
@@ -226,6 +227,28 @@ def test_zero_shot_category_without_fit(tiny_llama_dir, cache_dir, simulated_har
     assert metrics["label"]["accuracy"] == pytest.approx(2 / 3)
     assert metrics["label"]["f1"] == pytest.approx((0 + 0.8) / 2)
     assert metrics["label"]["hits_at_k"] == 1.0  # two labels, top-3
+
+
+def test_batched_generation_gives_the_lm_head_a_contiguous_input(tiny_llama_dir, cache_dir, monkeypatch):
+    """The first token's logits come from hidden[:, -1:, :]. Given as is, torch.matmul copies the head's weight
+    once per row (pytorch/pytorch#186148): 3.4 GB and 3.7 s for 60 prompts on SmolLM2 in bf16. Generation makes the
+    head's input contiguous while it runs, and the texts stay the same."""
+    from cadenza.llm import generate as generation
+
+    m = LlmModel(make_config(tiny_llama_dir, generation={"max_new_tokens": 5}))
+    m._ensure_base()
+    head = m.model.get_output_embeddings()
+    inputs = []
+    recorder = head.register_forward_hook(lambda module, args, out: inputs.append(args[0].is_contiguous()))
+    prompts = ["hi", "what colour is the banana really really", "one two three four five six", "a b"]
+    texts = m.generate(prompts, batch_size=4)
+    assert len(inputs) >= 2 and all(inputs)  # the prompt's pass and each new token's
+    assert not head._forward_pre_hooks  # nothing left on the model
+    inputs.clear()
+    monkeypatch.setattr(generation, "contiguous_head_input", lambda model: contextlib.nullcontext())
+    assert m.generate(prompts, batch_size=4) == texts
+    assert not inputs[0]  # as transformers hands it over: the case above is the one that needed the fix
+    recorder.remove()
 
 
 def test_few_shot_random_retrieval_puts_examples_in_prompt(tiny_llama_dir, tmp_path, cache_dir):

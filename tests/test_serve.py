@@ -204,9 +204,16 @@ def test_batched_greedy_answers_equal_unbatched_generation(client, llm, llm_url)
     expected = [llm.generate([q], max_new_tokens=10)[0] for q in questions]  # one at a time: no padding
     assert len(set(expected)) >= 4, expected  # the model answers each prompt its own way
     batches_before = metric(llm_url, "cadenza_batch_rows_count")
-    answers = in_parallel(lambda q: ask(client, q, max_tokens=10).choices[0].message.content, questions)
+    head = llm.model.model.get_output_embeddings()
+    contiguous = []  # the LM head's input in the batches: contiguous, or torch copies its weight per row
+    recorder = head.register_forward_hook(lambda module, args, out: contiguous.append(args[0].is_contiguous()))
+    try:
+        answers = in_parallel(lambda q: ask(client, q, max_tokens=10).choices[0].message.content, questions)
+    finally:
+        recorder.remove()
     assert batches_before + len(questions) > metric(llm_url, "cadenza_batch_rows_count")  # some shared a batch
     assert [a.strip() for a in answers] == expected
+    assert contiguous and all(contiguous)
 
 
 def test_sixteen_concurrent_requests_all_succeed_in_shared_batches(client, llm_url):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 
@@ -35,6 +36,29 @@ def hf_generation_config(section: GenerationSection, tokenizer, base=None, **ove
     return GenerationConfig(**values)
 
 
+@contextlib.contextmanager
+def contiguous_head_input(model) -> Iterator[None]:
+    """While `generate` runs, the LM head gets a contiguous input.
+
+    Its first forward pass computes logits at each row's last position only: the head's input is then
+    hidden[:, -1:, :], a view whose row stride still spans the whole prompt. torch.matmul (2.13) folds a 3D input
+    into one matrix product only when its strides allow it, and that check does not ignore the size-1 dimension
+    (pytorch/pytorch#186148): it takes bmm, which copies the head's weight once per row on CPU. With 60 prompts
+    and SmolLM2's 49,152 x 576 head that is a 3.4 GB bf16 copy and 3.7 s, against 16 ms for the same product on a
+    contiguous input (6.8 GB and 7x slower in fp32). The copy of the input is a few kB."""
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(_contiguous_first_input) if head is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _contiguous_first_input(module, args):
+    return (args[0].contiguous(), *args[1:]) if args and isinstance(args[0], torch.Tensor) else None
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list, generation_config, batch_size: int = 8,
              log=None) -> list[str]:
@@ -47,21 +71,22 @@ def generate(model, tokenizer, prompt_ids: list, generation_config, batch_size: 
     out: list[Optional[str]] = [None] * len(prompt_ids)
     pad = tokenizer.pad_token_id
     try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            width = max(len(prompt_ids[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, i in enumerate(chunk):
-                seq = torch.as_tensor(prompt_ids[i], dtype=torch.long)
-                ids[r, width - len(seq):] = seq  # left padding: every row's last token is real
-                mask[r, width - len(seq):] = 1
-            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                       generation_config=generation_config)
-            step = generation_config.num_return_sequences or 1
-            new = generated[::step, width:]
-            for r, i in enumerate(chunk):
-                out[i] = tokenizer.decode(new[r], skip_special_tokens=True).strip()
+        with contiguous_head_input(model):
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                width = max(len(prompt_ids[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for r, i in enumerate(chunk):
+                    seq = torch.as_tensor(prompt_ids[i], dtype=torch.long)
+                    ids[r, width - len(seq):] = seq  # left padding: every row's last token is real
+                    mask[r, width - len(seq):] = 1
+                generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                           generation_config=generation_config)
+                step = generation_config.num_return_sequences or 1
+                new = generated[::step, width:]
+                for r, i in enumerate(chunk):
+                    out[i] = tokenizer.decode(new[r], skip_special_tokens=True).strip()
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from ..llm.generate import contiguous_head_input
 from .job import Delta, Finished, GenerationJob, Sampling
 
 
@@ -210,9 +211,10 @@ class BatchGenerator:
         ids, mask = left_padded([row.prompt for row in rows], self.tokenizer.pad_token_id)
         config = copy.deepcopy(self.generation_config)
         config.max_new_tokens = max(row.sampling.max_tokens for row in rows)
-        self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            generation_config=config, logits_processor=LogitsProcessorList([RowSampler(rows)]),
-                            stopping_criteria=StoppingCriteriaList([RowTracker(rows)]))
+        with contiguous_head_input(self.model):  # the first token's logits without a copy of the head per row
+            self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                generation_config=config, logits_processor=LogitsProcessorList([RowSampler(rows)]),
+                                stopping_criteria=StoppingCriteriaList([RowTracker(rows)]))
         for row in rows:
             if not row.done:  # generate ended before the row's own limit noticed (it should not): say why
                 row.finish("length")
