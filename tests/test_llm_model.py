@@ -251,6 +251,64 @@ def test_batched_generation_gives_the_lm_head_a_contiguous_input(tiny_llama_dir,
     recorder.remove()
 
 
+@pytest.mark.parametrize("budget", [None, 1])
+def test_candidate_likelihoods_from_one_cached_prompt_equal_whole_sequences(tiny_llama_dir, budget, monkeypatch):
+    """Label scores: each prompt runs once (left-padded batches, its cache repeated for its candidates) and must give
+    what a forward pass over each whole prompt + candidate gives. Prompts of different lengths, candidates of 1-4
+    tokens, batches of 2 (padding in every batch); budget 1: one row's log-softmax at a time."""
+    from cadenza.llm import likelihood
+
+    if budget:
+        monkeypatch.setattr(likelihood, "LOGIT_BUDGET", budget)
+    model = load_causal_lm(str(tiny_llama_dir), dtype=torch.float32).eval()
+    tok = load_tokenizer(str(tiny_llama_dir))
+    prompts = [np.asarray(tok(text)["input_ids"]) for text in
+               ["Is this good?", "A long review of a film that goes on and on, then asks: is it good?", "Hm", "Rate it"]]
+    candidates = [[np.asarray(tok(word, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for word in words]
+                  for words in (["yes", " no way at all", "maybe"], ["no", "yes", "perhaps not"],
+                                ["positive", "negative", "x"], ["a", "bb", " c c c"])]
+    assert {len(c) for cs in candidates for c in cs} >= {2, 3, 4}
+    found = likelihood.candidate_log_likelihoods(model, prompts, candidates, pad_id=tok.pad_token_id, batch_size=2)
+    expected = np.zeros_like(found)
+    for i, (p, cs) in enumerate(zip(prompts, candidates)):
+        for j, c in enumerate(cs):
+            with torch.no_grad():
+                logits = model(input_ids=torch.as_tensor(np.concatenate([p, c]))[None]).logits[0, len(p) - 1:-1]
+            expected[i, j] = torch.log_softmax(logits.double(), -1).gather(1, torch.as_tensor(c)[:, None]).sum()
+    assert np.allclose(found, expected, atol=1e-4), (found, expected)
+
+
+def test_label_scores_of_a_prompt_cut_for_a_long_label_still_add_up(tiny_llama_dir, cache_dir, simulated_hardware):
+    """With global_max_sequence_length short enough, a longer label leaves less of the prompt: that row's
+    candidates follow different prompts and are scored one by one."""
+    cfg = load_config({"model_type": "llm", "base_model": str(tiny_llama_dir),
+                       "input_features": [{"name": "review", "type": "text"}],
+                       "output_features": [{"name": "label", "type": "category"}],
+                       "preprocessing": {"global_max_sequence_length": 12},
+                       "prompt": {"template": "{review} ->", "use_chat_template": False},
+                       "generation": {"max_new_tokens": 2}})
+    m = LlmModel(cfg)
+    m._ensure_base()
+    m.labels = ["ok", "a very long label with many words"]
+    records = [{"review": "short"}, {"review": "a much longer review that the sequence limit has to cut"}]
+    probs = m._label_probabilities(records)
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1.0) and (probs > 0).all()
+    model = m.model
+    for r, record in enumerate(records):  # by hand: each (prompt, label) as tokenized, in one forward pass
+        prompt = m._prompts([record])[0]
+        rows = tokenize_rows(m.tokenizer, [prompt] * 2, [m.builder.target(prompt, x) for x in m.labels], max_len=12,
+                             add_special_tokens=m.builder.add_special_tokens)
+        cut = r == 1  # the long review: the long label leaves it fewer tokens than the short one does
+        assert (rows.prompt_lens[0] != rows.prompt_lens[1]) == cut
+        logps = []
+        for ids, n in zip(rows.ids, rows.prompt_lens):
+            with torch.no_grad():
+                logits = model(input_ids=torch.as_tensor(ids)[None]).logits[0, n - 1:-1]
+            logps.append(torch.log_softmax(logits.double(), -1).gather(1, torch.as_tensor(ids[n:])[:, None]).sum())
+        assert np.allclose(probs[r], torch.softmax(torch.stack(logps), 0).numpy(),
+                           atol=tolerance(simulated_hardware, fp32=1e-4, bf16=1e-3))
+
+
 def test_few_shot_random_retrieval_puts_examples_in_prompt(tiny_llama_dir, tmp_path, cache_dir):
     cfg = make_config(tiny_llama_dir, prompt={"template": "{__context__}Q: {question}\nA:", "use_chat_template": False,
                                               "retrieval": {"type": "random", "k": 2}})

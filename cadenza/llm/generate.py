@@ -36,6 +36,17 @@ def hf_generation_config(section: GenerationSection, tokenizer, base=None, **ove
     return GenerationConfig(**values)
 
 
+def left_padded(prompts: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), padded on the left so that every row's last position is its last token."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        ids[r, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
+        mask[r, width - len(prompt):] = 1
+    return ids, mask
+
+
 @contextlib.contextmanager
 def contiguous_head_input(model) -> Iterator[None]:
     """While `generate` runs, the LM head gets a contiguous input.
@@ -75,13 +86,8 @@ def generate(model, tokenizer, prompt_ids: list, generation_config, batch_size: 
         with contiguous_head_input(model):
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                width = max(len(prompt_ids[i]) for i in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, i in enumerate(chunk):
-                    seq = torch.as_tensor(prompt_ids[i], dtype=torch.long)
-                    ids[r, width - len(seq):] = seq  # left padding: every row's last token is real
-                    mask[r, width - len(seq):] = 1
+                ids, mask = left_padded([prompt_ids[i] for i in chunk], pad)
+                width = ids.shape[1]
                 generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                            generation_config=generation_config)
                 step = generation_config.num_return_sequences or 1

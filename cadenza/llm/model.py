@@ -28,6 +28,7 @@ from ..config.schema import CadenzaConfig
 from . import batching, chat, preference, token_store, train
 from .generate import generate as generate_ids
 from .generate import hf_generation_config
+from .likelihood import candidate_log_likelihoods
 from .load import fix_special_tokens, load_causal_lm, load_tokenizer, plain_model_dir
 from .loss import TargetLoss, can_share_prefix, causal_lm_of
 from .outputs import category_scores, extract_label, text_scores
@@ -435,8 +436,8 @@ class LlmModel:
     def _label_probabilities(self, records: list[dict]) -> Optional[np.ndarray]:
         """P(label | prompt) for every label, from the model's own likelihood of each label's text + EOS as the
         answer, normalised over the labels. (The extracted label comes from the generation; these scores say
-        how the model ranks the labels, and give hits@k.) Each row's candidates share its prompt, which the
-        shared-prefix packing computes once."""
+        how the model ranks the labels, and give hits@k.) Each row's prompt runs once and its key/value cache serves
+        all its candidates (cadenza.llm.likelihood)."""
         if not self.labels:
             return None
         prompts = self._prompts(records)
@@ -445,17 +446,29 @@ class LlmModel:
                              [self.builder.target(p, label) for p in prompts for label in self.labels],
                              max_len=self.config.preprocessing.global_max_sequence_length,
                              add_special_tokens=self.builder.add_special_tokens)
-        module, share = TargetLoss(self.model).eval(), can_share_prefix(self.model)
-        out = np.zeros((len(records), k))
-        for r in range(len(records)):
-            idx = list(range(r * k, (r + 1) * k))
-            batch = batching.make_batch(rows, idx, packed=True, share_prefix=share)
-            logits = module.target_logits(batch)
-            logp = torch.log_softmax(logits, -1).gather(1, batch["target_ids"].to(logits.device).view(-1, 1)).view(-1)
-            counts = [len(rows.ids[i]) - int(rows.prompt_lens[i]) for i in idx]
-            scores = torch.stack([part.sum() for part in torch.split(logp, counts)])
-            out[r] = torch.softmax(scores, 0).cpu().numpy()
-        return out
+        pad, size = self.tokenizer.pad_token_id, self._batch_size(eval_=True)
+
+        def prompt(i: int) -> np.ndarray:
+            return rows.ids[i][:rows.prompt_lens[i]]
+
+        def candidate(i: int) -> np.ndarray:  # the label's tokens and EOS
+            return rows.ids[i][rows.prompt_lens[i]:]
+
+        scores = np.zeros((len(records), k))
+        # a prompt cut short to make room for a longer label differs between its candidates: those score one by one
+        whole = [r for r in range(len(records))
+                 if all(np.array_equal(prompt(r * k), prompt(r * k + j)) for j in range(1, k))]
+        cut = sorted(set(range(len(records))) - set(whole))
+        if whole:
+            scores[whole] = candidate_log_likelihoods(self.model, [prompt(r * k) for r in whole],
+                                                      [[candidate(r * k + j) for j in range(k)] for r in whole],
+                                                      pad_id=pad, batch_size=size)
+        if cut:
+            pairs = [r * k + j for r in cut for j in range(k)]
+            scores[cut] = candidate_log_likelihoods(self.model, [prompt(i) for i in pairs],
+                                                    [[candidate(i)] for i in pairs], pad_id=pad,
+                                                    batch_size=size).reshape(len(cut), k)
+        return torch.softmax(torch.from_numpy(scores), 1).numpy()
 
     def evaluate(self, df: pd.DataFrame, batch_size: Optional[int] = None) -> tuple[dict, pd.DataFrame]:
         with phase("evaluation"):  # the loss and the scores (the generation counts as generate)

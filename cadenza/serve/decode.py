@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from ..llm.generate import contiguous_head_input
+from ..llm.generate import contiguous_head_input, left_padded
 from .job import Delta, Finished, GenerationJob, Sampling
 
 
@@ -169,17 +169,6 @@ class RowTracker(StoppingCriteria):
             if not row.done:
                 row.step(token)
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
-
-
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), padded on the left so that every row's last position is its last token."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, prompt in enumerate(prompts):
-        ids[r, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
-        mask[r, width - len(prompt):] = 1
-    return ids, mask
 
 
 def eos_ids(generation_config) -> set[int]:
