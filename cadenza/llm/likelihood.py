@@ -29,10 +29,11 @@ def candidate_log_likelihoods(model, prompts: list[np.ndarray], candidates: list
     device = next(model.parameters()).device
     k = len(candidates[0]) if candidates else 0
     out = np.zeros((len(prompts), k))
+    if not k:
+        return out
     accepts = inspect.signature(causal_lm_of(model).forward).parameters
     head_only_last = "logits_to_keep" in accepts
-    cache_name = "cache" if "cache" in accepts else "past_key_values"  # renamed in transformers 5.2x
-    vocab = model.get_output_embeddings().weight.shape[0]
+    cache_name = "cache" if "cache" in accepts else "past_key_values"  # transformers 5.24 deprecates the old name
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
     with contiguous_head_input(model):
         for start in range(0, len(order), batch_size):
@@ -50,14 +51,13 @@ def candidate_log_likelihoods(model, prompts: list[np.ndarray], candidates: list
             scores = scores.squeeze(1).double()
             width = max(len(c) for c in cand)
             if width > 1:  # the later tokens of each candidate, predicted from the ones before
-                scores += _continuation(model, cand, mask.repeat_interleave(k, 0), {cache_name: cache}, pad_id, width,
-                                        vocab)
+                scores += _continuation(model, cand, mask.repeat_interleave(k, 0), {cache_name: cache}, pad_id, width)
             out[chunk] = scores.view(len(chunk), k).cpu().numpy()
     return out
 
 
-def _continuation(model, cand: list[np.ndarray], prompt_mask: torch.Tensor, cache: dict, pad_id: int, width: int,
-                  vocab: int) -> torch.Tensor:
+def _continuation(model, cand: list[np.ndarray], prompt_mask: torch.Tensor, cache: dict, pad_id: int,
+                  width: int) -> torch.Tensor:
     device = prompt_mask.device
     ids = torch.full((len(cand), width), pad_id, dtype=torch.long, device=device)
     real = torch.zeros((len(cand), width), dtype=torch.long, device=device)
@@ -69,7 +69,7 @@ def _continuation(model, cand: list[np.ndarray], prompt_mask: torch.Tensor, cach
     logits = model(input_ids=ids[:, :-1], attention_mask=torch.cat([prompt_mask, real[:, :-1]], 1),
                    position_ids=positions, use_cache=True, **cache).logits
     total = torch.zeros(len(cand), dtype=torch.float64, device=device)
-    step = max(1, LOGIT_BUDGET // max(1, (width - 1) * vocab))  # rows whose fp32 log-softmax fits the budget
+    step = max(1, LOGIT_BUDGET // logits[0].numel())  # rows whose fp32 log-softmax fits the budget
     for a in range(0, len(cand), step):
         logp = torch.log_softmax(logits[a:a + step].float(), -1).gather(2, ids[a:a + step, 1:, None]).squeeze(2)
         total[a:a + step] = (logp * real[a:a + step, 1:]).sum(1).double()
