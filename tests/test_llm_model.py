@@ -268,7 +268,7 @@ def test_candidate_likelihoods_from_one_cached_prompt_equal_whole_sequences(tiny
                   for words in (["yes", " no way at all", "maybe"], ["no", "yes", "perhaps not"],
                                 ["positive", "negative", "x"], ["a", "bb", " c c c"])]
     assert {len(c) for cs in candidates for c in cs} >= {2, 3, 4}
-    found = likelihood.candidate_log_likelihoods(model, prompts, candidates, pad_id=tok.pad_token_id, batch_size=2)
+    found = likelihood.candidate_log_likelihoods(model, prompts, candidates, pad_id=tok.pad_token_id, batch_size=2 * 3)
     expected = np.zeros_like(found)
     for i, (p, cs) in enumerate(zip(prompts, candidates)):
         for j, c in enumerate(cs):

@@ -25,7 +25,10 @@ LOGIT_BUDGET = 2**26  # vocabulary logits (fp32) of the candidates run in one fo
 def candidate_log_likelihoods(model, prompts: list[np.ndarray], candidates: list[list[np.ndarray]], *, pad_id: int,
                               batch_size: int) -> np.ndarray:
     """[len(prompts), k]: the summed log-probability of candidates[i][j]'s tokens after prompts[i]. Every prompt
-    has the same number k of candidates, each at least one token."""
+    has the same number k of candidates, each at least one token. `batch_size` counts candidate rows: a batch
+    holds batch_size // k prompts (at least one), so their cache repeated k times is no larger than that of a
+    generation batch of as many rows (with 20 labels and few-shot prompts, all of a 16-row batch's prompts
+    repeated would hold 320 copies)."""
     device = next(model.parameters()).device
     k = len(candidates[0]) if candidates else 0
     out = np.zeros((len(prompts), k))
@@ -35,9 +38,10 @@ def candidate_log_likelihoods(model, prompts: list[np.ndarray], candidates: list
     head_only_last = "logits_to_keep" in accepts
     cache_name = "cache" if "cache" in accepts else "past_key_values"  # transformers 5.24 deprecates the old name
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
+    per_batch = max(1, batch_size // k)
     with contiguous_head_input(model):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        for start in range(0, len(order), per_batch):
+            chunk = order[start:start + per_batch]
             ids, mask = left_padded([prompts[i] for i in chunk], pad_id)
             ids, mask = ids.to(device), mask.to(device)
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
