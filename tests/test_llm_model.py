@@ -276,6 +276,15 @@ def test_candidate_likelihoods_from_one_cached_prompt_equal_whole_sequences(tiny
                 logits = model(input_ids=torch.as_tensor(np.concatenate([p, c]))[None]).logits[0, len(p) - 1:-1]
             expected[i, j] = torch.log_softmax(logits.double(), -1).gather(1, torch.as_tensor(c)[:, None]).sum()
     assert np.allclose(found, expected, atol=1e-4), (found, expected)
+    # a model left in training mode: its LoRA dropout is off while scoring, and the mode comes back
+    import peft
+
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    scored = [likelihood.candidate_log_likelihoods(lora.eval() if mode == "eval" else lora.train(), prompts,
+                                                   candidates, pad_id=tok.pad_token_id, batch_size=6)
+              for mode in ("eval", "train")]
+    assert lora.training and np.allclose(scored[0], scored[1]) and not np.allclose(scored[0], found, atol=1e-3)
 
 
 def test_label_scores_of_a_prompt_cut_for_a_long_label_still_add_up(tiny_llama_dir, cache_dir, simulated_hardware):

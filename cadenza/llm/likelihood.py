@@ -30,35 +30,46 @@ def candidate_log_likelihoods(model, prompts: list[np.ndarray], candidates: list
     holds batch_size // k prompts (at least one), so their cache repeated k times is no larger than that of a
     generation batch of as many rows (with 20 labels and few-shot prompts, all of a 16-row batch's prompts
     repeated would hold 320 copies)."""
-    device = next(model.parameters()).device
     k = len(candidates[0]) if candidates else 0
     out = np.zeros((len(prompts), k))
     if not k:
         return out
     accepts = inspect.signature(causal_lm_of(model).forward).parameters
-    head_only_last = "logits_to_keep" in accepts
     cache_name = "cache" if "cache" in accepts else "past_key_values"  # transformers 5.24 deprecates the old name
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}  # the prompt's logits at its end only
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
     per_batch = max(1, batch_size // k)
-    with contiguous_head_input(model):
-        for start in range(0, len(order), per_batch):
-            chunk = order[start:start + per_batch]
-            ids, mask = left_padded([prompts[i] for i in chunk], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            positions = (mask.cumsum(-1) - 1).clamp_min(0)
-            prompt = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                           **({"logits_to_keep": 1} if head_only_last else {}))
-            first = torch.log_softmax(prompt.logits[:, -1].float(), -1)  # predicts each candidate's first token
-            cache = getattr(prompt, cache_name)
-            cache.batch_repeat_interleave(k)  # row r's cache k times: rows r*k .. r*k+k-1 are its candidates
-            cand = [candidates[i][j] for i in chunk for j in range(k)]
-            scores = first.repeat_interleave(k, 0).gather(1, torch.tensor([c[0] for c in cand], device=device)[:, None])
-            scores = scores.squeeze(1).double()
-            width = max(len(c) for c in cand)
-            if width > 1:  # the later tokens of each candidate, predicted from the ones before
-                scores += _continuation(model, cand, mask.repeat_interleave(k, 0), {cache_name: cache}, pad_id, width)
-            out[chunk] = scores.view(len(chunk), k).cpu().numpy()
+    was_training = model.training
+    model.eval()  # no dropout in the scores; the model's mode comes back at the end
+    try:
+        with contiguous_head_input(model):
+            for start in range(0, len(order), per_batch):
+                chunk = order[start:start + per_batch]
+                out[chunk] = _batch(model, [prompts[i] for i in chunk], [candidates[i] for i in chunk], pad_id,
+                                    cache_name, last_only)
+    finally:
+        model.train(was_training)
     return out
+
+
+def _batch(model, prompts: list[np.ndarray], candidates: list[list[np.ndarray]], pad_id: int, cache_name: str,
+           last_only: dict) -> np.ndarray:
+    """[len(prompts), k] for one batch of prompts: the prompts, then their candidates on the repeated cache."""
+    device = next(model.parameters()).device
+    k = len(candidates[0])
+    ids, mask = (t.to(device) for t in left_padded(prompts, pad_id))
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    prompt = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
+    first = torch.log_softmax(prompt.logits[:, -1].float(), -1)  # predicts each candidate's first token
+    cache = getattr(prompt, cache_name)
+    cache.batch_repeat_interleave(k)  # prompt r's cache k times: rows r*k .. r*k+k-1 are its candidates
+    cand = [c for row in candidates for c in row]
+    firsts = torch.tensor([c[0] for c in cand], device=device)
+    scores = first.repeat_interleave(k, 0).gather(1, firsts[:, None]).squeeze(1).double()
+    width = max(len(c) for c in cand)
+    if width > 1:  # the later tokens of each candidate, predicted from the ones before
+        scores += _continuation(model, cand, mask.repeat_interleave(k, 0), {cache_name: cache}, pad_id, width)
+    return scores.view(len(prompts), k).cpu().numpy()
 
 
 def _continuation(model, cand: list[np.ndarray], prompt_mask: torch.Tensor, cache: dict, pad_id: int,
