@@ -324,7 +324,8 @@ class Model:
         config = _saved_config(saved)
         self = Model.__new__(Model)
         self.config, self.log, self.model_dir = config, log, saved.model_dir
-        self.model = _model_type_class(config.model_type).load(saved.model_dir, config)
+        with phases.phase("model load"):  # (the model type's modules count as imports)
+            self.model = _model_type_class(config.model_type).load(saved.model_dir, config)
         return self
 
     @staticmethod

@@ -252,3 +252,6 @@ def test_an_llm_experiment_records_its_phases(tiny_llama_dir, cache_dir, tmp_pat
     assert sum(e["seconds"] for e in p.values()) == pytest.approx(s["total_seconds"], rel=1e-6)
     assert p["other"]["share"] < 0.25, lines[-1]
     assert lines[-1].startswith("time by phase") and "epochs" in lines[-1]
+    with phases.recording() as record:  # as `cadenza predict` records it
+        Model.load(out.run_dir, log=lambda _: None).predict(df.head(4))
+    assert {"model load", "generate"} <= set(record.seconds)
